@@ -1,0 +1,13 @@
+"""adapter-fused: bottleneck adapters as one fused Triton kernel, forward and backward.
+
+    y = x + scale * (act(x @ W_down^T + b_down) @ W_up^T + b_up)
+"""
+
+from .activations import ACTIVATIONS
+from .layer import FusedAdapter
+from .ops import fused_adapter
+from .reference import reference_adapter
+
+__version__ = "0.1.0"
+
+__all__ = ["ACTIVATIONS", "FusedAdapter", "fused_adapter", "reference_adapter"]

@@ -1,0 +1,82 @@
+"""FusedAdapter: the drop-in nn.Module."""
+
+import math
+
+import torch
+from torch import nn
+
+from .activations import canonical_activation
+from .ops import fused_adapter
+
+INITS = ("bert", "houlsby", "mam")
+
+
+class FusedAdapter(nn.Module):
+    """A bottleneck adapter ``y = x + scale * up(act(down(x)))`` running the fused kernel.
+
+    ``down`` is ``nn.Linear(d_model, bottleneck)`` and ``up`` is ``nn.Linear(bottleneck, d_model)``,
+    so the state dict keys are ``down.weight, down.bias, up.weight, up.bias`` and an eager adapter's
+    weights load unchanged. Input (..., d_model), output the same shape.
+    Parameters: 2 * d_model * bottleneck + bottleneck + d_model.
+
+    init: ``"bert"`` (weights normal, std 0.02; biases zero), ``"houlsby"`` (weights truncated
+    normal, std 1e-2, cut at two standard deviations; biases zero) or ``"mam"`` (down weight
+    Kaiming-uniform, up weight and biases zero: the layer starts as the identity).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        bottleneck: int,
+        activation: str = "relu",
+        scale: float = 1.0,
+        init: str = "bert",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("bottleneck", bottleneck)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FusedAdapter: {name} must be a positive int, got {value!r}")
+        if init not in INITS:
+            raise ValueError(f"FusedAdapter: init must be one of {', '.join(INITS)}, got {init!r}")
+        self.activation = canonical_activation(activation)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"FusedAdapter: scale must be a finite number, got {scale!r}")
+        self.scale = float(scale)
+        self.init = init
+        self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
+        self.up = nn.Linear(bottleneck, d_model, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    @property
+    def d_model(self) -> int:
+        return self.down.in_features
+
+    @property
+    def bottleneck(self) -> int:
+        return self.down.out_features
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise the parameters with the scheme chosen by ``init``."""
+        if self.init == "bert":
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.normal_(self.up.weight, std=0.02)
+        elif self.init == "houlsby":
+            nn.init.trunc_normal_(self.down.weight, std=1e-2, a=-2e-2, b=2e-2)
+            nn.init.trunc_normal_(self.up.weight, std=1e-2, a=-2e-2, b=2e-2)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d_model) -> (..., d_model)."""
+        return fused_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                             self.activation, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={self.scale}"

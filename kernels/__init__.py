@@ -1,0 +1,11 @@
+"""Triton kernels of adapter-fused (installed as ``adapter_fused.kernels``).
+
+Pure Triton: jit kernels and their host launchers. No autograd, no nn; validation of user input
+happens on the torch side before anything here runs.
+"""
+
+from .activations import ACTIVATION_CODES
+from .launch import adapter_backward, adapter_forward
+from .tuning import INTERPRET, MAX_FUSED_R, padded_rank
+
+__all__ = ["ACTIVATION_CODES", "INTERPRET", "MAX_FUSED_R", "adapter_backward", "adapter_forward", "padded_rank"]
