@@ -144,7 +144,8 @@ def adapter_backward(
     (dx (M, D) in x's dtype, d_down_weight (R, D), d_down_bias (R,), d_up_weight (D, R),
     d_up_bias (D,)); weight and bias gradients in the weights' dtype.
 
-    ``row_groups`` overrides how many row groups the weight-gradient reduction uses.
+    ``row_groups`` overrides how many row groups the weight-gradient reduction uses (one-pass
+    path only; the wide path always uses one).
     """
     M, D = grad.shape
     R = down_weight.shape[0]
@@ -208,7 +209,8 @@ def adapter_backward(
     else:
         grads = torch.empty(total, dtype=wdtype, device=device)
         groups = row_groups if row_groups is not None else _row_groups(M, D, R, device)
-        groups = max(1, min(groups, M))
+        # The wide path already spent two launches on the input gradient: no reduction launch there.
+        groups = 1 if r_pad > MAX_FUSED_R else max(1, min(groups, M))
         partial = grads if groups == 1 else torch.empty((groups, total), dtype=torch.float32, device=device)
         _launch(
             weight_grad_tuned,

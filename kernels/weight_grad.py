@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .activations import apply_activation
-from .tiles import dot_operand, load_tile
+from .tiles import cast, dot_operand, load_tile
 from .tuning import PRUNE_WEIGHT_GRAD, WEIGHT_GRAD_CONFIGS
 
 
@@ -72,17 +72,17 @@ def weight_grad_kernel(
     n_ok = ns < D
     r_ok = rc < R
     if NEED_DWU:
-        tl.store(base + ns[:, None] * R + rc[None, :], (scale * acc_wu).to(out_dtype),
+        tl.store(base + ns[:, None] * R + rc[None, :], cast(scale * acc_wu, out_dtype),
                  mask=n_ok[:, None] & r_ok[None, :])
     if NEED_DWD:
-        tl.store(base + off_wd + rc[:, None] * D + ns[None, :], acc_wd.to(out_dtype),
+        tl.store(base + off_wd + rc[:, None] * D + ns[None, :], cast(acc_wd, out_dtype),
                  mask=r_ok[:, None] & n_ok[None, :])
     if NEED_DBU:
         if pid_r == 0:
-            tl.store(base + off_bu + ns, (scale * acc_bu).to(out_dtype), mask=n_ok)
+            tl.store(base + off_bu + ns, cast(scale * acc_bu, out_dtype), mask=n_ok)
     if NEED_DBD:
         if pid_n == 0:
-            tl.store(base + off_bd + rc, acc_bd.to(out_dtype), mask=r_ok)
+            tl.store(base + off_bd + rc, cast(acc_bd, out_dtype), mask=r_ok)
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def reduce_groups_kernel(partial_ptr, out_ptr, total, groups, BLOCK: tl.constexp
     for _ in range(0, groups):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += total
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 weight_grad_tuned = triton.autotune(
