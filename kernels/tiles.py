@@ -15,7 +15,7 @@ _ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def cast(x, dtype):
+def cast(x, dtype: tl.constexpr):
     """``x.to(dtype)`` with round-to-nearest-even on every backend (an fp32 -> bf16 cast in the
     interpreter is rounded here by hand first, so the CPU tests see the GPU's numbers)."""
     if _ROUND_BF16_BY_HAND:
@@ -34,7 +34,7 @@ def load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
 
 
 @triton.jit
-def dot_operand(tile, compute_dtype, DOT_F32: tl.constexpr):
+def dot_operand(tile, compute_dtype: tl.constexpr, DOT_F32: tl.constexpr):
     """Round ``tile`` to the compute dtype; widen to fp32 when the dot must run in fp32.
 
     The interpreter multiplies bf16 dot operands as raw bits, so there the operands are widened
