@@ -2,15 +2,18 @@
 
 Shapes (every tensor may have any strides unless said otherwise):
     x, grad      (M, D)     activations and the upstream gradient
-    down_weight  (R, D)     nn.Linear layout
-    up_weight    (D, R)     nn.Linear layout
-    down_bias    (R,) or None, up_bias (D,) or None
+    down_weight  (R, D)     nn.Linear layout            grouped: (n, R, D)
+    up_weight    (D, R)     nn.Linear layout            grouped: (n, D, R)
+    down_bias    (R,) or None, up_bias (D,) or None     grouped: (n, R), (n, D)
     h            (M, R)     fp32, contiguous: the pre-activation saved for backward
+    index        grouped only: integer tensor, row m uses adapter index[m // rows_per_index]
+                 (-1: no adapter); 1-D with any stride, values already checked by the caller
 
 Paths: a padded bottleneck of at most MAX_FUSED_R runs the one-pass kernel (forward: 1 launch;
 backward: input-gradient kernel, weight-gradient kernel, and an ordered reduction when the rows
 are split into several groups). A wider one runs project + expand (forward: 2 launches; backward:
-project, expand, weight-gradient kernel with a single row group). Never more than 3 launches.
+project, expand, weight-gradient kernel with a single row group). Never more than 3 launches, with
+or without an index.
 """
 
 from collections.abc import Callable
@@ -47,14 +50,34 @@ def _dot_settings(compute_dtype: torch.dtype) -> tuple[bool, str]:
     return False, "ieee"
 
 
-def _row_groups(M: int, D: int, R: int, device: torch.device) -> int:
+def _row_groups(M: int, D: int, R: int, n_adapters: int, device: torch.device) -> int:
     """How many row groups the weight-gradient kernel splits M into (1: no reduction launch)."""
     if padded_rank(R) > MAX_FUSED_R or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    column_programs = triton.cdiv(D, 64) * triton.cdiv(R, 64)
+    column_programs = triton.cdiv(D, 64) * triton.cdiv(R, 64) * n_adapters
     groups = max(1, (2 * sms) // column_programs)
     return max(1, min(groups, triton.cdiv(M, 512)))
+
+
+def _matrix(w: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, adapter stride, row stride, column stride) of a 2-D or stacked 3-D weight."""
+    adapter_stride = w.stride(0) if w.dim() == 3 else 0
+    rows, cols = w.stride(-2), w.stride(-1)
+    return (w, adapter_stride, cols, rows) if transpose else (w, adapter_stride, rows, cols)
+
+
+def _vector(b: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tensor, adapter stride) of a bias, 1-D or stacked 2-D; a placeholder when there is none."""
+    if b is None:
+        return fallback, 0
+    return b, (b.stride(0) if b.dim() == 2 else 0)
+
+
+def _index_args(index: torch.Tensor | None, rows_per_index: int, fallback: torch.Tensor, n: int) -> tuple[Any, ...]:
+    if index is None:
+        return fallback, 0, 1, 1
+    return index, index.stride(0), rows_per_index, n
 
 
 def adapter_forward(
@@ -67,58 +90,50 @@ def adapter_forward(
     scale: float,
     save_h: bool,
     fixed_config: bool = False,
+    index: torch.Tensor | None = None,
+    rows_per_index: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y = x + scale * (act(x @ down_weight^T + down_bias) @ up_weight^T + up_bias).
+    """y = x + scale * (act(x @ down_weight^T + down_bias) @ up_weight^T + up_bias), per row's
+    adapter when ``index`` is given.
 
     Returns y (M, D) contiguous in x's dtype, and h (M, R) fp32 when ``save_h`` (else None).
     The dots run in the weights' dtype (x is rounded to it), accumulating in fp32; the residual is
     added in fp32 to x as given.
     """
     M, D = x.shape
-    R = down_weight.shape[0]
+    R = down_weight.shape[-2]
+    n = down_weight.shape[0] if index is not None else 1
     y = torch.empty((M, D), dtype=x.dtype, device=x.device)
     h = torch.empty((M, R), dtype=torch.float32, device=x.device) if save_h else None
     if M == 0:
         return y, h
     dot_f32, precision = _dot_settings(down_weight.dtype)
-    common = dict(DOT_F32=dot_f32, PRECISION=precision)
+    common = dict(GROUPED=index is not None, DOT_F32=dot_f32, PRECISION=precision, fixed_config=fixed_config)
+    down, down_b, up, up_b = _matrix(down_weight), _vector(down_bias, down_weight), _matrix(up_weight), _vector(up_bias, up_weight)
+    idx = _index_args(index, rows_per_index, x, n)
     r_pad = padded_rank(R)
     if r_pad <= MAX_FUSED_R:
         _launch(
             fused_rows_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-            x, x.stride(0), x.stride(1),
-            down_weight, down_weight.stride(0), down_weight.stride(1),
-            down_bias if down_bias is not None else down_weight,
-            y, 0,
-            h if h is not None else y, R,
-            up_weight, up_weight.stride(0), up_weight.stride(1),
-            up_bias if up_bias is not None else up_weight,
-            y, y.stride(0), y.stride(1),
+            x, x.stride(0), x.stride(1), *down, *down_b, y, 0, h if h is not None else y, R, *up, *up_b,
+            y, y.stride(0), y.stride(1), *idx,
             M, D, R, scale, rows_bucket(M),
             ACT=activation, BACKWARD=False, HAS_B1=down_bias is not None, HAS_B2=up_bias is not None,
-            STORE_MID=save_h, STORE_OUT=True, R_PAD=r_pad, fixed_config=fixed_config, **common,
+            STORE_MID=save_h, STORE_OUT=True, R_PAD=r_pad, **common,
         )
         return y, h
     mid = h if h is not None else torch.empty((M, R), dtype=torch.float32, device=x.device)
     _launch(
         project_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"])),
-        x, x.stride(0), x.stride(1),
-        down_weight, down_weight.stride(0), down_weight.stride(1),
-        down_bias if down_bias is not None else down_weight,
-        mid, 0,
-        mid, mid.stride(0),
+        x, x.stride(0), x.stride(1), *down, *down_b, mid, 0, mid, mid.stride(0), *idx,
         M, D, R, scale, rows_bucket(M),
-        ACT=activation, BACKWARD=False, HAS_B1=down_bias is not None, fixed_config=fixed_config, **common,
+        ACT=activation, BACKWARD=False, HAS_B1=down_bias is not None, **common,
     )
     _launch(
         expand_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_N"])),
-        x, x.stride(0), x.stride(1),
-        mid, mid.stride(0),
-        up_weight, up_weight.stride(0), up_weight.stride(1),
-        up_bias if up_bias is not None else up_weight,
-        y, y.stride(0), y.stride(1),
+        x, x.stride(0), x.stride(1), mid, mid.stride(0), *up, *up_b, y, y.stride(0), y.stride(1), *idx,
         M, D, R, scale, rows_bucket(M),
-        ACT=activation, APPLY_ACT=True, HAS_B2=up_bias is not None, fixed_config=fixed_config, **common,
+        ACT=activation, APPLY_ACT=True, HAS_B2=up_bias is not None, **common,
     )
     return y, h
 
@@ -139,96 +154,93 @@ def adapter_backward(
     need_up_bias: bool,
     fixed_config: bool = False,
     row_groups: int | None = None,
+    index: torch.Tensor | None = None,
+    rows_per_index: int = 1,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of the adapter, each only when asked for (None otherwise):
-    (dx (M, D) in x's dtype, d_down_weight (R, D), d_down_bias (R,), d_up_weight (D, R),
-    d_up_bias (D,)); weight and bias gradients in the weights' dtype.
+    (dx (M, D) in x's dtype, d_down_weight, d_down_bias, d_up_weight, d_up_bias), the weight and
+    bias gradients shaped like the weights (stacked when ``index`` is given) in the weights' dtype.
 
     ``row_groups`` overrides how many row groups the weight-gradient reduction uses (one-pass
     path only; the wide path always uses one).
     """
     M, D = grad.shape
-    R = down_weight.shape[0]
+    R = down_weight.shape[-2]
+    n = down_weight.shape[0] if index is not None else 1
     wdtype = down_weight.dtype
     device = grad.device
     need_gh = need_down_weight or need_down_bias
     need_weights = need_gh or need_up_weight or need_up_bias
     dx = torch.empty((M, D), dtype=x.dtype, device=device) if need_x else None
     dot_f32, precision = _dot_settings(wdtype)
-    common = dict(DOT_F32=dot_f32, PRECISION=precision, fixed_config=fixed_config)
+    common = dict(GROUPED=index is not None, DOT_F32=dot_f32, PRECISION=precision, fixed_config=fixed_config)
+    idx = _index_args(index, rows_per_index, grad, n)
     r_pad = padded_rank(R)
     gh = None
     if M > 0 and (need_x or need_gh):
         gh = torch.empty((M, R), dtype=torch.float32, device=device) if (need_gh or r_pad > MAX_FUSED_R) else None
         out = dx if dx is not None else grad
         mid = gh if gh is not None else h
+        # Backward operand views: W_up read as (R, D) for g @ W_up, W_down as (D, R) for g_h @ W_down.
+        up_t, down_t = _matrix(up_weight, transpose=True), _matrix(down_weight, transpose=True)
+        no_bias = (down_weight, 0)
         if r_pad <= MAX_FUSED_R:
             _launch(
                 fused_rows_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-                grad, grad.stride(0), grad.stride(1),
-                up_weight, up_weight.stride(1), up_weight.stride(0),
-                up_weight,
-                h, h.stride(0),
-                mid, R,
-                down_weight, down_weight.stride(1), down_weight.stride(0),
-                down_weight,
-                out, out.stride(0), out.stride(1),
+                grad, grad.stride(0), grad.stride(1), *up_t, *no_bias, h, h.stride(0), mid, R, *down_t, *no_bias,
+                out, out.stride(0), out.stride(1), *idx,
                 M, D, R, scale, rows_bucket(M),
                 ACT=activation, BACKWARD=True, HAS_B1=False, HAS_B2=False,
                 STORE_MID=need_gh, STORE_OUT=need_x, R_PAD=r_pad, **common,
             )
         else:
+            assert gh is not None
             _launch(
                 project_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"])),
-                grad, grad.stride(0), grad.stride(1),
-                up_weight, up_weight.stride(1), up_weight.stride(0),
-                up_weight,
-                h, h.stride(0),
-                gh, gh.stride(0),
+                grad, grad.stride(0), grad.stride(1), *up_t, *no_bias, h, h.stride(0), gh, gh.stride(0), *idx,
                 M, D, R, scale, rows_bucket(M),
                 ACT=activation, BACKWARD=True, HAS_B1=False, **common,
             )
             if need_x:
                 _launch(
                     expand_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_N"])),
-                    grad, grad.stride(0), grad.stride(1),
-                    gh, gh.stride(0),
-                    down_weight, down_weight.stride(1), down_weight.stride(0),
-                    down_weight,
-                    out, out.stride(0), out.stride(1),
+                    grad, grad.stride(0), grad.stride(1), gh, gh.stride(0), *down_t, *no_bias,
+                    out, out.stride(0), out.stride(1), *idx,
                     M, D, R, 1.0, rows_bucket(M),
                     ACT=activation, APPLY_ACT=False, HAS_B2=False, **common,
                 )
     if not need_weights:
         return dx, None, None, None, None
 
-    off_wd, off_bu, off_bd = D * R, 2 * D * R, 2 * D * R + D
-    total = off_bd + R
+    off_wd, off_bu, off_bd = n * D * R, 2 * n * D * R, 2 * n * D * R + n * D
+    total = off_bd + n * R
     if M == 0:
         grads = torch.zeros(total, dtype=wdtype, device=device)
     else:
         grads = torch.empty(total, dtype=wdtype, device=device)
-        groups = row_groups if row_groups is not None else _row_groups(M, D, R, device)
+        groups = row_groups if row_groups is not None else _row_groups(M, D, R, n, device)
         # The wide path already spent two launches on the input gradient: no reduction launch there.
         groups = 1 if r_pad > MAX_FUSED_R else max(1, min(groups, M))
         partial = grads if groups == 1 else torch.empty((groups, total), dtype=torch.float32, device=device)
         _launch(
             weight_grad_tuned,
-            lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), triton.cdiv(R, meta["BLOCK_R"]), groups),
+            lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), triton.cdiv(R, meta["BLOCK_R"]), n * groups),
             grad, grad.stride(0), grad.stride(1),
             x, x.stride(0), x.stride(1),
             h, h.stride(0),
             gh if gh is not None else h, R,
             down_weight,
             partial, total, off_wd, off_bu, off_bd,
-            M, D, R, scale, triton.cdiv(M, groups), rows_bucket(M),
+            *idx[:3],
+            M, D, R, scale, triton.cdiv(M, groups), groups, rows_bucket(M),
             ACT=activation, NEED_DWU=need_up_weight, NEED_DBU=need_up_bias,
             NEED_DWD=need_down_weight, NEED_DBD=need_down_bias, R_PAD=r_pad, **common,
         )
         if groups > 1:
             reduce_groups_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](partial, grads, total, groups, BLOCK=REDUCE_BLOCK)
-    d_up_weight = grads[:off_wd].view(D, R) if need_up_weight else None
-    d_down_weight = grads[off_wd:off_bu].view(R, D) if need_down_weight else None
-    d_up_bias = grads[off_bu:off_bd] if need_up_bias else None
-    d_down_bias = grads[off_bd:] if need_down_bias else None
+    lead = (n,) if index is not None else ()
+    d_up_weight = grads[:off_wd].view(*lead, D, R) if need_up_weight else None
+    d_down_weight = grads[off_wd:off_bu].view(*lead, R, D) if need_down_weight else None
+    d_up_bias = grads[off_bu:off_bd].view(*lead, D) if need_up_bias else None
+    d_down_bias = grads[off_bd:].view(*lead, R) if need_down_bias else None
     return dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias

@@ -27,9 +27,10 @@ def cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
-    """Load ``ptr[rows, cols]`` as a (len(rows), len(cols)) block; out-of-range entries are 0."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+def load_tile(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
+    """Load ``ptr[rows, cols]`` as a (len(rows), len(cols)) block; entries outside the two masks are 0
+    (and are not read from memory)."""
+    mask = row_ok[:, None] & col_ok[None, :]
     return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
 
 
@@ -47,48 +48,92 @@ def dot_operand(tile, compute_dtype: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def project(src_ptr, stride_sm, stride_sk, w_ptr, stride_wr, stride_wk, rows, rcols, M, K, R,
+def tile_adapters(idx_ptr, stride_idx, rows_per_index, rows, in_range, n_adapters, GROUPED: tl.constexpr):
+    """The adapter of each row of a tile and the range [lo, hi] of adapters present in it.
+
+    Ungrouped: every row uses adapter 0. Grouped: row m uses ``idx[m // rows_per_index]`` (any
+    integer dtype); -1 means no adapter, and a tile holding only such rows gets lo > hi.
+    """
+    if GROUPED:
+        idx = tl.load(idx_ptr + (rows // rows_per_index) * stride_idx, mask=in_range, other=-1).to(tl.int32)
+        lo = tl.min(tl.where(idx >= 0, idx, n_adapters), axis=0)
+        hi = tl.max(idx, axis=0)
+    else:
+        idx = tl.zeros(rows.shape, dtype=tl.int32)
+        lo = 0
+        hi = 0
+    return idx, lo, hi
+
+
+@triton.jit
+def any_true(mask):
+    """Whether any entry of a boolean vector is set (a runtime scalar)."""
+    return tl.max(mask.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def project(src_ptr, stride_sm, stride_sk, w_ptr, stride_wr, stride_wk, rows, row_ok, rcols, K, R,
             DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 ``src[rows, :K] @ w[rcols, :K]^T``: a (BLOCK_M, BLOCK_R) block, K-loop in BLOCK_K steps."""
+    """fp32 ``src[rows, :K] @ w[rcols, :K]^T``: a (BLOCK_M, BLOCK_R) block, K-loop in BLOCK_K steps.
+    Rows outside ``row_ok`` read as zero."""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    r_ok = rcols < R
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        src = load_tile(src_ptr, rows, ks, stride_sm, stride_sk, M, K)
-        w_t = load_tile(w_ptr, ks, rcols, stride_wk, stride_wr, K, R)
+        k_ok = ks < K
+        src = load_tile(src_ptr, rows, ks, stride_sm, stride_sk, row_ok, k_ok)
+        w_t = load_tile(w_ptr, ks, rcols, stride_wk, stride_wr, k_ok, r_ok)
         acc = tl.dot(dot_operand(src, w_t.dtype, DOT_F32), dot_operand(w_t, w_t.dtype, DOT_F32),
                      acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def middle_epilogue(acc, rows, rcols, M, R, bias_ptr, saved_h_ptr, stride_hm, scale,
+def middle_epilogue(acc, rows, row_ok, rcols, R, bias_ptr, saved_h_ptr, stride_hm, scale,
                     ACT: tl.constexpr, BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Finish the r-wide middle block (fp32, zero in padded columns).
 
     forward:  h   = acc + b_down                      (acc = x @ W_down^T)
     backward: g_h = act'(h) * (scale * acc)            (acc = g @ W_up, h read from ``saved_h_ptr``)
     """
+    r_ok = rcols < R
     if BACKWARD:
-        h = load_tile(saved_h_ptr, rows, rcols, stride_hm, 1, M, R)
+        h = load_tile(saved_h_ptr, rows, rcols, stride_hm, 1, row_ok, r_ok)
         mid = activation_backward(scale * acc, h, ACT)
     else:
         mid = acc
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + rcols, mask=rcols < R, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + rcols, mask=r_ok, other=0.0).to(tl.float32)
             mid = mid + bias[None, :]
-    return tl.where(rcols[None, :] < R, mid, 0.0)
+    return tl.where(r_ok[None, :], mid, 0.0)
+
+
+@triton.jit
+def store_mid(mid_ptr, stride_mid, rows, row_ok, rcols, R, mid):
+    """Store an fp32 (rows, r) block of h or g_h."""
+    mask = row_ok[:, None] & (rcols[None, :] < R)
+    tl.store(mid_ptr + rows[:, None] * stride_mid + rcols[None, :], mid, mask=mask)
 
 
 @triton.jit
 def store_residual(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, bias_ptr,
-                   rows, ns, M, N, acc, out_scale, HAS_BIAS: tl.constexpr):
-    """out[rows, ns] = src[rows, ns] + out_scale * (acc + bias[ns]), added in fp32."""
+                   rows, row_ok, ns, N, acc, out_scale, HAS_BIAS: tl.constexpr):
+    """out[rows, ns] = src[rows, ns] + out_scale * (acc + bias[ns]), added in fp32, rows in ``row_ok``."""
+    n_ok = ns < N
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    src = load_tile(src_ptr, rows, ns, stride_sm, stride_sk, M, N).to(tl.float32)
+    src = load_tile(src_ptr, rows, ns, stride_sm, stride_sk, row_ok, n_ok).to(tl.float32)
     out = src + out_scale * acc
-    mask = (rows[:, None] < M) & (ns[None, :] < N)
     tl.store(out_ptr + rows[:, None] * stride_om + ns[None, :] * stride_on,
-             cast(out, out_ptr.dtype.element_ty), mask=mask)
+             cast(out, out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def copy_rows(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, rows, row_ok, ns, N):
+    """out[rows, ns] = src[rows, ns] for rows in ``row_ok`` (rows that no adapter touches)."""
+    n_ok = ns < N
+    src = load_tile(src_ptr, rows, ns, stride_sm, stride_sk, row_ok, n_ok)
+    tl.store(out_ptr + rows[:, None] * stride_om + ns[None, :] * stride_on,
+             cast(src, out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])

@@ -15,7 +15,7 @@ ACTIVATIONS = range(8)
 
 
 def _signature(kernel, pointer_types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    wide_ints = {"group_stride", "off_wd", "off_bu", "off_bd", "total"}
+    wide_ints = {"group_stride", "off_wd", "off_bu", "off_bd", "total"}  # i64 like a large tensor's
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -52,22 +52,23 @@ def compile_all() -> list[str]:
         assert compiled.asm.get("cubin"), f"{kernel.__name__}: no cubin"
         done.append(f"{kernel.__name__} {pointer_types['default']} {constexprs}")
 
-    fp32_mid = {"saved_h_ptr": "*fp32", "mid_ptr": "*fp32", "h_ptr": "*fp32", "gh_ptr": "*fp32"}
+    fp32_mid = {"saved_h_ptr": "*fp32", "mid_ptr": "*fp32", "h_ptr": "*fp32", "gh_ptr": "*fp32", "idx_ptr": "*i64"}
     act = iter(list(ACTIVATIONS) * 3)
     for dtype, precision in (("*bf16", "ieee"), ("*fp16", "ieee"), ("*fp32", "ieee"), ("*fp32", "tf32")):
         for backward in (False, True):
             build(fused_rows_kernel, {"default": dtype, **fp32_mid},
                   dict(ACT=next(act), BACKWARD=backward, HAS_B1=not backward, HAS_B2=not backward, STORE_MID=True,
-                       STORE_OUT=True, DOT_F32=False, PRECISION=precision, R_PAD=256 if backward else 32,
+                       STORE_OUT=True, GROUPED=backward, DOT_F32=False, PRECISION=precision, R_PAD=256 if backward else 32,
                        BLOCK_M=64 if backward else 128, BLOCK_K=64, BLOCK_N=64), num_warps=8, num_stages=2)
         build(weight_grad_kernel, {"default": dtype, **fp32_mid, "out_ptr": "*fp32"},
-              dict(ACT=next(act), NEED_DWU=True, NEED_DBU=True, NEED_DWD=True, NEED_DBD=True, DOT_F32=False,
+              dict(ACT=next(act), NEED_DWU=True, NEED_DBU=True, NEED_DWD=True, NEED_DBD=True,
+                   GROUPED=precision == "tf32", DOT_F32=False,
                    PRECISION=precision, R_PAD=64, BLOCK_M=64, BLOCK_N=64, BLOCK_R=64), num_warps=4, num_stages=3)
     build(project_kernel, {"default": "*bf16", **fp32_mid},
-          dict(ACT=next(act), BACKWARD=True, HAS_B1=False, DOT_F32=False, PRECISION="ieee",
+          dict(ACT=next(act), BACKWARD=True, HAS_B1=False, GROUPED=True, DOT_F32=False, PRECISION="ieee",
                BLOCK_M=128, BLOCK_R=128, BLOCK_K=64), num_warps=8, num_stages=3)
     build(expand_kernel, {"default": "*bf16", **fp32_mid},
-          dict(ACT=next(act), APPLY_ACT=True, HAS_B2=True, DOT_F32=False, PRECISION="ieee",
+          dict(ACT=next(act), APPLY_ACT=True, HAS_B2=True, GROUPED=False, DOT_F32=False, PRECISION="ieee",
                BLOCK_M=128, BLOCK_N=128, BLOCK_R=64), num_warps=8, num_stages=3)
     build(reduce_groups_kernel, {"default": "*fp32", "out_ptr": "*bf16"}, dict(BLOCK=1024), num_warps=4)
     return done
