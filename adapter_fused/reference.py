@@ -1,5 +1,7 @@
 """The plain-PyTorch adapter: the library's ground truth and its fallback on machines without Triton."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,3 +30,32 @@ def reference_adapter(
     )
     hidden = ACTIVATIONS[act](F.linear(x, down_weight, down_bias))
     return x + scale_f * F.linear(hidden, up_weight, up_bias)
+
+
+def reference_adapter_grouped(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    activation: str = "relu",
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """The grouped adapter with eager ops, one adapter at a time: row m of x (..., d) goes through
+    adapter ``index`` (-1: unchanged). Parameters stacked over n adapters: down_weight (n, r, d),
+    down_bias (n, r) or None, up_weight (n, d, r), up_bias (n, d) or None. ``index`` has shape
+    x.shape[:-1] (per token) or (x.shape[0],) (per sequence); its values are not checked here.
+    """
+    d = x.shape[-1]
+    rows = index.reshape(-1) if index.shape == x.shape[:-1] else index.repeat_interleave(math.prod(x.shape[1:-1]))
+    flat = x.reshape(-1, d)
+    out = flat.clone()
+    for k in range(down_weight.shape[0]):
+        sel = rows == k
+        if bool(sel.any()):
+            out[sel] = reference_adapter(
+                flat[sel], down_weight[k], None if down_bias is None else down_bias[k],
+                up_weight[k], None if up_bias is None else up_bias[k], activation, scale,
+            )
+    return out.view(x.shape)

@@ -19,11 +19,13 @@ def check_adapter_args(
     activation: object,
     scale: object,
     same_dtype: bool = True,
+    stacked: bool = False,
 ) -> tuple[str, float]:
     """Validate an adapter call; return (canonical activation name, scale as float).
 
     ``same_dtype=False`` (autocast) lets x and the parameters differ in floating dtype, as
-    ``F.linear`` does under autocast; everything else is checked the same way.
+    ``F.linear`` does under autocast; everything else is checked the same way. ``stacked``: the
+    parameters hold n adapters along a leading dimension (down_weight (n, r, d), and so on).
     """
     given = {"x": x, "down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight, "up_bias": up_bias}
     tensors: dict[str, torch.Tensor] = {}
@@ -37,15 +39,22 @@ def check_adapter_args(
         tensors[name] = t
 
     x_t, down_w = tensors["x"], tensors["down_weight"]
-    if down_w.dim() != 2:
+    lead: tuple[int, ...] = ()
+    label = ""
+    if stacked:
+        if down_w.dim() != 3 or down_w.shape[0] < 1:
+            raise ValueError(f"{fn}: down_weight must be 3-D (n, r, d) with n >= 1, got shape {tuple(down_w.shape)}")
+        lead, label = (down_w.shape[0],), "n, "
+    elif down_w.dim() != 2:
         raise ValueError(f"{fn}: down_weight must be 2-D (r, d), got shape {tuple(down_w.shape)}")
-    r, d = down_w.shape
+    r, d = down_w.shape[-2:]
     if x_t.dim() < 1 or x_t.shape[-1] != d:
         got = x_t.shape[-1] if x_t.dim() else "a 0-d tensor"
-        raise ValueError(f"{fn}: x.shape[-1] must equal d = down_weight.shape[1] = {d}, got {got} "
+        raise ValueError(f"{fn}: x.shape[-1] must equal d = down_weight.shape[-1] = {d}, got {got} "
                          f"(x shape {tuple(x_t.shape)})")
-    expected = {"up_weight": (d, r), "down_bias": (r,), "up_bias": (d,)}
-    labels = {"up_weight": "(d, r)", "down_bias": "(r,)", "up_bias": "(d,)"}
+    expected = {"up_weight": (*lead, d, r), "down_bias": (*lead, r), "up_bias": (*lead, d)}
+    labels = {"up_weight": f"({label}d, r)", "down_bias": f"({label}r)" if stacked else "(r,)",
+              "up_bias": f"({label}d)" if stacked else "(d,)"}
     for name, shape in expected.items():
         if name in tensors and tuple(tensors[name].shape) != shape:
             raise ValueError(f"{fn}: {name} must have shape {labels[name]} = {shape}, got {tuple(tensors[name].shape)}")
