@@ -1,0 +1,237 @@
+"""Results: the JSON file, the PNG plots and the terminal tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .harness import OPS, Skip, tflops
+
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+TOP_LEVEL_KEYS: tuple[str, ...] = ("device", "torch", "triton", "date", "command", "copy_bw_gbps", "records", "models")
+
+
+def file_stem(device: str, when: datetime) -> str:
+    """``adapter_bench_<device>_<date>``, e.g. ``adapter_bench_nvidia-h200_2025-01-31_120501``."""
+    if device.startswith("CPU"):
+        slug = "cpu-interpreter" if "interpreter" in device else "cpu"
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
+    return f"adapter_bench_{slug}_{when:%Y-%m-%d_%H%M%S}"
+
+
+def write_json(path: Path, result: dict[str, Any]) -> Path:
+    """Write the results file (keys exactly ``TOP_LEVEL_KEYS``)."""
+    missing = set(TOP_LEVEL_KEYS) ^ set(result)
+    if missing:
+        raise ValueError(f"results must have exactly the keys {TOP_LEVEL_KEYS}; mismatch: {sorted(missing)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: result[k] for k in TOP_LEVEL_KEYS}, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _plot_dtype(records: Sequence[dict[str, Any]]) -> str | None:
+    dtypes = {r["dtype"] for r in records if r["ms_median"] is not None}
+    for preferred in ("bfloat16", "float16", "float32"):
+        if preferred in dtypes:
+            return preferred
+    return next(iter(sorted(dtypes)), None)
+
+
+def speedups(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str, int, int, int], float]:
+    """(op, provider, dtype, M, d, r) -> provider's median time / fused median time."""
+    fused = {(r["op"], r["dtype"], r["M"], r["d"], r["r"]): r["ms_median"]
+             for r in records if r["provider"] == "fused" and r["ms_median"]}
+    out = {}
+    for r in records:
+        base = fused.get((r["op"], r["dtype"], r["M"], r["d"], r["r"]))
+        if r["provider"] != "fused" and r["ms_median"] and base:
+            out[(r["op"], r["provider"], r["dtype"], r["M"], r["d"], r["r"])] = r["ms_median"] / base
+    return out
+
+
+def _ops_present(records: Sequence[dict[str, Any]]) -> list[str]:
+    present = {r["op"] for r in records}
+    return [op for op in OPS if op in present]
+
+
+def plot_speedup(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Speedup of fused over each provider vs rows, one panel per op: geometric mean over (d, r),
+    shaded from the smallest to the largest speedup among the shapes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtype = _plot_dtype(records)
+    ops = _ops_present(records) or list(OPS)
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.6), squeeze=False)
+    ratios = speedups(records)
+    for ax, op in zip(axes[0], ops):
+        by_provider: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for (r_op, provider, r_dtype, M, _d, _r), value in ratios.items():
+            if r_op == op and r_dtype == dtype:
+                by_provider[provider][M].append(value)
+        for provider, per_rows in sorted(by_provider.items()):
+            rows = sorted(per_rows)
+            mid = [_geomean(per_rows[m]) for m in rows]
+            ax.plot(rows, mid, marker="o", label=f"vs {provider}")
+            ax.fill_between(rows, [min(per_rows[m]) for m in rows], [max(per_rows[m]) for m in rows], alpha=0.15)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_yscale("log")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows M")
+        ax.set_title(op)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("speedup of fused (×)")
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{title} · {dtype}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_copy_bandwidth(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Achieved bandwidth (minimal bytes) as % of the measured copy bandwidth vs rows, one panel per
+    op, one line per provider: median over (d, r), shaded from the lowest to the highest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtype = _plot_dtype(records)
+    ops = _ops_present(records) or list(OPS)
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.6), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        by_provider: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in records:
+            if r["op"] == op and r["dtype"] == dtype and r["pct_of_copy_bw"] is not None:
+                by_provider[r["provider"]][r["M"]].append(r["pct_of_copy_bw"])
+        for provider, per_rows in sorted(by_provider.items()):
+            rows = sorted(per_rows)
+            med = [sorted(per_rows[m])[len(per_rows[m]) // 2] for m in rows]
+            ax.plot(rows, med, marker="o", label=provider)
+            ax.fill_between(rows, [min(per_rows[m]) for m in rows], [max(per_rows[m]) for m in rows], alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows M")
+        ax.set_title(op)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("% of copy bandwidth")
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{title} · {dtype}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _mib(value: int | None) -> str:
+    return "—" if value is None else f"{value / 2**20:.1f}"
+
+
+def kernel_table(records: Sequence[dict[str, Any]], title: str) -> Table:
+    """One row per (op, shape): fused's figures, then each other provider's median and fused's speedup."""
+    providers = [p for p in dict.fromkeys(r["provider"] for r in records) if p != "fused"]
+    table = Table(title=title, title_justify="left")
+    for name in ("op", "dtype", "M", "d", "r", "fused ms", "p20–p80", "GB/s", "% copy", "TFLOP/s", "peak MiB"):
+        table.add_column(name, justify="left" if name in ("op", "dtype") else "right")
+    for provider in providers:
+        table.add_column(f"{provider} ms (×)", justify="right")
+    grouped: dict[tuple[str, str, int, int, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in records:
+        grouped[(r["op"], r["dtype"], r["M"], r["d"], r["r"])][r["provider"]] = r
+    for (op, dtype, M, d, rank), by_provider in grouped.items():
+        fused = by_provider.get("fused")
+        fused_ms = fused["ms_median"] if fused else None
+        cells = [op, SHORT_DTYPES.get(dtype, dtype), str(M), str(d), str(rank)]
+        if fused and fused_ms is not None:
+            cells += [f"{fused_ms:.4f}", f"{fused['ms_p20']:.4f}–{fused['ms_p80']:.4f}", _fmt(fused["gbps"], ".4g"),
+                      _fmt(fused["pct_of_copy_bw"], ".3g"), _fmt(tflops(fused), ".3g"), _mib(fused["peak_mem_bytes"])]
+        else:
+            cells += ["skipped" if fused else "not run", "", "", "", "", ""]
+        for provider in providers:
+            other = by_provider.get(provider)
+            if other is None or other["ms_median"] is None:
+                cells.append("skipped" if other is not None else "")
+                continue
+            speedup = f" ({other['ms_median'] / fused_ms:.3g}×)" if fused_ms else ""
+            cells.append(f"{other['ms_median']:.4f}{speedup}")
+        table.add_row(*cells)
+    return table
+
+
+def model_table(models: Sequence[dict[str, Any]], title: str) -> Table:
+    """Model-level results, with fused's ratio to each provider (tokens/s for training, time for latency)."""
+    table = Table(title=title, title_justify="left")
+    for name in ("model", "task", "provider", "batch×seq", "dtype", "ms median", "p20–p80", "tokens/s", "peak MiB",
+                 "ratio"):
+        table.add_column(name, justify="left" if name in ("model", "task", "provider", "dtype") else "right")
+    ref: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for m in models:
+        if m["ms_median"] is not None:
+            ref[(m["model"], m["task"])][m["provider"]] = m["ms_median"]
+    for m in models:
+        times = ref[(m["model"], m["task"])]
+        ratio = ""
+        if m["ms_median"] is not None:
+            if m["task"] == "inference" and "base" in times and m["provider"] != "base":
+                ratio = f"{100 * (m['ms_median'] / times['base'] - 1):+.1f}% vs base"
+            elif m["task"] == "train_step" and "fused" in times and m["provider"] != "fused":
+                ratio = f"fused {m['ms_median'] / times['fused']:.2f}× tokens/s"
+        if m["ms_median"] is None:
+            cells = ["skipped", "", "", "", ""]
+        else:
+            cells = [f"{m['ms_median']:.3f}", f"{m['ms_p20']:.3f}–{m['ms_p80']:.3f}", f"{m['tokens_per_s']:.0f}",
+                     _mib(m["peak_mem_bytes"]), ratio]
+        table.add_row(m["model"], m["task"], m["provider"], f"{m['batch']}×{m['seq']}", m["dtype"], *cells)
+    return table
+
+
+def skip_table(skips: Sequence[Skip]) -> Table:
+    """Skipped measurements grouped by provider, op kind and reason."""
+    table = Table(title="Skipped, or measured differently than planned", title_justify="left")
+    for name in ("provider", "op", "count", "reason"):
+        table.add_column(name)
+    grouped: dict[tuple[str, str, str], int] = defaultdict(int)
+    for s in skips:
+        grouped[(s.provider, s.op, s.reason)] += 1
+    for (provider, op, reason), count in grouped.items():
+        table.add_row(provider, op, str(count), reason)
+    return table
+
+
+def print_tables(console: Console, result: dict[str, Any], skips: Sequence[Skip]) -> None:
+    """Print the kernel table, the model table and the skipped measurements."""
+    cpu = str(result["device"]).startswith("CPU")
+    note = " — CPU timings (Triton interpreter), not comparable with GPU figures" if cpu else ""
+    head = f"{result['device']} · torch {result['torch']} · triton {result['triton']} · {result['date']}"
+    console.print(f"[bold]{head}[/bold]")
+    console.print(f"copy bandwidth (read + write): {result['copy_bw_gbps']:.1f} GB/s{note}")
+    if result["records"]:
+        console.print(kernel_table(result["records"], f"Adapter kernels (×: provider time / fused time){note}"))
+    if result["models"]:
+        console.print(model_table(result["models"], f"Models{note}"))
+    if skips:
+        console.print(skip_table(skips))
