@@ -4,10 +4,11 @@
 """
 
 from .activations import ACTIVATIONS
+from .grouped import fused_adapter_grouped
 from .layer import FusedAdapter
 from .ops import fused_adapter
 from .reference import reference_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "FusedAdapter", "fused_adapter", "reference_adapter"]
+__all__ = ["ACTIVATIONS", "FusedAdapter", "fused_adapter", "fused_adapter_grouped", "reference_adapter"]

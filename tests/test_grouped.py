@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapter_fused.grouped import fused_adapter_grouped
+from adapter_fused import fused_adapter_grouped
 from adapter_fused.reference import reference_adapter_grouped
 from tests.conftest import DEVICE
 from tests.tolerances import assert_matches
