@@ -1,0 +1,45 @@
+"""Fused adapters for Hugging Face transformers models, and a bridge to AdapterHub.
+
+    add_adapter(model, "task", "houlsby")   # or "pfeiffer", or an AdapterConfig
+    train_adapter(model, "task")            # freeze everything else, activate "task"
+    ... train ...
+    save_adapter(model, "task", "out/task")
+    name = load_adapter(other_model, "out/task"); set_active_adapters(other_model, name)
+
+Nothing here imports ``transformers`` or ``adapters`` at import time.
+"""
+
+from .adapterhub import AccelerateReport, accelerate
+from .architectures import SUPPORTED_MODEL_TYPES
+from .config import AdapterConfig, Placement
+from .io import load_adapter, save_adapter
+from .model import (
+    AdapterInfo,
+    AdapterSummary,
+    active_adapter,
+    add_adapter,
+    adapter_summary,
+    delete_adapter,
+    list_adapters,
+    set_active_adapters,
+    train_adapter,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "AccelerateReport",
+    "AdapterConfig",
+    "AdapterInfo",
+    "AdapterSummary",
+    "Placement",
+    "accelerate",
+    "active_adapter",
+    "adapter_summary",
+    "add_adapter",
+    "delete_adapter",
+    "list_adapters",
+    "load_adapter",
+    "save_adapter",
+    "set_active_adapters",
+    "train_adapter",
+]

@@ -1,0 +1,298 @@
+"""Adding, activating, training and removing fused adapters on a transformers model.
+
+The adapters of a model live in one ``nn.ModuleDict`` on its base model, ``base_model.fused_adapters``,
+keyed ``<name>.<layer index>.<site>`` (site ``"attention"`` or ``"ffn"``), each a ``FusedAdapter``. Forward
+hooks on the layers' existing modules (see ``architectures``) run the active adapter; base modules and
+parameter names are left as they are, and with no active adapter the hooks return nothing, so the
+model computes exactly what it computed before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layer import FusedAdapter
+from .architectures import Architecture, SiteSpec, find_architecture, get_submodule, hidden_size
+from .config import SITES, AdapterConfig, Placement, resolve_config
+
+MODULE_NAME = "fused_adapters"
+STATE_NAME = "_fused_adapter_state"
+
+
+def site_forward(adapter: FusedAdapter, placement: Placement, h: torch.Tensor, x: torch.Tensor | None,
+                 norm: nn.Module | None) -> torch.Tensor:
+    """The new sub-block output ``h'`` of one site, so that the layer's own ``LN(h' + x)`` (or
+    ``h' + x``) equals the adapted site; see ``Placement``. h, x: (..., d) -> (..., d).
+
+    The kernel computes ``z + s * f(z)`` for the adapter input ``z``; where the adapter's residual is
+    not ``z`` the difference is added afterwards.
+    """
+    if placement.parallel or placement.original_ln_before:
+        if x is None:
+            raise RuntimeError("adapter_fused: the block residual of this site was not captured")
+        if placement.parallel:
+            z, residual = x, h
+        else:
+            total = h + x
+            z = norm(total) if norm is not None else total
+            before = placement.residual_before_ln
+            residual = h if before is True else (z if before is False else total)
+    else:
+        z = residual = h
+    y = adapter(z)
+    return y if residual is z else y + (residual - z)
+
+
+class _Site:
+    """One adapter site of one layer: captures the block residual, then rewrites the sub-block output."""
+
+    def __init__(self, state: _State, layer: int, name: str, spec: SiteSpec, norm: nn.Module | None) -> None:
+        self.state = state
+        self.layer = str(layer)
+        self.name = name
+        self.spec = spec
+        self.norm = norm
+        self.residual: torch.Tensor | None = None
+
+    def _adapter(self) -> tuple[FusedAdapter, Placement] | None:
+        active = self.state.active
+        if active is None:
+            return None
+        adapters = self.state.modules[active]
+        layer = adapters[self.layer] if self.layer in adapters else None
+        if layer is None or self.name not in layer:
+            return None
+        return layer[self.name], self.state.configs[active].layout  # type: ignore[return-value]
+
+    def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._adapter() is None:
+            return
+        spec = self.spec
+        if len(args) > spec.residual_position:
+            self.residual = args[spec.residual_position]
+        else:
+            self.residual = next((kwargs[k] for k in spec.residual_keywords if k in kwargs), None)
+
+    def apply(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        found = self._adapter()
+        if found is None:
+            return None
+        adapter, placement = found
+        x, self.residual = self.residual, None
+        if isinstance(output, tuple):
+            return (site_forward(adapter, placement, output[0], x, self.norm), *output[1:])
+        return site_forward(adapter, placement, output, x, self.norm)
+
+
+class _State:
+    """Per-model bookkeeping (a plain object, so it adds no parameters or buffers)."""
+
+    def __init__(self, arch: Architecture, layers: nn.ModuleList, modules: nn.ModuleDict) -> None:
+        self.arch = arch
+        self.layers = layers
+        self.modules = modules
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active: str | None = None
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        for index, layer in enumerate(layers):
+            for site_name in SITES:
+                spec = arch.site(site_name)
+                norm = get_submodule(layer, spec.norm) if spec.norm else None
+                site = _Site(self, index, site_name, spec, norm)
+                residual_module = get_submodule(layer, spec.residual)
+                output_module = get_submodule(layer, spec.output)
+                assert residual_module is not None and output_module is not None
+                self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
+                self.handles.append(output_module.register_forward_hook(site.apply))
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def _state(model: nn.Module, create: bool = False) -> _State | None:
+    base = _base(model)
+    state = base.__dict__.get(STATE_NAME)
+    if state is None and create:
+        arch, layers = find_architecture(model)
+        modules = nn.ModuleDict()
+        base.add_module(MODULE_NAME, modules)
+        state = _State(arch, layers, modules)
+        base.__dict__[STATE_NAME] = state
+    return state
+
+
+def _require(model: nn.Module, name: str) -> _State:
+    state = _state(model)
+    if state is None or name not in state.configs:
+        known = ", ".join(state.configs) if state is not None and state.configs else "none"
+        raise KeyError(f"adapter_fused: no adapter named {name!r} on this model (adapters: {known})")
+    return state
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name or "." in name or name != name.strip():
+        raise ValueError(f"adapter_fused: adapter name must be a non-empty string without dots or surrounding "
+                         f"spaces, got {name!r}")
+    return name
+
+
+def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleDict:
+    """Freshly initialised adapters for every layer and site of ``config``, each on the device and
+    in the dtype of its layer: ``{layer index: {site: FusedAdapter(d, r)}}``."""
+    _, layers = find_architecture(model)
+    d = hidden_size(model)
+    r = config.bottleneck_for(d)
+    out = nn.ModuleDict()
+    for index, layer in enumerate(layers):
+        reference = next(layer.parameters(), None)
+        device = reference.device if reference is not None else None
+        dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+        out[str(index)] = nn.ModuleDict({
+            site: FusedAdapter(d, r, config.resolved_activation, config.scale, config.init, device=device, dtype=dtype)
+            for site in config.layout.sites
+        })
+    return out
+
+
+def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: nn.ModuleDict) -> None:
+    """Register already built adapter ``modules`` (see ``build_adapter_modules``) under ``name``."""
+    state = _state(model, create=True)
+    assert state is not None
+    if name in state.configs:
+        raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it first")
+    state.modules[name] = modules
+    state.configs[name] = config
+
+
+def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfeiffer") -> None:
+    """Add a new, inactive adapter ``name`` to every layer of a supported transformers ``model``.
+
+    config: ``"houlsby"`` / ``"double_seq_bn"``, ``"pfeiffer"`` / ``"seq_bn"`` or an ``AdapterConfig``.
+    Each adapter maps (..., d) -> (..., d) with width r = ``hidden_size // reduction_factor`` and has
+    2*d*r + r + d parameters. Base parameters are not touched; activate with ``set_active_adapters``
+    or ``train_adapter``. Raises ValueError for unsupported models or a name already in use.
+    """
+    name = _check_name(name)
+    config = resolve_config(config)
+    find_architecture(model)  # clear error before anything is attached
+    state = _state(model)
+    if state is not None and name in state.configs:
+        raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it first")
+    attach_adapter(model, name, config, build_adapter_modules(model, config))
+
+
+def set_active_adapters(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the adapter that runs in the forward pass, or run none (``None``: the base model)."""
+    if name is None:
+        state = _state(model)
+        if state is not None:
+            state.active = None
+        return
+    _require(model, name).active = name
+
+
+def train_adapter(model: nn.Module, name: str) -> None:
+    """Prepare ``model`` to train adapter ``name``: every other parameter (base model, head, other
+    adapters) gets ``requires_grad=False``, the adapter's get True, it becomes active, and the model
+    is put in training mode."""
+    state = _require(model, name)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in state.modules[name].parameters():
+        parameter.requires_grad_(True)
+    state.active = name
+    model.train()
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and its parameters; removing the last one also removes the hooks."""
+    state = _require(model, name)
+    del state.modules[name]
+    del state.configs[name]
+    if state.active == name:
+        state.active = None
+    if not state.configs:
+        state.remove_hooks()
+        base = _base(model)
+        delattr(base, MODULE_NAME)
+        del base.__dict__[STATE_NAME]
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added."""
+    state = _state(model)
+    return list(state.configs) if state is not None else []
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter, or None."""
+    state = _state(model)
+    return state.active if state is not None else None
+
+
+def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
+    """The AdapterConfig adapter ``name`` was created with."""
+    return _require(model, name).configs[name]
+
+
+def adapter_modules(model: nn.Module, name: str) -> nn.ModuleDict:
+    """The adapters of ``name``: ``{layer index: {site: FusedAdapter}}``."""
+    return _require(model, name).modules[name]  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One row of ``adapter_summary``."""
+
+    name: str
+    placement: str
+    bottleneck: int
+    activation: str
+    parameters: int
+    share: float  # parameters / base model parameters
+    active: bool
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """Per-adapter parameter counts and their share of the base model; ``str()`` gives a table."""
+
+    adapters: tuple[AdapterInfo, ...]
+    base_parameters: int
+
+    def __str__(self) -> str:
+        header = f"{'name':<20} {'placement':<10} {'r':>5} {'activation':<10} {'params':>12} {'share %':>9} active train"
+        lines = [header, "-" * len(header)]
+        for a in self.adapters:
+            lines.append(f"{a.name:<20} {a.placement:<10} {a.bottleneck:>5} {a.activation:<10} {a.parameters:>12,} "
+                         f"{100 * a.share:>9.3f} {'yes' if a.active else 'no':<6} {'yes' if a.trainable else 'no'}")
+        lines.append(f"base model parameters: {self.base_parameters:,}")
+        return "\n".join(lines)
+
+
+def adapter_summary(model: nn.Module) -> AdapterSummary:
+    """Each adapter's parameter count and its share of the base model's parameters (all parameters
+    of ``model`` that are not adapters)."""
+    state = _state(model)
+    adapter_ids = {id(p) for p in state.modules.parameters()} if state is not None else set()
+    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+    rows = []
+    for name, config in (state.configs.items() if state is not None else ()):
+        params = list(state.modules[name].parameters())  # type: ignore[union-attr]
+        count = sum(p.numel() for p in params)
+        placement = config.placement if isinstance(config.placement, str) else "custom"
+        rows.append(AdapterInfo(name, placement, config.bottleneck_for(hidden_size(model)), config.resolved_activation,
+                                count, count / base if base else 0.0, state.active == name,  # type: ignore[union-attr]
+                                any(p.requires_grad for p in params)))
+    return AdapterSummary(tuple(rows), base)
