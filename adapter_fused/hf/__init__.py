@@ -24,6 +24,7 @@ from .model import (
     set_active_adapters,
     train_adapter,
 )
+from .multitask import per_sample_adapters
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -39,6 +40,7 @@ __all__ = [
     "delete_adapter",
     "list_adapters",
     "load_adapter",
+    "per_sample_adapters",
     "save_adapter",
     "set_active_adapters",
     "train_adapter",

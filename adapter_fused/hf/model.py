@@ -9,6 +9,7 @@ model computes exactly what it computed before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,11 @@ MODULE_NAME = "fused_adapters"
 STATE_NAME = "_fused_adapter_state"
 
 
-def site_forward(adapter: FusedAdapter, placement: Placement, h: torch.Tensor, x: torch.Tensor | None,
+SiteAdapter = Callable[[torch.Tensor], torch.Tensor]
+"""What runs at a site: a FusedAdapter, or a per-sample bank (see ``multitask``)."""
+
+
+def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x: torch.Tensor | None,
                  norm: nn.Module | None) -> torch.Tensor:
     """The new sub-block output ``h'`` of one site, so that the layer's own ``LN(h' + x)`` (or
     ``h' + x``) equals the adapted site; see ``Placement``. h, x: (..., d) -> (..., d).
@@ -58,7 +63,11 @@ class _Site:
         self.norm = norm
         self.residual: torch.Tensor | None = None
 
-    def _adapter(self) -> tuple[FusedAdapter, Placement] | None:
+    def _adapter(self) -> tuple[SiteAdapter, Placement] | None:
+        batch = self.state.batch
+        if batch is not None:
+            grouped = batch.sites.get((self.layer, self.name))
+            return None if grouped is None else (grouped, batch.placement)
         active = self.state.active
         if active is None:
             return None
@@ -97,6 +106,7 @@ class _State:
         self.modules = modules
         self.configs: dict[str, AdapterConfig] = {}
         self.active: str | None = None
+        self.batch: Any = None  # a multitask.PerSampleBatch while per_sample_adapters is active
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         for index, layer in enumerate(layers):
             for site_name in SITES:
@@ -131,7 +141,8 @@ def _state(model: nn.Module, create: bool = False) -> _State | None:
     return state
 
 
-def _require(model: nn.Module, name: str) -> _State:
+def require_adapter(model: nn.Module, name: str) -> _State:
+    """The model's adapter bookkeeping; KeyError naming the known adapters if ``name`` is not one."""
     state = _state(model)
     if state is None or name not in state.configs:
         known = ", ".join(state.configs) if state is not None and state.configs else "none"
@@ -198,14 +209,14 @@ def set_active_adapters(model: nn.Module, name: str | None) -> None:
         if state is not None:
             state.active = None
         return
-    _require(model, name).active = name
+    require_adapter(model, name).active = name
 
 
 def train_adapter(model: nn.Module, name: str) -> None:
     """Prepare ``model`` to train adapter ``name``: every other parameter (base model, head, other
     adapters) gets ``requires_grad=False``, the adapter's get True, it becomes active, and the model
     is put in training mode."""
-    state = _require(model, name)
+    state = require_adapter(model, name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for parameter in state.modules[name].parameters():
@@ -216,7 +227,7 @@ def train_adapter(model: nn.Module, name: str) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its parameters; removing the last one also removes the hooks."""
-    state = _require(model, name)
+    state = require_adapter(model, name)
     del state.modules[name]
     del state.configs[name]
     if state.active == name:
@@ -242,12 +253,12 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
     """The AdapterConfig adapter ``name`` was created with."""
-    return _require(model, name).configs[name]
+    return require_adapter(model, name).configs[name]
 
 
 def adapter_modules(model: nn.Module, name: str) -> nn.ModuleDict:
     """The adapters of ``name``: ``{layer index: {site: FusedAdapter}}``."""
-    return _require(model, name).modules[name]  # type: ignore[return-value]
+    return require_adapter(model, name).modules[name]  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

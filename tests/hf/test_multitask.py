@@ -1,0 +1,92 @@
+"""per_sample_adapters: a batch mixing adapters equals each sample run alone with its adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .models import hidden_states, make_inputs, make_model, randomize
+
+from adapter_fused import add_adapter, per_sample_adapters, set_active_adapters  # noqa: E402
+from adapter_fused.hf.model import adapter_modules  # noqa: E402
+
+NAMES = ["a", None, "c", "a", "b"]
+
+
+def build(arch: str, placement: str):  # type: ignore[no-untyped-def]
+    model = make_model(arch)
+    for i, name in enumerate(("a", "b", "c", "unused")):
+        add_adapter(model, name, placement)
+        randomize(adapter_modules(model, name).parameters(), seed=10 + i)
+    return model
+
+
+def one_by_one(model, inputs: dict[str, torch.Tensor], names: list[str | None]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    rows = []
+    for i, name in enumerate(names):
+        set_active_adapters(model, name)
+        rows.append(hidden_states(model, {k: v[i : i + 1] for k, v in inputs.items()}))
+    set_active_adapters(model, None)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("arch, placement", [("bert", "houlsby"), ("bert", "pfeiffer"), ("llama", "houlsby"),
+                                             ("llama", "pfeiffer")])
+def test_mixed_batch_equals_each_sample_alone(arch: str, placement: str) -> None:
+    model = build(arch, placement)
+    inputs = make_inputs(batch=len(NAMES), length=6)
+    want = one_by_one(model, inputs, NAMES)
+    with torch.no_grad(), per_sample_adapters(model, NAMES):
+        got = hidden_states(model, inputs)
+    assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    base = hidden_states(model, inputs)  # the block is over: no adapter is active again
+    set_active_adapters(model, "a")
+    assert not torch.equal(base, hidden_states(model, inputs))
+
+
+def test_launches_equal_a_single_adapter_batch(launches) -> None:  # type: ignore[no-untyped-def]
+    model = build("bert", "houlsby")
+    inputs = make_inputs(batch=len(NAMES), length=6)
+    set_active_adapters(model, "a")
+    with torch.no_grad():
+        hidden_states(model, inputs)
+    single = list(launches.names)
+    set_active_adapters(model, None)
+    launches.clear()
+    with torch.no_grad(), per_sample_adapters(model, NAMES):
+        hidden_states(model, inputs)
+    assert launches.names == single and len(single) == 4  # 2 layers x 2 sites, one launch each
+
+
+def test_gradients_reach_each_adapter() -> None:
+    model = build("bert", "houlsby")
+    inputs = make_inputs(batch=len(NAMES), length=5)
+    with per_sample_adapters(model, NAMES):
+        hidden_states(model, inputs).square().sum().backward()
+    got = {n: [p.grad.clone() for p in adapter_modules(model, n).parameters()] for n in ("a", "b", "c")}
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in adapter_modules(model, "unused").parameters())
+    model.zero_grad()
+    for i, name in enumerate(NAMES):  # the same loss, one sample at a time
+        if name is None:
+            continue
+        set_active_adapters(model, name)
+        hidden_states(model, {k: v[i : i + 1] for k, v in inputs.items()}).square().sum().backward()
+    for name, grads in got.items():
+        for g, p in zip(grads, adapter_modules(model, name).parameters()):
+            assert p.grad is not None
+            assert (g - p.grad).abs().max().item() <= 1e-4 * p.grad.abs().max().item(), name
+
+
+def test_refusals() -> None:
+    model = build("bert", "houlsby")
+    add_adapter(model, "p", "pfeiffer")
+    inputs = make_inputs(batch=3, length=4)
+    with pytest.raises(KeyError, match="nope"):
+        with per_sample_adapters(model, ["a", "nope", None]):
+            pass
+    with pytest.raises(ValueError, match="differ in placement"):
+        with per_sample_adapters(model, ["a", "p", None]):
+            pass
+    with pytest.raises(ValueError, match="2 adapter names were given"):
+        with per_sample_adapters(model, ["a", "b"]):
+            hidden_states(model, inputs)
