@@ -15,6 +15,8 @@ from typing import Any
 # spelled out here (the harness is imported only after TRITON_INTERPRET is settled); a test keeps them equal
 OPS = ("forward", "forward_train", "backward", "forward_backward", "latency")
 PROVIDERS = ("fused", "eager", "compile", "compile_max_autotune", "adapterhub")
+GROUPED_PROVIDERS = ("single", "grouped", "separate", "eager_loop", "adapterhub_batchsplit")
+INDEX_KINDS = ("sequence", "token")
 
 
 def _csv(text: str) -> list[str]:
@@ -26,13 +28,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark the fused adapter kernel against eager PyTorch, torch.compile and AdapterHub, and "
-                    "against the device copy bandwidth; optionally at model level (BERT-base training, GPT-2 medium "
-                    "latency). Needs a CUDA device except with --smoke (or --device cpu), which runs the kernels in "
+                    "against the device copy bandwidth; at model level (BERT-base training, GPT-2 medium "
+                    "latency); and many adapters in one batch (the grouped kernel against one adapter, separate "
+                    "batches, an eager loop and AdapterHub's BatchSplit). Needs a CUDA device except with --smoke "
+                    "(or --device cpu), which runs the kernels in "
                     "Triton's interpreter; CPU timings are labelled as such and are not comparable with GPU ones.",
     )
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--smoke", action="store_true",
-                      help="tiny grid on CPU through the Triton interpreter (fused, eager, compile; tiny models)")
+                      help="tiny grid on CPU through the Triton interpreter (fused, eager, compile; tiny models; "
+                           "a tiny grouped case)")
     grid.add_argument("--quick", action="store_true", help="a small subset of the full shape grid")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the JSON results and PNG plots into this directory")
@@ -52,6 +57,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     models = parser.add_mutually_exclusive_group()
     models.add_argument("--no-models", action="store_true", help="skip the model-level benchmarks")
     models.add_argument("--models-only", action="store_true", help="run only the model-level benchmarks")
+    grouped = parser.add_mutually_exclusive_group()
+    grouped.add_argument("--no-grouped", action="store_true", help="skip the many-adapters-in-one-batch benchmark")
+    grouped.add_argument("--grouped-only", action="store_true",
+                         help="run only the many-adapters-in-one-batch benchmark")
+    parser.add_argument("--grouped-adapters", type=_csv, default=None,
+                        help="adapter counts mixed in one batch (default 1,2,8,32; smoke 1,2)")
+    parser.add_argument("--grouped-batches", type=_csv, default=None,
+                        help="SEQUENCESxTOKENS batches of the grouped benchmark, e.g. 32x1,64x128")
+    parser.add_argument("--grouped-index", type=_csv, default=None,
+                        help=f"index kinds of the grouped benchmark, subset of {','.join(INDEX_KINDS)}")
+    parser.add_argument("--grouped-providers", type=_csv, default=None,
+                        help=f"comma-separated subset of {','.join(GROUPED_PROVIDERS)} (ratios need single)")
     parser.add_argument("--bert-batch", type=int, default=None, help="BERT training batch size (default 32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU runs: torch intra-op threads (default 1 with --smoke, which keeps inductor's "
@@ -89,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import harness, models, report
+    from . import grouped, harness, models, report
 
     device = torch.device(device_name)
     threads = args.threads if args.threads is not None else (1 if args.smoke else None)
@@ -112,8 +129,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rep_ms is not None:
         settings = harness.TimingSettings(rep_ms=args.rep_ms, warmup_ms=settings.warmup_ms, warmup=settings.warmup,
                                           min_reps=settings.min_reps, max_reps=settings.max_reps)
-    cases = [] if args.models_only else harness.expand_grid(spec)
-    run_models = not args.no_models
+    if args.models_only and args.grouped_only:
+        sys.exit("python -m benchmarks: --models-only and --grouped-only exclude each other")
+    gspec = grouped.SMOKE_GROUPED if args.smoke else grouped.QUICK_GROUPED if args.quick else grouped.FULL_GROUPED
+    try:
+        gspec = grouped.GroupedSpec(
+            batches=tuple(grouped.parse_batch(v) for v in args.grouped_batches) if args.grouped_batches
+            else gspec.batches,
+            d=spec.d if args.d else gspec.d,
+            r=spec.r if args.r else gspec.r,
+            dtypes=spec.dtypes if args.dtypes else gspec.dtypes,
+            n_adapters=tuple(int(v) for v in args.grouped_adapters) if args.grouped_adapters else gspec.n_adapters,
+            index_kinds=tuple(args.grouped_index) if args.grouped_index else gspec.index_kinds,
+        )
+    except ValueError as exc:
+        sys.exit(f"python -m benchmarks: {exc}")
+    grouped_providers = args.grouped_providers or list(grouped.GROUPED_PROVIDERS)
+    for name, given, allowed in (("grouped provider", grouped_providers, grouped.GROUPED_PROVIDERS),
+                                 ("index kind", gspec.index_kinds, grouped.INDEX_KINDS)):
+        unknown = [v for v in given if v not in allowed]
+        if unknown:
+            sys.exit(f"python -m benchmarks: unknown {name} {', '.join(unknown)}; expected {', '.join(allowed)}")
+    if any(n < 1 for n in gspec.n_adapters):
+        sys.exit("python -m benchmarks: --grouped-adapters must be positive")
+    cases = [] if args.models_only or args.grouped_only else harness.expand_grid(spec)
+    run_models = not args.no_models and not args.grouped_only
+    grouped_cases = [] if args.no_grouped or args.models_only else grouped.expand_grouped(gspec)
     bert_spec = models.BERT_SMOKE if device.type == "cpu" else models.BERT_BASE
     gpt2_spec = models.GPT2_SMOKE if device.type == "cpu" else models.GPT2_MEDIUM
     if args.bert_batch:
@@ -130,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     copy_bw = harness.copy_bandwidth_gbps(device, settings=settings)
     records: list[dict[str, Any]] = []
     model_records: list[dict[str, Any]] = []
+    grouped_records: list[dict[str, Any]] = []
     total = len(cases) * len(providers) + (len(models.BERT_PROVIDERS) + len(models.GPT2_PROVIDERS)) * run_models
+    total += grouped.grouped_steps(gspec, grouped_providers) if grouped_cases else 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=args.no_progress, transient=True) as progress:
         task = progress.add_task("kernels", total=total)
@@ -147,8 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_records += models.bench_gpt2_latency(gpt2_spec, models.GPT2_PROVIDERS, device, settings, skips,
                                                        args.seed)
             progress.advance(task, len(models.GPT2_PROVIDERS))
+        for gcase in grouped_cases:
+            progress.update(task, description=f"grouped {gcase}")
+            grouped_records += grouped.bench_grouped_case(
+                gcase, gspec.n_adapters, gspec.index_kinds, grouped_providers, grouped.GROUPED_OPS, device, copy_bw,
+                settings, args.activation, args.scale, args.seed, skips, lambda: progress.advance(task))
 
-    result = {
+    result: dict[str, Any] = {
         "device": harness.device_label(device),
         **harness.versions(),
         "date": when.isoformat(timespec="seconds"),
@@ -156,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "copy_bw_gbps": copy_bw,
         "records": records,
         "models": model_records,
+        "grouped": grouped_records,
     }
     report.print_tables(console, result, skips)
     if args.out is not None:

@@ -444,13 +444,15 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None,
 
 
 def make_record(op: str, provider: str, case: Case, timing: Timing | None, copy_bw_gbps: float,
-                peak_mem_bytes: int | None) -> dict[str, Any]:
+                peak_mem_bytes: int | None, nbytes: int | None = None) -> dict[str, Any]:
     """One results-file record (keys ``RECORD_KEYS``); timing None marks a skipped measurement
-    (every measured field null)."""
+    (every measured field null). ``nbytes``: the minimal bytes of the work when they differ from
+    ``minimal_bytes(op, ...)`` of one adapter (several adapters in one batch)."""
     gbps = pct = None
     if timing is not None:
-        elt = case.dtype.itemsize
-        gbps = minimal_bytes(op, case.M, case.d, case.r, elt) / (timing.median * 1e-3) / 1e9
+        if nbytes is None:
+            nbytes = minimal_bytes(op, case.M, case.d, case.r, case.dtype.itemsize)
+        gbps = nbytes / (timing.median * 1e-3) / 1e9
         pct = 100.0 * gbps / copy_bw_gbps if copy_bw_gbps > 0 else None
     return {
         "op": op, "provider": provider, "dtype": case.dtype_name, "M": case.M, "d": case.d, "r": case.r,

@@ -14,10 +14,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .grouped import TARGET_ADAPTERS, TARGET_RATIO
 from .harness import OPS, Skip, tflops
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-TOP_LEVEL_KEYS: tuple[str, ...] = ("device", "torch", "triton", "date", "command", "copy_bw_gbps", "records", "models")
+TOP_LEVEL_KEYS: tuple[str, ...] = ("device", "torch", "triton", "date", "command", "copy_bw_gbps", "records", "models",
+                                   "grouped")
 
 
 def file_stem(device: str, when: datetime) -> str:
@@ -209,6 +211,46 @@ def model_table(models: Sequence[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def grouped_table(grouped: Sequence[dict[str, Any]], title: str, gpu: bool) -> Table:
+    """One row per (op, shape, index kind, adapter count): the single-adapter time, then each provider's
+    median and its ratio to the single adapter; ``target`` judges the grouped kernel at
+    ``TARGET_ADAPTERS`` adapters against ``TARGET_RATIO`` (GPU runs only)."""
+    providers = [p for p in dict.fromkeys(r["provider"] for r in grouped) if p != "single"]
+    table = Table(title=title, title_justify="left")
+    for name in ("op", "dtype", "B×S", "d", "r", "index", "adapters", "single ms"):
+        table.add_column(name, justify="left" if name in ("op", "dtype", "index") else "right")
+    for provider in providers:
+        table.add_column(f"{provider} ms (×)", justify="right")
+    table.add_column(f"target ≤{TARGET_RATIO}×", justify="left")
+    single: dict[tuple[str, str, int, int, int, int], dict[str, Any]] = {}
+    rows: dict[tuple[str, str, int, int, int, int, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in grouped:
+        shape = (r["op"], r["dtype"], r["batch"], r["seq"], r["d"], r["r"])
+        if r["provider"] == "single":
+            single[shape] = r
+        else:
+            rows[(*shape, r["index"], r["n_adapters"])][r["provider"]] = r
+    for (op, dtype, batch, seq, d, rank, kind, n), by_provider in rows.items():
+        base = single.get((op, dtype, batch, seq, d, rank))
+        base_ms = base["ms_median"] if base else None
+        cells = [op, SHORT_DTYPES.get(dtype, dtype), f"{batch}×{seq}", str(d), str(rank), kind, str(n),
+                 _fmt(base_ms, ".4f") if base else "not run"]
+        for provider in providers:
+            rec = by_provider.get(provider)
+            if rec is None or rec["ms_median"] is None:
+                cells.append("skipped" if rec is not None else "")
+                continue
+            ratio = f" ({rec['ratio_to_single']:.3g}×)" if rec["ratio_to_single"] is not None else ""
+            cells.append(f"{rec['ms_median']:.4f}{ratio}")
+        verdict = ""
+        fused = by_provider.get("grouped")
+        if n == TARGET_ADAPTERS and fused is not None and fused["ratio_to_single"] is not None:
+            verdict = ("met" if fused["ratio_to_single"] <= TARGET_RATIO else "missed") if gpu else "n/a on CPU"
+        cells.append(verdict)
+        table.add_row(*cells)
+    return table
+
+
 def skip_table(skips: Sequence[Skip]) -> Table:
     """Skipped measurements grouped by provider, op kind and reason."""
     table = Table(title="Skipped, or measured differently than planned", title_justify="left")
@@ -223,7 +265,7 @@ def skip_table(skips: Sequence[Skip]) -> Table:
 
 
 def print_tables(console: Console, result: dict[str, Any], skips: Sequence[Skip]) -> None:
-    """Print the kernel table, the model table and the skipped measurements."""
+    """Print the kernel table, the model table, the grouped table and the skipped measurements."""
     cpu = str(result["device"]).startswith("CPU")
     note = " — CPU timings (Triton interpreter), not comparable with GPU figures" if cpu else ""
     head = f"{result['device']} · torch {result['torch']} · triton {result['triton']} · {result['date']}"
@@ -233,5 +275,8 @@ def print_tables(console: Console, result: dict[str, Any], skips: Sequence[Skip]
         console.print(kernel_table(result["records"], f"Adapter kernels (×: provider time / fused time){note}"))
     if result["models"]:
         console.print(model_table(result["models"], f"Models{note}"))
+    if result["grouped"]:
+        console.print(grouped_table(result["grouped"], "Many adapters in one batch (×: time / one adapter on the same "
+                                    f"rows){note}", gpu=not cpu))
     if skips:
         console.print(skip_table(skips))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import harness, models, report
+from benchmarks import grouped, harness, models, report
 from benchmarks.__main__ import main
 
 
@@ -51,6 +51,7 @@ def test_cli_names_match_harness() -> None:
     from benchmarks import __main__ as cli
 
     assert cli.OPS == harness.OPS and cli.PROVIDERS == harness.PROVIDERS
+    assert cli.GROUPED_PROVIDERS == grouped.GROUPED_PROVIDERS and cli.INDEX_KINDS == grouped.INDEX_KINDS
 
 
 def test_quantile() -> None:
@@ -115,7 +116,7 @@ def test_adapterhub_blocks_run_in_bert() -> None:
 def test_smoke_results_file(tmp_path: Path) -> None:
     """A reduced smoke run writes the results file with exactly the documented schema, and both plots."""
     argv = ["--smoke", "--out", str(tmp_path), "--rows", "1,8", "--providers", "fused,eager",
-            "--no-models", "--no-progress"]
+            "--no-models", "--no-grouped", "--no-progress"]
     assert main(argv) == 0
     (json_path,) = tmp_path.glob("*.json")
     assert re.fullmatch(r"adapter_bench_cpu-interpreter_\d{4}-\d{2}-\d{2}_\d{6}\.json", json_path.name)
@@ -127,7 +128,7 @@ def test_smoke_results_file(tmp_path: Path) -> None:
     assert result["device"].startswith("CPU")
     assert result["command"].startswith("python -m benchmarks --smoke")
     assert result["copy_bw_gbps"] > 0
-    assert result["models"] == []
+    assert result["models"] == [] and result["grouped"] == []
     records = result["records"]
     assert len(records) == 2 * 2 * len(harness.OPS)
     for record in records:
@@ -144,7 +145,7 @@ def test_smoke_models(tmp_path: Path) -> None:
     assert main(["--smoke", "--models-only", "--out", str(tmp_path), "--no-progress"]) == 0
     (json_path,) = tmp_path.glob("*.json")
     result = json.loads(json_path.read_text())
-    assert result["records"] == []
+    assert result["records"] == [] and result["grouped"] == []
     seen = {(m["model"], m["provider"]) for m in result["models"]}
     assert seen == {(models.BERT_SMOKE.name, p) for p in models.BERT_PROVIDERS} | {
         (models.GPT2_SMOKE.name, p) for p in models.GPT2_PROVIDERS}
