@@ -1,34 +1,36 @@
-"""The fused adapter op: dispatch, autocast, and the autograd.Function around the Triton kernels.
+"""The fused adapter op: dispatch and autocast around the registered torch operators.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels in Triton's
 interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were first imported, and the
 reference otherwise. float64 (and any dtype or device the kernels do not cover) runs the reference.
+
+The kernels are reached through ``torch.ops.adapter_fused.adapter_forward`` (and its registered
+backward, ``adapter_backward``; see ``library.py``), so torch.compile traces ``fused_adapter``
+without a graph break and CUDA graphs, DDP, FSDP2 and checkpointing see ordinary operators.
 """
 
-import functools
 from types import ModuleType
-from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
+from .library import adapter_forward, load_kernels
 from .reference import reference_adapter
 from .validation import check_adapter_args
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
 def _kernels() -> ModuleType | None:
     """The Triton kernels module, imported on first use (None where Triton is not installed)."""
-    try:
-        from . import kernels
-    except ImportError:
-        return None
-    return kernels
+    return load_kernels()
 
 
+@torch.compiler.assume_constant_result
 def kernels_available(device: torch.device) -> bool:
-    """Whether tensors on ``device`` run the Triton kernels (on the GPU or in the interpreter)."""
+    """Whether tensors on ``device`` run the Triton kernels (on the GPU or in the interpreter).
+
+    Fixed for the life of the process, so torch.compile evaluates it once while tracing."""
     kernels = _kernels()
     if kernels is None:
         return False
@@ -37,45 +39,46 @@ def kernels_available(device: torch.device) -> bool:
     return device.type == "cpu" and bool(kernels.INTERPRET)
 
 
-class _FusedAdapterFunction(torch.autograd.Function):
-    """Autograd around the kernels. Inputs are 2-D views: x (M, d); see ``fused_adapter``."""
+Params = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        down_weight: torch.Tensor,
-        down_bias: torch.Tensor | None,
-        up_weight: torch.Tensor,
-        up_bias: torch.Tensor | None,
-        activation: str,
-        scale: float,
-        save_h: bool,
-    ) -> torch.Tensor:
-        kernels = _kernels()
-        assert kernels is not None
-        code = kernels.ACTIVATION_CODES[activation]
-        fixed = torch.are_deterministic_algorithms_enabled()
-        y, h = kernels.adapter_forward(x, down_weight, down_bias, up_weight, up_bias, code, scale, save_h, fixed)
-        if save_h:
-            ctx.save_for_backward(x, h, down_weight, up_weight)
-        ctx.code = code
-        ctx.scale = scale
-        return y
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, h, down_weight, up_weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        kernels = _kernels()
-        assert kernels is not None
-        dx, d_down_w, d_down_b, d_up_w, d_up_b = kernels.adapter_backward(
-            grad, x, h, down_weight, up_weight, ctx.code, ctx.scale,
-            need_x=need[0], need_down_weight=need[1], need_down_bias=need[2],
-            need_up_weight=need[3], need_up_bias=need[4],
-            fixed_config=torch.are_deterministic_algorithms_enabled(),
-        )
-        return dx, d_down_w, d_down_b, d_up_w, d_up_b, None, None, None
+def checked_call(
+    fn: str,
+    x: torch.Tensor,
+    params: Params,
+    activation: str,
+    scale: float,
+    stacked: bool = False,
+) -> tuple[torch.Tensor, Params, str, float, bool]:
+    """Validate an adapter call and apply autocast, as ``F.linear`` would: under autocast the
+    parameters are cast to the autocast dtype and x to the type x + that dtype promotes to.
+
+    Returns (x, params, canonical activation, scale, whether the Triton kernels run it).
+    """
+    if torch.compiler.is_compiling() and isinstance(scale, (float, torch.SymFloat)):
+        # torch.compile(dynamic=True) turns float attributes such as FusedAdapter.scale into
+        # symbolic floats, which the finiteness check cannot inspect: specialize on the value
+        # (a guard; a changed scale recompiles).
+        scale = guard_scalar(scale)
+    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    act, scale_f = check_adapter_args(fn, x, *params, activation, scale, same_dtype=not autocast, stacked=stacked)
+    if autocast:
+        compute = torch.get_autocast_dtype(x.device.type)
+        params = tuple(p.to(compute) if p is not None else None for p in params)  # type: ignore[assignment]
+        x = x.to(torch.promote_types(x.dtype, compute))
+    use_kernels = params[0].dtype in KERNEL_DTYPES and x.dtype in KERNEL_DTYPES and kernels_available(x.device)
+    return x, params, act, scale_f, use_kernels
+
+
+def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,
+                index: torch.Tensor | None = None, rows_per_index: int = 1) -> torch.Tensor:
+    """The registered op on x (..., d) viewed as (M, d); h is kept only when autograd needs it."""
+    save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    fixed = torch.are_deterministic_algorithms_enabled()
+    with torch.autocast(x.device.type, enabled=False):
+        y, _ = adapter_forward(x.reshape(-1, x.shape[-1]), *params, activation, scale, save_h, fixed,
+                               index, rows_per_index)
+    return y.view(x.shape)
 
 
 def fused_adapter(
@@ -98,25 +101,9 @@ def fused_adapter(
 
     Raises TypeError/ValueError naming the offending argument before anything is launched.
     """
-    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
-    act, scale_f = check_adapter_args(
-        "fused_adapter", x, down_weight, down_bias, up_weight, up_bias, activation, scale, same_dtype=not autocast,
-    )
-    if autocast:
-        compute = torch.get_autocast_dtype(x.device.type)
-        down_weight, up_weight = down_weight.to(compute), up_weight.to(compute)
-        down_bias = down_bias.to(compute) if down_bias is not None else None
-        up_bias = up_bias.to(compute) if up_bias is not None else None
-        x = x.to(torch.promote_types(x.dtype, compute))
-    if down_weight.dtype not in KERNEL_DTYPES or x.dtype not in KERNEL_DTYPES or not kernels_available(x.device):
+    x, params, act, scale_f, use_kernels = checked_call(
+        "fused_adapter", x, (down_weight, down_bias, up_weight, up_bias), activation, scale)
+    if not use_kernels:
         with torch.autocast(x.device.type, enabled=False):
-            return reference_adapter(x, down_weight, down_bias, up_weight, up_bias, act, scale_f)
-
-    d = down_weight.shape[1]
-    params = (down_weight, down_bias, up_weight, up_bias)
-    save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    with torch.autocast(x.device.type, enabled=False):
-        y = _FusedAdapterFunction.apply(x.reshape(-1, d), *params, act, scale_f, save_h)
-    return y.view(x.shape)
-
-
+            return reference_adapter(x, *params, act, scale_f)
+    return run_kernels(x, params, act, scale_f)

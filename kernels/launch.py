@@ -16,6 +16,7 @@ project, expand, weight-gradient kernel with a single row group). Never more tha
 or without an index.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -138,7 +139,20 @@ def adapter_forward(
     return y, h
 
 
-def adapter_backward(
+def weight_grad_layout(n: int, D: int, R: int, grouped: bool) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Where each parameter gradient sits in the flat buffer of ``adapter_backward_packed``:
+    name -> (offset, shape); shapes carry the adapter dimension n when ``grouped``. The buffer
+    holds ``2*n*D*R + n*D + n*R`` elements."""
+    lead = (n,) if grouped else ()
+    return {
+        "up_weight": (0, (*lead, D, R)),
+        "down_weight": (n * D * R, (*lead, R, D)),
+        "up_bias": (2 * n * D * R, (*lead, D)),
+        "down_bias": (2 * n * D * R + n * D, (*lead, R)),
+    }
+
+
+def adapter_backward_packed(
     grad: torch.Tensor,
     x: torch.Tensor,
     h: torch.Tensor,
@@ -156,10 +170,10 @@ def adapter_backward(
     row_groups: int | None = None,
     index: torch.Tensor | None = None,
     rows_per_index: int = 1,
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of the adapter, each only when asked for (None otherwise):
-    (dx (M, D) in x's dtype, d_down_weight, d_down_bias, d_up_weight, d_up_bias), the weight and
-    bias gradients shaped like the weights (stacked when ``index`` is given) in the weights' dtype.
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx (M, D) in x's dtype or None, the parameter gradients in one flat buffer in the weights'
+    dtype laid out as ``weight_grad_layout`` says, or None when no parameter needs one). Slots of
+    gradients not asked for hold unspecified values.
 
     ``row_groups`` overrides how many row groups the weight-gradient reduction uses (one-pass
     path only; the wide path always uses one).
@@ -170,7 +184,6 @@ def adapter_backward(
     wdtype = down_weight.dtype
     device = grad.device
     need_gh = need_down_weight or need_down_bias
-    need_weights = need_gh or need_up_weight or need_up_bias
     dx = torch.empty((M, D), dtype=x.dtype, device=device) if need_x else None
     dot_f32, precision = _dot_settings(wdtype)
     common = dict(GROUPED=index is not None, DOT_F32=dot_f32, PRECISION=precision, fixed_config=fixed_config)
@@ -209,38 +222,82 @@ def adapter_backward(
                     M, D, R, 1.0, rows_bucket(M),
                     ACT=activation, APPLY_ACT=False, HAS_B2=False, **common,
                 )
-    if not need_weights:
-        return dx, None, None, None, None
+    if not (need_gh or need_up_weight or need_up_bias):
+        return dx, None
 
-    off_wd, off_bu, off_bd = n * D * R, 2 * n * D * R, 2 * n * D * R + n * D
+    layout = weight_grad_layout(n, D, R, index is not None)
+    off_wd, off_bu, off_bd = layout["down_weight"][0], layout["up_bias"][0], layout["down_bias"][0]
     total = off_bd + n * R
     if M == 0:
-        grads = torch.zeros(total, dtype=wdtype, device=device)
-    else:
-        grads = torch.empty(total, dtype=wdtype, device=device)
-        groups = row_groups if row_groups is not None else _row_groups(M, D, R, n, device)
-        # The wide path already spent two launches on the input gradient: no reduction launch there.
-        groups = 1 if r_pad > MAX_FUSED_R else max(1, min(groups, M))
-        partial = grads if groups == 1 else torch.empty((groups, total), dtype=torch.float32, device=device)
-        _launch(
-            weight_grad_tuned,
-            lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), triton.cdiv(R, meta["BLOCK_R"]), n * groups),
-            grad, grad.stride(0), grad.stride(1),
-            x, x.stride(0), x.stride(1),
-            h, h.stride(0),
-            gh if gh is not None else h, R,
-            down_weight,
-            partial, total, off_wd, off_bu, off_bd,
-            *idx[:3],
-            M, D, R, scale, triton.cdiv(M, groups), groups, rows_bucket(M),
-            ACT=activation, NEED_DWU=need_up_weight, NEED_DBU=need_up_bias,
-            NEED_DWD=need_down_weight, NEED_DBD=need_down_bias, R_PAD=r_pad, **common,
-        )
-        if groups > 1:
-            reduce_groups_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](partial, grads, total, groups, BLOCK=REDUCE_BLOCK)
-    lead = (n,) if index is not None else ()
-    d_up_weight = grads[:off_wd].view(*lead, D, R) if need_up_weight else None
-    d_down_weight = grads[off_wd:off_bu].view(*lead, R, D) if need_down_weight else None
-    d_up_bias = grads[off_bu:off_bd].view(*lead, D) if need_up_bias else None
-    d_down_bias = grads[off_bd:].view(*lead, R) if need_down_bias else None
-    return dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias
+        return dx, torch.zeros(total, dtype=wdtype, device=device)
+    grads = torch.empty(total, dtype=wdtype, device=device)
+    groups = row_groups if row_groups is not None else _row_groups(M, D, R, n, device)
+    # The wide path already spent two launches on the input gradient: no reduction launch there.
+    groups = 1 if r_pad > MAX_FUSED_R else max(1, min(groups, M))
+    partial = grads if groups == 1 else torch.empty((groups, total), dtype=torch.float32, device=device)
+    _launch(
+        weight_grad_tuned,
+        lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), triton.cdiv(R, meta["BLOCK_R"]), n * groups),
+        grad, grad.stride(0), grad.stride(1),
+        x, x.stride(0), x.stride(1),
+        h, h.stride(0),
+        gh if gh is not None else h, R,
+        down_weight,
+        partial, total, off_wd, off_bu, off_bd,
+        *idx[:3],
+        M, D, R, scale, triton.cdiv(M, groups), groups, rows_bucket(M),
+        ACT=activation, NEED_DWU=need_up_weight, NEED_DBU=need_up_bias,
+        NEED_DWD=need_down_weight, NEED_DBD=need_down_bias, R_PAD=r_pad, **common,
+    )
+    if groups > 1:
+        reduce_groups_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](partial, grads, total, groups, BLOCK=REDUCE_BLOCK)
+    return dx, grads
+
+
+def unpack_weight_grads(flat: torch.Tensor | None, layout: dict[str, tuple[int, tuple[int, ...]]],
+                        wanted: dict[str, bool]) -> dict[str, torch.Tensor | None]:
+    """Views of the gradients in ``flat`` named by ``layout``, None where not ``wanted``."""
+    out: dict[str, torch.Tensor | None] = {}
+    for name, (offset, shape) in layout.items():
+        if flat is None or not wanted[name]:
+            out[name] = None
+        else:
+            out[name] = flat.narrow(0, offset, math.prod(shape)).view(shape)
+    return out
+
+
+def adapter_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    activation: int,
+    scale: float,
+    *,
+    need_x: bool,
+    need_down_weight: bool,
+    need_down_bias: bool,
+    need_up_weight: bool,
+    need_up_bias: bool,
+    fixed_config: bool = False,
+    row_groups: int | None = None,
+    index: torch.Tensor | None = None,
+    rows_per_index: int = 1,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of the adapter, each only when asked for (None otherwise):
+    (dx (M, D) in x's dtype, d_down_weight, d_down_bias, d_up_weight, d_up_bias), the weight and
+    bias gradients shaped like the weights (stacked when ``index`` is given) in the weights' dtype.
+    Arguments as for ``adapter_backward_packed``.
+    """
+    wanted = dict(up_weight=need_up_weight, down_weight=need_down_weight, up_bias=need_up_bias,
+                  down_bias=need_down_bias)
+    dx, flat = adapter_backward_packed(
+        grad, x, h, down_weight, up_weight, activation, scale, need_x=need_x, need_down_weight=need_down_weight,
+        need_down_bias=need_down_bias, need_up_weight=need_up_weight, need_up_bias=need_up_bias,
+        fixed_config=fixed_config, row_groups=row_groups, index=index, rows_per_index=rows_per_index,
+    )
+    n = down_weight.shape[0] if index is not None else 1
+    layout = weight_grad_layout(n, grad.shape[1], down_weight.shape[-2], index is not None)
+    grads = unpack_weight_grads(flat, layout, wanted)
+    return dx, grads["down_weight"], grads["down_bias"], grads["up_weight"], grads["up_bias"]
