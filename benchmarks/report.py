@@ -98,15 +98,7 @@ def plot_speedup(records: Sequence[dict[str, Any]], path: Path, title: str) -> P
         ax.set_xlabel("rows M")
         ax.set_title(op)
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("speedup of fused (×)")
-    if axes[0][-1].get_legend_handles_labels()[0]:
-        axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{title} · {dtype}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, axes, "speedup of fused (×)", f"{title} · {dtype}", path)
 
 
 def plot_copy_bandwidth(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -134,10 +126,17 @@ def plot_copy_bandwidth(records: Sequence[dict[str, Any]], path: Path, title: st
         ax.set_xlabel("rows M")
         ax.set_title(op)
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("% of copy bandwidth")
+    return _save_figure(fig, axes, "% of copy bandwidth", f"{title} · {dtype}", path)
+
+
+def _save_figure(fig: Any, axes: Any, ylabel: str, title: str, path: Path) -> Path:
+    """Label, title and write a one-row panel figure as PNG; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].set_ylabel(ylabel)
     if axes[0][-1].get_legend_handles_labels()[0]:
         axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{title} · {dtype}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

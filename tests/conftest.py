@@ -33,6 +33,15 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture
+def deterministic():  # type: ignore[no-untyped-def]
+    """torch.use_deterministic_algorithms(True) for one test."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 class LaunchCounter:
     """Records the name of every Triton kernel launched (compiled or interpreted)."""
 

@@ -127,14 +127,6 @@ def test_stacked_shapes_are_checked() -> None:
         fused_adapter_grouped(inputs[0], index, *inputs[1:4], inputs[4][:2])  # type: ignore[index,arg-type]
 
 
-@pytest.fixture
-def deterministic():  # type: ignore[no-untyped-def]
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @pytest.mark.usefixtures("deterministic")
 def test_deterministic_repeat() -> None:
     inputs = make_bank(4, (33,), 40, 16, torch.bfloat16, seed=8)

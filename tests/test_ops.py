@@ -141,14 +141,6 @@ def test_backward_runs_no_torch_math(launches) -> None:  # type: ignore[no-untyp
     assert all(t.grad is not None for t in leaves)
 
 
-@pytest.fixture
-def deterministic():  # type: ignore[no-untyped-def]
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @pytest.mark.usefixtures("deterministic")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deterministic_gradients_are_bitwise_repeatable(dtype: torch.dtype) -> None:
