@@ -83,10 +83,12 @@ else:
         [4, 8],
         [3],
     )
+    # Pruned to at most 28 per shape (BLOCK_N * BLOCK_R <= 8192, BLOCK_R <= R_PAD): every config is
+    # compiled and timed on the first backward of each shape.
     WEIGHT_GRAD_CONFIGS = _space(
-        [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_R=r) for m in (32, 64) for n in (32, 64, 128) for r in (16, 32, 64, 128)],
+        [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_R=r) for m in (32, 64) for n in (64, 128) for r in (16, 32, 64, 128)],
         [4, 8],
-        [2, 3],
+        [3],
     )
 
 PRUNE_FUSED = _pruner(_fused_fits)
