@@ -54,6 +54,7 @@ def fused_adapter_grouped(
     scale: float = 1.0,
     *,
     check_index: bool = True,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply a different adapter to each row of one batch, in the launches a single adapter takes.
 
@@ -61,18 +62,19 @@ def fused_adapter_grouped(
     or None, up_weight (n, d, r), up_bias (n, d) or None. ``index`` is an integer tensor of shape
     x.shape[:-1] (one adapter per token) or (x.shape[0],) (one per sequence); -1 leaves the row
     unchanged. Row m of the result is ``x[m] + scale * (act(x[m] @ W_down[k].T + b_down[k]) @
-    W_up[k].T + b_up[k])`` with k its index. Differentiable in x and every parameter; adapter k's
+    W_up[k].T + b_up[k])`` with k its index (``residual[m]`` in place of ``x[m]`` when a residual
+    shaped like x is given; rows with index -1 then get ``residual[m]``). Differentiable in x and every parameter; adapter k's
     gradients come from its rows only. Returns a contiguous tensor shaped like x.
 
     ``check_index`` reads the index values to refuse any outside [-1, n) before launching (a device
     sync); turn it off only for an index built correct by construction (e.g. inside a CUDA graph).
     """
-    x, params, act, scale_f, use_kernels = checked_call(
-        _FN, x, (down_weight, down_bias, up_weight, up_bias), activation, scale, stacked=True)
+    x, params, act, scale_f, use_kernels, residual = checked_call(
+        _FN, x, (down_weight, down_bias, up_weight, up_bias), activation, scale, stacked=True, residual=residual)
     rows_index, rows_per_index = index_layout(x, index)
     if check_index:
         check_index_values(index, params[0].shape[0])
     if not use_kernels:
         with torch.autocast(x.device.type, enabled=False):
-            return reference_adapter_grouped(x, index, *params, act, scale_f)
-    return run_kernels(x, params, act, scale_f, rows_index, rows_per_index)
+            return reference_adapter_grouped(x, index, *params, act, scale_f, residual=residual)
+    return run_kernels(x, params, act, scale_f, rows_index, rows_per_index, residual)

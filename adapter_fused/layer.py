@@ -73,10 +73,11 @@ class FusedAdapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d_model) -> (..., d_model)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., d_model) -> (..., d_model); with ``residual`` (shaped like x) the output is
+        ``residual + scale * up(act(down(x)))``."""
         return fused_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                             self.activation, self.scale)
+                             self.activation, self.scale, residual=residual)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={self.scale}"

@@ -3,11 +3,11 @@ activation checkpointing see one opaque op (forward) and one opaque op (backward
 
     adapter_fused::adapter_forward(x, down_weight, down_bias, up_weight, up_bias,
                                    activation, scale, save_h, fixed_config,
-                                   index=None, rows_per_index=1) -> (y, h)
+                                   index=None, rows_per_index=1, residual=None) -> (y, h)
     adapter_fused::adapter_backward(grad, x, h, down_weight, up_weight, activation, scale,
                                     need_x, need_down_weight, need_down_bias, need_up_weight,
-                                    need_up_bias, fixed_config, index=None, rows_per_index=1)
-                                    -> (dx, weight_grads)
+                                    need_up_bias, fixed_config, index=None, rows_per_index=1,
+                                    residual_is_x=True) -> (dx, weight_grads)
 
 With an ``index`` the same ops run the grouped adapter (weights stacked over n adapters, see
 ``grouped.py``).
@@ -66,14 +66,16 @@ def _forward_impl(
     fixed_config: bool,
     index: Tensor | None = None,
     rows_per_index: int = 1,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """x (M, d), down_weight (r, d), down_bias (r,) | None, up_weight (d, r), up_bias (d,) | None
-    (stacked over n adapters with an ``index``: (n, r, d), (n, r), (n, d, r), (n, d))
-    -> y (M, d) contiguous in x's dtype, h (M, r) fp32 when ``save_h`` else an empty (0, r) fp32."""
+    (stacked over n adapters with an ``index``: (n, r, d), (n, r), (n, d, r), (n, d)); residual
+    (M, d) | None (None: x) -> y (M, d) contiguous in x's dtype, h (M, r) fp32 when ``save_h`` else
+    an empty (0, r) fp32."""
     kernels = _kernels_module()
     y, h = kernels.adapter_forward(
-        x, down_weight, down_bias, up_weight, up_bias,
-        kernels.ACTIVATION_CODES[activation], scale, save_h, fixed_config, index=index, rows_per_index=rows_per_index,
+        x, down_weight, down_bias, up_weight, up_bias, kernels.ACTIVATION_CODES[activation], scale, save_h,
+        fixed_config, index=index, rows_per_index=rows_per_index, residual=residual,
     )
     if h is None:
         h = x.new_empty((0, down_weight.shape[-2]), dtype=torch.float32)
@@ -96,6 +98,7 @@ def _forward_fake(
     fixed_config: bool,
     index: Tensor | None = None,
     rows_per_index: int = 1,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Shapes only: y (M, d) like x, h (M, r) or (0, r) fp32."""
     rows, r = x.shape[0], down_weight.shape[-2]
@@ -129,6 +132,7 @@ def _backward_impl(
     fixed_config: bool,
     index: Tensor | None = None,
     rows_per_index: int = 1,
+    residual_is_x: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """grad, x (M, d); h (M, r) fp32; weights as in the forward ->
     dx (M, d) in x's dtype (empty (0,) unless ``need_x``) and the parameter gradients packed into one
@@ -140,7 +144,7 @@ def _backward_impl(
         grad, x, h, down_weight, up_weight, kernels.ACTIVATION_CODES[activation], scale,
         need_x=need_x, need_down_weight=need_down_weight, need_down_bias=need_down_bias,
         need_up_weight=need_up_weight, need_up_bias=need_up_bias, fixed_config=fixed_config,
-        index=index, rows_per_index=rows_per_index,
+        index=index, rows_per_index=rows_per_index, residual_is_x=residual_is_x,
     )
     return (dx if dx is not None else x.new_empty((0,)),
             flat if flat is not None else down_weight.new_empty((0,)))
@@ -166,6 +170,7 @@ def _backward_fake(
     fixed_config: bool,
     index: Tensor | None = None,
     rows_per_index: int = 1,
+    residual_is_x: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Shapes only: dx (M, d) or (0,), weight grads (n * (2*d*r + d + r),) or (0,)."""
     dx = x.new_empty(tuple(x.shape) if need_x else (0,))
@@ -177,9 +182,10 @@ def _backward_fake(
 # ---- autograd -------------------------------------------------------------------------------------
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    x, down_weight, down_bias, up_weight, up_bias, activation, scale, save_h, fixed_config, index, per = inputs
+    x, down_weight, down_bias, up_weight, up_bias, activation, scale, save_h, fixed_config, index, per, residual = inputs
     _, h = output
     ctx.save_for_backward(x, h, down_weight, down_bias, up_weight, up_bias, index)
+    ctx.residual_is_x = residual is None
     ctx.saved_h = save_h
     ctx.activation = activation
     ctx.scale = scale
@@ -188,19 +194,22 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _grad_h: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Gradients for the eleven inputs of ``adapter_forward`` (None for the non-tensor ones, the
-    index, and every input autograd does not ask for)."""
+    """Gradients for the twelve inputs of ``adapter_forward`` (None for the non-tensor ones, the
+    index, and every input autograd does not ask for); a separate residual's gradient is ``grad``."""
     x, h, down_weight, down_bias, up_weight, up_bias, index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    residual_grad = grad if len(need) > 11 and need[11] else None  # (absent when not passed)
+    if not any(need[:5]):  # only a separate residual needs a gradient: nothing to launch
+        return (None,) * 11 + (residual_grad,)
     fixed = torch.are_deterministic_algorithms_enabled()
     if not ctx.saved_h:
         # The forward was asked not to keep h (``fused_adapter`` never does this while an input
         # requires grad): run it again, keeping h. One extra launch, only on this path.
         _, h = adapter_forward(x, down_weight, down_bias, up_weight, up_bias, ctx.activation, ctx.scale, True,
-                               fixed, index, ctx.rows_per_index)
-    need = ctx.needs_input_grad
+                               fixed, index, ctx.rows_per_index, None)
     dx, flat = adapter_backward(
         grad, x, h, down_weight, up_weight, ctx.activation, ctx.scale,
-        need[0], need[1], need[2], need[3], need[4], fixed, index, ctx.rows_per_index,
+        need[0], need[1], need[2], need[3], need[4], fixed, index, ctx.rows_per_index, ctx.residual_is_x,
     )
     kernels = _kernels_module()
     r, d = down_weight.shape[-2:]
@@ -213,6 +222,7 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _grad_h: T
         dx if need[0] else None,
         grads["down_weight"], grads["down_bias"], grads["up_weight"], grads["up_bias"],
         None, None, None, None, None, None,
+        residual_grad,
     )
 
 

@@ -49,11 +49,13 @@ def checked_call(
     activation: str,
     scale: float,
     stacked: bool = False,
-) -> tuple[torch.Tensor, Params, str, float, bool]:
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Params, str, float, bool, torch.Tensor | None]:
     """Validate an adapter call and apply autocast, as ``F.linear`` would: under autocast the
-    parameters are cast to the autocast dtype and x to the type x + that dtype promotes to.
+    parameters are cast to the autocast dtype and x (and the residual) to the type x + that dtype
+    promotes to.
 
-    Returns (x, params, canonical activation, scale, whether the Triton kernels run it).
+    Returns (x, params, canonical activation, scale, whether the Triton kernels run it, residual).
     """
     if torch.compiler.is_compiling() and isinstance(scale, (float, torch.SymFloat)):
         # torch.compile(dynamic=True) turns float attributes such as FusedAdapter.scale into
@@ -61,23 +63,27 @@ def checked_call(
         # (a guard; a changed scale recompiles).
         scale = guard_scalar(scale)
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
-    act, scale_f = check_adapter_args(fn, x, *params, activation, scale, same_dtype=not autocast, stacked=stacked)
+    act, scale_f = check_adapter_args(fn, x, *params, activation, scale, same_dtype=not autocast, stacked=stacked,
+                                      residual=residual)
     if autocast:
         compute = torch.get_autocast_dtype(x.device.type)
         params = tuple(p.to(compute) if p is not None else None for p in params)  # type: ignore[assignment]
         x = x.to(torch.promote_types(x.dtype, compute))
+        residual = residual.to(x.dtype) if residual is not None else None
     use_kernels = params[0].dtype in KERNEL_DTYPES and x.dtype in KERNEL_DTYPES and kernels_available(x.device)
-    return x, params, act, scale_f, use_kernels
+    return x, params, act, scale_f, use_kernels, residual
 
 
 def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,
-                index: torch.Tensor | None = None, rows_per_index: int = 1) -> torch.Tensor:
+                index: torch.Tensor | None = None, rows_per_index: int = 1,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """The registered op on x (..., d) viewed as (M, d); h is kept only when autograd needs it."""
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     fixed = torch.are_deterministic_algorithms_enabled()
+    d = x.shape[-1]
     with torch.autocast(x.device.type, enabled=False):
-        y, _ = adapter_forward(x.reshape(-1, x.shape[-1]), *params, activation, scale, save_h, fixed,
-                               index, rows_per_index)
+        y, _ = adapter_forward(x.reshape(-1, d), *params, activation, scale, save_h, fixed, index, rows_per_index,
+                               residual.reshape(-1, d) if residual is not None else None)
     return y.view(x.shape)
 
 
@@ -89,9 +95,13 @@ def fused_adapter(
     up_bias: torch.Tensor | None,
     activation: str = "relu",
     scale: float = 1.0,
+    *,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A bottleneck adapter in one fused pass:
-    ``y = x + scale * (act(x @ down_weight.T + down_bias) @ up_weight.T + up_bias)``.
+    ``y = x + scale * (act(x @ down_weight.T + down_bias) @ up_weight.T + up_bias)``, or with
+    ``residual`` (shaped like x) ``y = residual + scale * (...)`` (for placements whose residual is
+    not the adapter's input), still one pass.
 
     Shapes (nn.Linear layout): x (..., d) with any leading dims and strides; down_weight (r, d);
     down_bias (r,) or None; up_weight (d, r); up_bias (d,) or None. Returns a contiguous tensor
@@ -101,9 +111,9 @@ def fused_adapter(
 
     Raises TypeError/ValueError naming the offending argument before anything is launched.
     """
-    x, params, act, scale_f, use_kernels = checked_call(
-        "fused_adapter", x, (down_weight, down_bias, up_weight, up_bias), activation, scale)
+    x, params, act, scale_f, use_kernels, residual = checked_call(
+        "fused_adapter", x, (down_weight, down_bias, up_weight, up_bias), activation, scale, residual=residual)
     if not use_kernels:
         with torch.autocast(x.device.type, enabled=False):
-            return reference_adapter(x, *params, act, scale_f)
-    return run_kernels(x, params, act, scale_f)
+            return reference_adapter(x, *params, act, scale_f, residual=residual)
+    return run_kernels(x, params, act, scale_f, residual=residual)

@@ -17,8 +17,11 @@ def reference_adapter(
     up_bias: torch.Tensor | None,
     activation: str = "relu",
     scale: float = 1.0,
+    *,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x + scale * (act(x @ down_weight.T + down_bias) @ up_weight.T + up_bias)`` with eager ops.
+    """``x + scale * (act(x @ down_weight.T + down_bias) @ up_weight.T + up_bias)`` with eager ops
+    (``residual + ...`` when a residual shaped like x is given).
 
     Shapes: x (..., d); down_weight (r, d); down_bias (r,) or None; up_weight (d, r);
     up_bias (d,) or None. Returns a tensor shaped like x. Differentiable by autograd, any float dtype,
@@ -26,10 +29,10 @@ def reference_adapter(
     """
     act, scale_f = check_adapter_args(
         "reference_adapter", x, down_weight, down_bias, up_weight, up_bias, activation, scale,
-        same_dtype=not torch.is_autocast_enabled(x.device.type),
+        same_dtype=not torch.is_autocast_enabled(x.device.type), residual=residual,
     )
     hidden = ACTIVATIONS[act](F.linear(x, down_weight, down_bias))
-    return x + scale_f * F.linear(hidden, up_weight, up_bias)
+    return (x if residual is None else residual) + scale_f * F.linear(hidden, up_weight, up_bias)
 
 
 def reference_adapter_grouped(
@@ -41,21 +44,24 @@ def reference_adapter_grouped(
     up_bias: torch.Tensor | None,
     activation: str = "relu",
     scale: float = 1.0,
+    *,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grouped adapter with eager ops, one adapter at a time: row m of x (..., d) goes through
-    adapter ``index`` (-1: unchanged). Parameters stacked over n adapters: down_weight (n, r, d),
+    adapter ``index`` (-1: unchanged; the residual's row when a residual shaped like x is given). Parameters stacked over n adapters: down_weight (n, r, d),
     down_bias (n, r) or None, up_weight (n, d, r), up_bias (n, d) or None. ``index`` has shape
     x.shape[:-1] (per token) or (x.shape[0],) (per sequence); its values are not checked here.
     """
     d = x.shape[-1]
     rows = index.reshape(-1) if index.shape == x.shape[:-1] else index.repeat_interleave(math.prod(x.shape[1:-1]))
     flat = x.reshape(-1, d)
-    out = flat.clone()
+    res = flat if residual is None else residual.reshape(-1, d)
+    out = res.clone()
     for k in range(down_weight.shape[0]):
         sel = rows == k
         if bool(sel.any()):
             out[sel] = reference_adapter(
                 flat[sel], down_weight[k], None if down_bias is None else down_bias[k],
-                up_weight[k], None if up_bias is None else up_bias[k], activation, scale,
+                up_weight[k], None if up_bias is None else up_bias[k], activation, scale, residual=res[sel],
             )
     return out.view(x.shape)

@@ -20,12 +20,14 @@ def check_adapter_args(
     scale: object,
     same_dtype: bool = True,
     stacked: bool = False,
+    residual: object = None,
 ) -> tuple[str, float]:
     """Validate an adapter call; return (canonical activation name, scale as float).
 
     ``same_dtype=False`` (autocast) lets x and the parameters differ in floating dtype, as
     ``F.linear`` does under autocast; everything else is checked the same way. ``stacked``: the
     parameters hold n adapters along a leading dimension (down_weight (n, r, d), and so on).
+    ``residual``, when given, must be a tensor shaped like x, on its device, in its dtype.
     """
     given = {"x": x, "down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight, "up_bias": up_bias}
     tensors: dict[str, torch.Tensor] = {}
@@ -59,6 +61,12 @@ def check_adapter_args(
         if name in tensors and tuple(tensors[name].shape) != shape:
             raise ValueError(f"{fn}: {name} must have shape {labels[name]} = {shape}, got {tuple(tensors[name].shape)}")
 
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{fn}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x_t.shape:
+            raise ValueError(f"{fn}: residual must have the shape of x {tuple(x_t.shape)}, got {tuple(residual.shape)}")
+        tensors["residual"] = residual
     for name, t in tensors.items():
         if t.device != x_t.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x_t.device}; put them on one device")

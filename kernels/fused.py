@@ -3,12 +3,14 @@ without the r-wide block leaving registers.
 
 Forward (one launch):
     h   = x @ W_down^T + b_down                (K-loop over d, fp32 accumulator BLOCK_M x R_PAD)
-    y   = x + scale * (act(h) @ W_up^T + b_up)  (N-loop over d; x re-read, normally from L2)
+    y   = res + scale * (act(h) @ W_up^T + b_up)  (N-loop over d; res is x, re-read normally from L2,
+                                                 or a residual the caller gives)
     h is stored (fp32, rows x r) only when autograd will need it.
 
 Backward, input-gradient half (the same kernel with BACKWARD=True):
     g_h = act'(h) * (scale * g @ W_up)          (K-loop over d)
-    dx  = g + g_h @ W_down                      (N-loop over d)
+    dx  = g + g_h @ W_down                      (N-loop over d; without the g term when the residual
+                                                 was not x: its gradient is g itself)
     g_h is stored (fp32, rows x r) when weight gradients are needed; dx only when x needs one.
 
 Each program owns BLOCK_M rows; the r-wide block is padded to R_PAD with zero columns.
@@ -40,10 +42,11 @@ def fused_rows_kernel(
     w2_ptr, stride_w2a, stride_w2n, stride_w2r,  # (D, R) view: W_up (forward) or W_down^T (backward)
     b2_ptr, stride_b2a,                   # b_up (forward only)
     out_ptr, stride_om, stride_on,        # out: y (forward) or dx (backward): (M, D)
+    res_ptr, stride_rm, stride_rn,        # residual added to out: x or a given residual (forward), g (backward)
     idx_ptr, stride_idx, rows_per_index, n_adapters,  # grouped only: adapter index per row block
     M, D, R, scale, rows_bucket,
     ACT: tl.constexpr, BACKWARD: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    STORE_MID: tl.constexpr, STORE_OUT: tl.constexpr, GROUPED: tl.constexpr,
+    STORE_MID: tl.constexpr, STORE_OUT: tl.constexpr, ADD_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -61,7 +64,8 @@ def fused_rows_kernel(
             if STORE_OUT:
                 for n0 in range(0, D, BLOCK_N):
                     ns = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-                    copy_rows(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, rows, skip, ns, D)
+                    copy_rows(out_ptr, stride_om, stride_on, res_ptr, stride_rm, stride_rn, rows, skip, ns, D,
+                              ADD_RESIDUAL)
 
     for k in range(lo, hi + 1):
         sel = in_range & (idx == k)
@@ -86,8 +90,9 @@ def fused_rows_kernel(
                     ns = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
                     w2_t = load_tile(w2_k, rcols, ns, stride_w2r, stride_w2n, rcols < R, ns < D)
                     up = tl.dot(a, dot_operand(w2_t, w2_t.dtype, DOT_F32), input_precision=PRECISION)
-                    store_residual(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk,
-                                   b2_ptr + adapter * stride_b2a, rows, sel, ns, D, up, out_scale, HAS_B2)
+                    store_residual(out_ptr, stride_om, stride_on, res_ptr, stride_rm, stride_rn,
+                                   b2_ptr + adapter * stride_b2a, rows, sel, ns, D, up, out_scale, HAS_B2,
+                                   ADD_RESIDUAL)
 
 
 fused_rows_tuned = triton.autotune(

@@ -93,9 +93,11 @@ def adapter_forward(
     fixed_config: bool = False,
     index: torch.Tensor | None = None,
     rows_per_index: int = 1,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y = x + scale * (act(x @ down_weight^T + down_bias) @ up_weight^T + up_bias), per row's
-    adapter when ``index`` is given.
+    """y = res + scale * (act(x @ down_weight^T + down_bias) @ up_weight^T + up_bias), per row's
+    adapter when ``index`` is given; res is ``residual`` (M, D) when given, else x. Rows with index
+    -1 get res.
 
     Returns y (M, D) contiguous in x's dtype, and h (M, R) fp32 when ``save_h`` (else None).
     The dots run in the weights' dtype (x is rounded to it), accumulating in fp32; the residual is
@@ -112,15 +114,16 @@ def adapter_forward(
     common = dict(GROUPED=index is not None, DOT_F32=dot_f32, PRECISION=precision, fixed_config=fixed_config)
     down, down_b, up, up_b = _matrix(down_weight), _vector(down_bias, down_weight), _matrix(up_weight), _vector(up_bias, up_weight)
     idx = _index_args(index, rows_per_index, x, n)
+    res = residual if residual is not None else x
     r_pad = padded_rank(R)
     if r_pad <= MAX_FUSED_R:
         _launch(
             fused_rows_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
             x, x.stride(0), x.stride(1), *down, *down_b, y, 0, h if h is not None else y, R, *up, *up_b,
-            y, y.stride(0), y.stride(1), *idx,
+            y, y.stride(0), y.stride(1), res, res.stride(0), res.stride(1), *idx,
             M, D, R, scale, rows_bucket(M),
             ACT=activation, BACKWARD=False, HAS_B1=down_bias is not None, HAS_B2=up_bias is not None,
-            STORE_MID=save_h, STORE_OUT=True, R_PAD=r_pad, **common,
+            STORE_MID=save_h, STORE_OUT=True, ADD_RESIDUAL=True, R_PAD=r_pad, **common,
         )
         return y, h
     mid = h if h is not None else torch.empty((M, R), dtype=torch.float32, device=x.device)
@@ -132,9 +135,9 @@ def adapter_forward(
     )
     _launch(
         expand_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_N"])),
-        x, x.stride(0), x.stride(1), mid, mid.stride(0), *up, *up_b, y, y.stride(0), y.stride(1), *idx,
+        res, res.stride(0), res.stride(1), mid, mid.stride(0), *up, *up_b, y, y.stride(0), y.stride(1), *idx,
         M, D, R, scale, rows_bucket(M),
-        ACT=activation, APPLY_ACT=True, HAS_B2=up_bias is not None, **common,
+        ACT=activation, APPLY_ACT=True, HAS_B2=up_bias is not None, ADD_RESIDUAL=True, **common,
     )
     return y, h
 
@@ -170,13 +173,15 @@ def adapter_backward_packed(
     row_groups: int | None = None,
     index: torch.Tensor | None = None,
     rows_per_index: int = 1,
+    residual_is_x: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dx (M, D) in x's dtype or None, the parameter gradients in one flat buffer in the weights'
     dtype laid out as ``weight_grad_layout`` says, or None when no parameter needs one). Slots of
     gradients not asked for hold unspecified values.
 
     ``row_groups`` overrides how many row groups the weight-gradient reduction uses (one-pass
-    path only; the wide path always uses one).
+    path only; the wide path always uses one). ``residual_is_x=False`` (the forward was given a
+    separate residual): dx leaves out the residual's share, g, which is that residual's gradient.
     """
     M, D = grad.shape
     R = down_weight.shape[-2]
@@ -201,10 +206,10 @@ def adapter_backward_packed(
             _launch(
                 fused_rows_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
                 grad, grad.stride(0), grad.stride(1), *up_t, *no_bias, h, h.stride(0), mid, R, *down_t, *no_bias,
-                out, out.stride(0), out.stride(1), *idx,
+                out, out.stride(0), out.stride(1), grad, grad.stride(0), grad.stride(1), *idx,
                 M, D, R, scale, rows_bucket(M),
                 ACT=activation, BACKWARD=True, HAS_B1=False, HAS_B2=False,
-                STORE_MID=need_gh, STORE_OUT=need_x, R_PAD=r_pad, **common,
+                STORE_MID=need_gh, STORE_OUT=need_x, ADD_RESIDUAL=residual_is_x, R_PAD=r_pad, **common,
             )
         else:
             assert gh is not None
@@ -220,7 +225,7 @@ def adapter_backward_packed(
                     grad, grad.stride(0), grad.stride(1), gh, gh.stride(0), *down_t, *no_bias,
                     out, out.stride(0), out.stride(1), *idx,
                     M, D, R, 1.0, rows_bucket(M),
-                    ACT=activation, APPLY_ACT=False, HAS_B2=False, **common,
+                    ACT=activation, APPLY_ACT=False, HAS_B2=False, ADD_RESIDUAL=residual_is_x, **common,
                 )
     if not (need_gh or need_up_weight or need_up_bias):
         return dx, None
@@ -284,6 +289,7 @@ def adapter_backward(
     row_groups: int | None = None,
     index: torch.Tensor | None = None,
     rows_per_index: int = 1,
+    residual_is_x: bool = True,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of the adapter, each only when asked for (None otherwise):
     (dx (M, D) in x's dtype, d_down_weight, d_down_bias, d_up_weight, d_up_bias), the weight and
@@ -296,6 +302,7 @@ def adapter_backward(
         grad, x, h, down_weight, up_weight, activation, scale, need_x=need_x, need_down_weight=need_down_weight,
         need_down_bias=need_down_bias, need_up_weight=need_up_weight, need_up_bias=need_up_bias,
         fixed_config=fixed_config, row_groups=row_groups, index=index, rows_per_index=rows_per_index,
+        residual_is_x=residual_is_x,
     )
     n = down_weight.shape[0] if index is not None else 1
     layout = weight_grad_layout(n, grad.shape[1], down_weight.shape[-2], index is not None)

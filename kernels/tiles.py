@@ -117,23 +117,31 @@ def store_mid(mid_ptr, stride_mid, rows, row_ok, rcols, R, mid):
 
 
 @triton.jit
-def store_residual(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, bias_ptr,
-                   rows, row_ok, ns, N, acc, out_scale, HAS_BIAS: tl.constexpr):
-    """out[rows, ns] = src[rows, ns] + out_scale * (acc + bias[ns]), added in fp32, rows in ``row_ok``."""
+def store_residual(out_ptr, stride_om, stride_on, res_ptr, stride_rm, stride_rn, bias_ptr,
+                   rows, row_ok, ns, N, acc, out_scale, HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """out[rows, ns] = res[rows, ns] + out_scale * (acc + bias[ns]), added in fp32, rows in ``row_ok``
+    (without ADD_RESIDUAL the ``res`` term is left out)."""
     n_ok = ns < N
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    src = load_tile(src_ptr, rows, ns, stride_sm, stride_sk, row_ok, n_ok).to(tl.float32)
-    out = src + out_scale * acc
+    out = out_scale * acc
+    if ADD_RESIDUAL:
+        out += load_tile(res_ptr, rows, ns, stride_rm, stride_rn, row_ok, n_ok).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_om + ns[None, :] * stride_on,
              cast(out, out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def copy_rows(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, rows, row_ok, ns, N):
-    """out[rows, ns] = src[rows, ns] for rows in ``row_ok`` (rows that no adapter touches)."""
+def copy_rows(out_ptr, stride_om, stride_on, res_ptr, stride_rm, stride_rn, rows, row_ok, ns, N,
+              ADD_RESIDUAL: tl.constexpr):
+    """out[rows, ns] = res[rows, ns] (zero without ADD_RESIDUAL) for rows in ``row_ok``: the rows
+    that no adapter touches."""
     n_ok = ns < N
-    src = load_tile(src_ptr, rows, ns, stride_sm, stride_sk, row_ok, n_ok)
+    mask = row_ok[:, None] & n_ok[None, :]
+    if ADD_RESIDUAL:
+        value = load_tile(res_ptr, rows, ns, stride_rm, stride_rn, row_ok, n_ok)
+    else:
+        value = tl.zeros((rows.shape[0], ns.shape[0]), dtype=tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_om + ns[None, :] * stride_on,
-             cast(src, out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+             cast(value, out_ptr.dtype.element_ty), mask=mask)

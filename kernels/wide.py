@@ -3,9 +3,9 @@
 project_kernel, grid (row tiles, r tiles):
     forward:  h   = x @ W_down^T + b_down             stored fp32 (M, R)
     backward: g_h = act'(h) * (scale * g @ W_up)       stored fp32 (M, R)
-expand_kernel, grid (row tiles, d tiles), K-loop over r:
-    forward:  y  = x + scale * (act(h) @ W_up^T + b_up)
-    backward: dx = g + g_h @ W_down
+expand_kernel, grid (row tiles, d tiles), K-loop over r (``src`` is only the residual here):
+    forward:  y  = res + scale * (act(h) @ W_up^T + b_up)     (res: x or a given residual)
+    backward: dx = g + g_h @ W_down                          (no g term when the residual was not x)
 
 The same operand views and the same grouped mode as the one-pass kernel (see fused.py); the middle
 block goes through HBM once, which beats a one-pass kernel that would spill it.
@@ -62,7 +62,8 @@ def expand_kernel(
     out_ptr, stride_om, stride_on,
     idx_ptr, stride_idx, rows_per_index, n_adapters,
     M, D, R, out_scale, rows_bucket,
-    ACT: tl.constexpr, APPLY_ACT: tl.constexpr, HAS_B2: tl.constexpr, GROUPED: tl.constexpr,
+    ACT: tl.constexpr, APPLY_ACT: tl.constexpr, HAS_B2: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    GROUPED: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -74,7 +75,8 @@ def expand_kernel(
     n_ok = ns < D
     idx, lo, hi = tile_adapters(idx_ptr, stride_idx, rows_per_index, rows, in_range, n_adapters, GROUPED)
     if GROUPED:
-        copy_rows(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, rows, in_range & (idx < 0), ns, D)
+        copy_rows(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, rows, in_range & (idx < 0), ns, D,
+                  ADD_RESIDUAL)
     for k in range(lo, hi + 1):
         sel = in_range & (idx == k)
         if any_true(sel):
@@ -91,7 +93,7 @@ def expand_kernel(
                 acc = tl.dot(dot_operand(a, w2_t.dtype, DOT_F32), dot_operand(w2_t, w2_t.dtype, DOT_F32),
                              acc, input_precision=PRECISION)
             store_residual(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, b2_ptr + adapter * stride_b2a,
-                           rows, sel, ns, D, acc, out_scale, HAS_B2)
+                           rows, sel, ns, D, acc, out_scale, HAS_B2, ADD_RESIDUAL)
 
 
 project_tuned = triton.autotune(

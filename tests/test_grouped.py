@@ -147,3 +147,20 @@ def test_random_banks(n: int, rows: int, d: int, r: int, dtype: torch.dtype, act
     inputs = make_bank(n, (rows,), d, r, dtype, seed=seed)
     index = torch.randint(-1, n, (rows,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     check(inputs, index, activation, 0.9, dtype, seed=seed)
+
+
+def test_separate_residual_and_skipped_rows() -> None:
+    inputs = make_bank(3, (4, 5), 40, 16, torch.float32, seed=9)
+    index = torch.tensor([2, -1, 0, 2], device=DEVICE)
+    residual = torch.randn(4, 5, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grad = torch.randn(4, 5, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in (*inputs, residual)]  # type: ignore[union-attr]
+    y = fused_adapter_grouped(leaves[0], index, *leaves[1:5], "silu", 0.6, residual=leaves[5])
+    y.backward(grad)
+    truth = [t.detach().double().requires_grad_() for t in (*inputs, residual)]  # type: ignore[union-attr]
+    y64 = reference_adapter_grouped(truth[0], index, *truth[1:5], "silu", 0.6, residual=truth[5])
+    y64.backward(grad.double())
+    assert torch.equal(y[1], residual[1])  # no adapter: the residual passes through
+    assert_matches(y.detach(), y64.detach(), torch.float32, "y")
+    for name, a, b in zip([*NAMES, "residual"], leaves, truth):
+        assert_matches(a.grad, b.grad, torch.float32, f"d{name}")  # type: ignore[arg-type]

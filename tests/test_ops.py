@@ -324,3 +324,39 @@ def test_gpu_fp32_is_ieee_unless_tf32_allowed() -> None:
     assert relative_error(ieee, y_true) <= 1e-5
     assert relative_error(tf32, y_true) <= 5e-3
     assert not torch.equal(ieee, tf32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [24, 264], ids=["one-pass", "wide"])
+def test_separate_residual(r: int, dtype: torch.dtype, launches) -> None:  # type: ignore[no-untyped-def]
+    """y = residual + scale * f(x) in the same launches; the residual's gradient is the upstream one."""
+    p = make_problem((3, 7), 40, r, dtype, DEVICE, seed=13)
+    residual = torch.randn(p.x.shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in (*p.inputs, residual)]  # type: ignore[union-attr]
+    launches.clear()
+    y = fused_adapter(*leaves[:5], "gelu", 0.7, residual=leaves[5])
+    assert len(launches) == (1 if r == 24 else 2)
+    y.backward(p.grad)
+    truth = [t.detach().double().requires_grad_() for t in (*p.inputs, residual)]  # type: ignore[union-attr]
+    y64 = reference_adapter(*truth[:5], "gelu", 0.7, residual=truth[5])
+    y64.backward(p.grad.double())
+    assert_matches(y.detach(), y64.detach(), dtype, "y")
+    for name, a, b in zip([*NAMES, "residual"], leaves, truth):
+        assert_matches(a.grad, b.grad, dtype, f"d{name}")  # type: ignore[arg-type]
+
+
+def test_residual_alone_needs_no_backward_launch(launches) -> None:  # type: ignore[no-untyped-def]
+    p = make_problem((5,), 32, 8, torch.float32, DEVICE)
+    residual = torch.randn(5, 32, device=DEVICE, requires_grad=True)
+    y = fused_adapter(*p.inputs, "relu", 1.0, residual=residual)
+    launches.clear()
+    y.backward(p.grad)
+    assert len(launches) == 0 and torch.equal(residual.grad, p.grad)  # type: ignore[arg-type]
+
+
+def test_bad_residual() -> None:
+    p = make_problem((5,), 32, 8, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match=r"residual must have the shape of x \(5, 32\)"):
+        fused_adapter(*p.inputs, residual=p.x[:4])
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        fused_adapter(*p.inputs, residual=p.x.half())

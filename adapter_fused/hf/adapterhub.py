@@ -3,8 +3,8 @@
 kernel.
 
 AdapterHub's sequential bottleneck adapter maps an input ``z`` and a residual ``r`` (both (..., d)) to
-``r + s * up(act(down(z)))``; the fused kernel computes ``z + s * up(act(down(z)))``, so where ``r`` is
-not ``z`` the difference ``r - z`` is added. Its parallel adapter returns ``s * up(act(down(z)))``.
+``r + s * up(act(down(z)))``: the fused kernel takes ``r`` as its residual, in the same pass. Its parallel
+adapter returns ``s * up(act(down(z)))`` (the kernel's output less ``z``).
 """
 
 from __future__ import annotations
@@ -199,12 +199,11 @@ def _fused_forward(adapter: nn.Module, activation: str, parallel: bool, fusion_l
         """x, residual_input (..., d) -> (output (..., d), None, None); AdapterFusion runs the original."""
         if len(fusion_layers) > 0:
             return original(x, residual_input, output_gating)
-        y = fused_adapter(x, linear_down.weight, linear_down.bias, linear_up.weight, linear_up.bias, activation, scale)
+        params = (linear_down.weight, linear_down.bias, linear_up.weight, linear_up.bias)
         if parallel:
-            return y - x, None, None
-        if residual_input is None or residual_input is x:
-            return y, None, None
-        return y + (residual_input - x), None, None
+            return fused_adapter(x, *params, activation, scale) - x, None, None
+        residual = None if residual_input is None or residual_input is x else residual_input
+        return fused_adapter(x, *params, activation, scale, residual=residual), None, None
 
     return types.MethodType(forward, adapter)
 

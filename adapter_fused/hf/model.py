@@ -24,8 +24,9 @@ MODULE_NAME = "fused_adapters"
 STATE_NAME = "_fused_adapter_state"
 
 
-SiteAdapter = Callable[[torch.Tensor], torch.Tensor]
-"""What runs at a site: a FusedAdapter, or a per-sample bank (see ``multitask``)."""
+SiteAdapter = Callable[..., torch.Tensor]
+"""What runs at a site, called as ``adapter(z, residual=None)``: a FusedAdapter, or a per-sample bank
+(see ``multitask``)."""
 
 
 def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x: torch.Tensor | None,
@@ -33,8 +34,8 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
     """The new sub-block output ``h'`` of one site, so that the layer's own ``LN(h' + x)`` (or
     ``h' + x``) equals the adapted site; see ``Placement``. h, x: (..., d) -> (..., d).
 
-    The kernel computes ``z + s * f(z)`` for the adapter input ``z``; where the adapter's residual is
-    not ``z`` the difference is added afterwards.
+    The kernel computes ``residual + s * f(z)`` for the adapter input ``z`` in one pass, the
+    residual being ``z`` itself unless the placement says otherwise.
     """
     if placement.parallel or placement.original_ln_before:
         if x is None:
@@ -48,8 +49,7 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
             residual = h if before is True else (z if before is False else total)
     else:
         z = residual = h
-    y = adapter(z)
-    return y if residual is z else y + (residual - z)
+    return adapter(z) if residual is z else adapter(z, residual=residual)
 
 
 class _Site:

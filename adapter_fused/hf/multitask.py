@@ -33,13 +33,13 @@ class GroupedSite:
         self.activation = activation
         self.scale = scale
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if z.dim() < 2 or z.shape[0] != self.index.shape[0]:
             raise ValueError(f"per_sample_adapters: {self.index.shape[0]} adapter names were given but the hidden "
                              f"states at this site have shape {tuple(z.shape)} (batch first expected)")
         down_w, down_b, up_w, up_b = self.parameters
         return fused_adapter_grouped(z, self.index, down_w, down_b, up_w, up_b, self.activation, self.scale,
-                                     check_index=False)
+                                     check_index=False, residual=residual)
 
 
 @dataclass

@@ -58,7 +58,7 @@ def compile_all() -> list[str]:
         for backward in (False, True):
             build(fused_rows_kernel, {"default": dtype, **fp32_mid},
                   dict(ACT=next(act), BACKWARD=backward, HAS_B1=not backward, HAS_B2=not backward, STORE_MID=True,
-                       STORE_OUT=True, GROUPED=backward, DOT_F32=False, PRECISION=precision, R_PAD=256 if backward else 32,
+                       STORE_OUT=True, ADD_RESIDUAL=not backward, GROUPED=backward, DOT_F32=False, PRECISION=precision, R_PAD=256 if backward else 32,
                        BLOCK_M=64 if backward else 128, BLOCK_K=64, BLOCK_N=64), num_warps=8, num_stages=2)
         build(weight_grad_kernel, {"default": dtype, **fp32_mid, "out_ptr": "*fp32"},
               dict(ACT=next(act), NEED_DWU=True, NEED_DBU=True, NEED_DWD=True, NEED_DBD=True,
@@ -68,7 +68,7 @@ def compile_all() -> list[str]:
           dict(ACT=next(act), BACKWARD=True, HAS_B1=False, GROUPED=True, DOT_F32=False, PRECISION="ieee",
                BLOCK_M=128, BLOCK_R=128, BLOCK_K=64), num_warps=8, num_stages=3)
     build(expand_kernel, {"default": "*bf16", **fp32_mid},
-          dict(ACT=next(act), APPLY_ACT=True, HAS_B2=True, GROUPED=False, DOT_F32=False, PRECISION="ieee",
+          dict(ACT=next(act), APPLY_ACT=True, HAS_B2=True, ADD_RESIDUAL=True, GROUPED=False, DOT_F32=False, PRECISION="ieee",
                BLOCK_M=128, BLOCK_N=128, BLOCK_R=64), num_warps=8, num_stages=3)
     build(reduce_groups_kernel, {"default": "*fp32", "out_ptr": "*bf16"}, dict(BLOCK=1024), num_warps=4)
     return done
