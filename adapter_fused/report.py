@@ -124,9 +124,13 @@ def _table(results: list[dict[str, Any]], timing_label: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m adapter_fused``; returns the process exit code."""
     on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     args = _parse(argv, on_gpu)
+    if not on_gpu and "TRITON_INTERPRET" not in os.environ:
+        # Triton decides interpretation when its modules are imported, and importing this package
+        # already imported them: start again with the interpreter switched on.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        forwarded = list(argv) if argv is not None else sys.argv[1:]
+        os.execve(sys.executable, [sys.executable, "-m", "adapter_fused", *forwarded], env)
     from .ops import kernels_available
 
     device = torch.device("cuda" if on_gpu else "cpu")
