@@ -1,8 +1,9 @@
 """The fused adapter op: dispatch and autocast around the registered torch operators.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels in Triton's
-interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were first imported, and the
-reference otherwise. float64 (and any dtype or device the kernels do not cover) runs the reference.
+interpreter when ``TRITON_INTERPRET=1`` was set before Triton was first imported (importing this
+package imports it), and the reference otherwise. float64 (and any dtype or device the kernels do
+not cover) runs the reference.
 
 The kernels are reached through ``torch.ops.adapter_fused.adapter_forward`` (and its registered
 backward, ``adapter_backward``; see ``library.py``), so torch.compile traces ``fused_adapter``

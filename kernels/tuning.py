@@ -2,7 +2,8 @@
 fixed configuration used when PyTorch asks for deterministic algorithms.
 
 Whether Triton runs in its CPU interpreter is decided when this package is imported, as Triton
-itself decides when a ``@triton.jit`` function is defined: set ``TRITON_INTERPRET=1`` first.
+itself decides when its own modules and each ``@triton.jit`` function are defined: set
+``TRITON_INTERPRET=1`` before anything imports triton.
 """
 
 import os
