@@ -1,8 +1,9 @@
 """Train a fused adapter with transformers.Trainer, save it, reload it into a fresh model.
 
 A small BERT is built from a config (no downloads) and saved as the "pretrained" base model. The
-synthetic task: classify a random token sequence by whether most of its tokens come from the upper
-half of the vocabulary. Only the adapter is trained; the base model and its head stay frozen.
+synthetic task: classify a random token sequence by whether its first token comes from the upper
+half of the vocabulary (the classifier reads the first position). Only the adapter and the classification head train; the base model stays
+frozen.
 
     python examples/train_adapter.py --steps 200 --output-dir /tmp/adapter-demo
 """
@@ -30,11 +31,11 @@ VOCAB = 128
 
 
 def synthetic_dataset(size: int, length: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Examples {input_ids (length,), attention_mask (length,), labels ()}; label 1 when more than
-    half of the tokens are >= VOCAB // 2."""
+    """Examples {input_ids (length,), attention_mask (length,), labels ()}; label 1 when the first
+    token is >= VOCAB // 2."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (size, length), generator=generator)
-    labels = ((ids >= VOCAB // 2).sum(dim=1) > length // 2).long()
+    labels = (ids[:, 0] >= VOCAB // 2).long()
     return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels)]
 
 
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = BertForSequenceClassification.from_pretrained(out / "base")
     add_adapter(model, "task", AdapterConfig(args.config, reduction_factor=args.reduction_factor))
     train_adapter(model, "task")
+    # The task head is new too: train it with the adapter (as AdapterHub does with prediction heads)
+    # and keep it beside the adapter's files.
+    for parameter in model.classifier.parameters():
+        parameter.requires_grad_(True)
     print(adapter_summary(model))
 
     train, test = synthetic_dataset(args.train_size, 16, args.seed + 1), synthetic_dataset(64, 16, args.seed + 2)
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = Trainer(model=model, args=training, train_dataset=train).train()
 
     save_adapter(model, "task", out / "adapter")
+    torch.save(model.classifier.state_dict(), out / "adapter" / "head.pt")
     model.eval()
     batch = {k: torch.stack([example[k] for example in test]) for k in ("input_ids", "attention_mask")}
     labels = torch.stack([example["labels"] for example in test])
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     fresh = BertForSequenceClassification.from_pretrained(out / "base").eval()
     name = load_adapter(fresh, out / "adapter")
+    fresh.classifier.load_state_dict(torch.load(out / "adapter" / "head.pt", weights_only=True))
     set_active_adapters(fresh, name)
     with torch.no_grad():
         reloaded = fresh(**batch).logits
