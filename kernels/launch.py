@@ -279,32 +279,17 @@ def adapter_backward(
     up_weight: torch.Tensor,
     activation: int,
     scale: float,
-    *,
-    need_x: bool,
-    need_down_weight: bool,
-    need_down_bias: bool,
-    need_up_weight: bool,
-    need_up_bias: bool,
-    fixed_config: bool = False,
-    row_groups: int | None = None,
-    index: torch.Tensor | None = None,
-    rows_per_index: int = 1,
-    residual_is_x: bool = True,
+    **options: Any,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of the adapter, each only when asked for (None otherwise):
     (dx (M, D) in x's dtype, d_down_weight, d_down_bias, d_up_weight, d_up_bias), the weight and
-    bias gradients shaped like the weights (stacked when ``index`` is given) in the weights' dtype.
-    Arguments as for ``adapter_backward_packed``.
+    bias gradients shaped like the weights (stacked when an ``index`` is given) in the weights'
+    dtype. Keyword options (the ``need_*`` flags among them) as for ``adapter_backward_packed``.
     """
-    wanted = dict(up_weight=need_up_weight, down_weight=need_down_weight, up_bias=need_up_bias,
-                  down_bias=need_down_bias)
-    dx, flat = adapter_backward_packed(
-        grad, x, h, down_weight, up_weight, activation, scale, need_x=need_x, need_down_weight=need_down_weight,
-        need_down_bias=need_down_bias, need_up_weight=need_up_weight, need_up_bias=need_up_bias,
-        fixed_config=fixed_config, row_groups=row_groups, index=index, rows_per_index=rows_per_index,
-        residual_is_x=residual_is_x,
-    )
-    n = down_weight.shape[0] if index is not None else 1
-    layout = weight_grad_layout(n, grad.shape[1], down_weight.shape[-2], index is not None)
+    dx, flat = adapter_backward_packed(grad, x, h, down_weight, up_weight, activation, scale, **options)
+    grouped = options.get("index") is not None
+    n = down_weight.shape[0] if grouped else 1
+    layout = weight_grad_layout(n, grad.shape[1], down_weight.shape[-2], grouped)
+    wanted = {name: options[f"need_{name}"] for name in layout}
     grads = unpack_weight_grads(flat, layout, wanted)
     return dx, grads["down_weight"], grads["down_bias"], grads["up_weight"], grads["up_bias"]
