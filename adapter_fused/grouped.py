@@ -63,8 +63,9 @@ def fused_adapter_grouped(
     x.shape[:-1] (one adapter per token) or (x.shape[0],) (one per sequence); -1 leaves the row
     unchanged. Row m of the result is ``x[m] + scale * (act(x[m] @ W_down[k].T + b_down[k]) @
     W_up[k].T + b_up[k])`` with k its index (``residual[m]`` in place of ``x[m]`` when a residual
-    shaped like x is given; rows with index -1 then get ``residual[m]``). Differentiable in x and every parameter; adapter k's
-    gradients come from its rows only. Returns a contiguous tensor shaped like x.
+    shaped like x is given; rows with index -1 then get ``residual[m]``). Differentiable in x and
+    every parameter; adapter k's gradients come from its rows only. Returns a contiguous tensor
+    shaped like x.
 
     ``check_index`` reads the index values to refuse any outside [-1, n) before launching (a device
     sync); turn it off only for an index built correct by construction (e.g. inside a CUDA graph).

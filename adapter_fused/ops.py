@@ -10,8 +10,6 @@ backward, ``adapter_backward``; see ``library.py``), so torch.compile traces ``f
 without a graph break and CUDA graphs, DDP, FSDP2 and checkpointing see ordinary operators.
 """
 
-from types import ModuleType
-
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
@@ -22,17 +20,12 @@ from .validation import check_adapter_args
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernels() -> ModuleType | None:
-    """The Triton kernels module, imported on first use (None where Triton is not installed)."""
-    return load_kernels()
-
-
 @torch.compiler.assume_constant_result
 def kernels_available(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels (on the GPU or in the interpreter).
 
     Fixed for the life of the process, so torch.compile evaluates it once while tracing."""
-    kernels = _kernels()
+    kernels = load_kernels()
     if kernels is None:
         return False
     if device.type == "cuda":

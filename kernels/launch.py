@@ -100,8 +100,8 @@ def adapter_forward(
     -1 get res.
 
     Returns y (M, D) contiguous in x's dtype, and h (M, R) fp32 when ``save_h`` (else None).
-    The dots run in the weights' dtype (x is rounded to it), accumulating in fp32; the residual is
-    added in fp32 to x as given.
+    The dots run in the weights' dtype (x is rounded to it), accumulating in fp32; the adapter's
+    output is added in fp32 to res as given.
     """
     M, D = x.shape
     R = down_weight.shape[-2]

@@ -97,7 +97,7 @@ def test_inductor_fullgraph_matches_eager(path: str, monkeypatch: pytest.MonkeyP
     """The default backend, forward and backward, on the kernel path (interpreter on CPU) and on the
     reference path (kernels unavailable)."""
     if path == "reference":
-        monkeypatch.setattr(ops_module, "_kernels", lambda: None)
+        monkeypatch.setattr(ops_module, "load_kernels", lambda: None)
     model = AdapterStack(40, 16).to(DEVICE)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(3, 7, 40, generator=gen).to(DEVICE)
