@@ -5,10 +5,18 @@ keyed ``<name>.<layer index>.<site>`` (site ``"attention"`` or ``"ffn"``), each 
 hooks on the layers' existing modules (see ``architectures``) run the active adapter; base modules and
 parameter names are left as they are, and with no active adapter the hooks return nothing, so the
 model computes exactly what it computed before.
+
+One model may be called from many threads at once: what a call needs between hooks (the captured
+block residual, the ``per_sample_adapters`` batch, the adapters of the module being run) is kept
+per thread. ``nn.DataParallel`` replicas share the hooks of the original module but run with their
+own adapters: a hook on the base model records, for the duration of each call, which module's
+``fused_adapters`` the sites read. ``copy.deepcopy`` (and pickling) of a model gives a copy whose
+hooks read the copy's adapters and layers.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +60,16 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
     return adapter(z) if residual is z else adapter(z, residual=residual)
 
 
+class _CallLocal(threading.local):
+    """What one thread's model call carries from hook to hook (a fresh instance per thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch: Any = None  # a multitask.PerSampleBatch while per_sample_adapters is active in this thread
+        self.bound: list[nn.Module] = []  # base modules being called in this thread, innermost last
+        self.residuals: dict[tuple[str, str], torch.Tensor | None] = {}  # (layer, site) -> captured residual
+
+
 class _Site:
     """One adapter site of one layer: captures the block residual, then rewrites the sub-block output."""
 
@@ -61,53 +79,70 @@ class _Site:
         self.name = name
         self.spec = spec
         self.norm = norm
-        self.residual: torch.Tensor | None = None
 
-    def _adapter(self) -> tuple[SiteAdapter, Placement] | None:
-        batch = self.state.batch
+    @property
+    def key(self) -> tuple[str, str]:
+        """(layer index, site name)."""
+        return self.layer, self.name
+
+    def _adapter(self, call: _CallLocal) -> tuple[SiteAdapter, Placement] | None:
+        batch = call.batch
         if batch is not None:
-            grouped = batch.sites.get((self.layer, self.name))
+            grouped = batch.sites.get(self.key)
             return None if grouped is None else (grouped, batch.placement)
-        active = self.state.active
+        state = self.state
+        active = state.active
         if active is None:
             return None
-        adapters = self.state.modules[active]
+        adapters = state.adapters_of_call(call)[active]
         layer = adapters[self.layer] if self.layer in adapters else None
         if layer is None or self.name not in layer:
             return None
-        return layer[self.name], self.state.configs[active].layout  # type: ignore[return-value]
+        return layer[self.name], state.configs[active].layout  # type: ignore[return-value]
 
     def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._adapter() is None:
+        call = self.state.call
+        if self._adapter(call) is None:
             return
         spec = self.spec
         if len(args) > spec.residual_position:
-            self.residual = args[spec.residual_position]
+            residual = args[spec.residual_position]
         else:
-            self.residual = next((kwargs[k] for k in spec.residual_keywords if k in kwargs), None)
+            residual = next((kwargs[k] for k in spec.residual_keywords if k in kwargs), None)
+        call.residuals[self.key] = residual
 
     def apply(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        found = self._adapter()
+        call = self.state.call
+        found = self._adapter(call)
         if found is None:
             return None
         adapter, placement = found
-        x, self.residual = self.residual, None
+        x = call.residuals.pop(self.key, None)
         if isinstance(output, tuple):
             return (site_forward(adapter, placement, output[0], x, self.norm), *output[1:])
         return site_forward(adapter, placement, output, x, self.norm)
 
 
 class _State:
-    """Per-model bookkeeping (a plain object, so it adds no parameters or buffers)."""
+    """Per-model bookkeeping (a plain object, so it adds no parameters or buffers).
 
-    def __init__(self, arch: Architecture, layers: nn.ModuleList, modules: nn.ModuleDict) -> None:
+    ``configs`` and ``active`` are shared by every thread; ``call`` is per thread. Deep copies and
+    pickles get a fresh ``call`` and, through the copy memo, the copy's layers and modules.
+    """
+
+    def __init__(self, arch: Architecture, base: nn.Module, layers: nn.ModuleList, modules: nn.ModuleDict) -> None:
         self.arch = arch
         self.layers = layers
         self.modules = modules
         self.configs: dict[str, AdapterConfig] = {}
         self.active: str | None = None
-        self.batch: Any = None  # a multitask.PerSampleBatch while per_sample_adapters is active
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.call = _CallLocal()
+        self.per_sample_blocks = 0  # per_sample_adapters blocks open in any thread
+        self.lock = threading.Lock()
+        self.handles: list[torch.utils.hooks.RemovableHandle] = [
+            base.register_forward_pre_hook(self.bind, prepend=True),
+            base.register_forward_hook(self.unbind, always_call=True),
+        ]
         for index, layer in enumerate(layers):
             for site_name in SITES:
                 spec = arch.site(site_name)
@@ -118,6 +153,39 @@ class _State:
                 assert residual_module is not None and output_module is not None
                 self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
                 self.handles.append(output_module.register_forward_hook(site.apply))
+
+    def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook of the base model: this thread's sites read ``module``'s adapters until
+        it returns (an ``nn.DataParallel`` replica shares these hooks but holds its own adapters)."""
+        if self.per_sample_blocks and self.call.batch is None and getattr(module, "_is_replica", False):
+            raise RuntimeError("adapter_fused: per_sample_adapters does not reach nn.DataParallel replicas (they run "
+                               "in worker threads on slices of the batch); call the model itself inside the block")
+        self.call.bound.append(module)
+
+    def unbind(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook of the base model (also run when the call raises): undo ``bind``."""
+        bound = self.call.bound
+        if bound and bound[-1] is module:
+            bound.pop()
+
+    def adapters_of_call(self, call: _CallLocal) -> nn.ModuleDict:
+        """The ``fused_adapters`` of the base module this thread is running (its own when none is)."""
+        if call.bound:
+            modules = call.bound[-1]._modules.get(MODULE_NAME)
+            if isinstance(modules, nn.ModuleDict):
+                return modules
+        return self.modules
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["call"], state["lock"]
+        state["per_sample_blocks"] = 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.call = _CallLocal()
+        self.lock = threading.Lock()
 
     def remove_hooks(self) -> None:
         for handle in self.handles:
@@ -136,7 +204,7 @@ def _state(model: nn.Module, create: bool = False) -> _State | None:
         arch, layers = find_architecture(model)
         modules = nn.ModuleDict()
         base.add_module(MODULE_NAME, modules)
-        state = _State(arch, layers, modules)
+        state = _State(arch, base, layers, modules)
         base.__dict__[STATE_NAME] = state
     return state
 

@@ -57,6 +57,10 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
     The adapters named must share a placement, bottleneck, activation and scale. The batch must
     have ``len(names)`` samples along its first dimension. Outputs equal running each sample alone
     with its adapter active. Restores the previous state (active adapter) on exit.
+
+    The block holds for the calls made in the thread that entered it: other threads calling the
+    same model meanwhile run as if it were not there. Activation checkpointing that recomputes the
+    forward in another thread (the autograd engine's device threads on CUDA) does not see it either.
     """
     names = list(names)
     used: list[str] = []
@@ -93,9 +97,14 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
                               for part, kind in (("down", "weight"), ("down", "bias"), ("up", "weight"), ("up", "bias"))]
                 batch.sites[(layer, site)] = GroupedSite(index.to(parameters[0].device), parameters,
                                                          first.resolved_activation, first.scale)
-    previous = state.batch
-    state.batch = batch
+    call = state.call
+    previous = call.batch
+    call.batch = batch
+    with state.lock:
+        state.per_sample_blocks += 1
     try:
         yield
     finally:
-        state.batch = previous
+        call.batch = previous
+        with state.lock:
+            state.per_sample_blocks -= 1
