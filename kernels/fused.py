@@ -36,11 +36,11 @@ from .tuning import FUSED_CONFIGS, PRUNE_FUSED
 def fused_rows_kernel(
     src_ptr, stride_sm, stride_sk,        # x (forward) or g (backward): (M, D)
     w1_ptr, stride_w1a, stride_w1r, stride_w1k,  # (R, D) view: W_down (forward) or W_up^T (backward)
-    b1_ptr, stride_b1a,                   # b_down (forward only)
+    b1_ptr, stride_b1a, stride_b1r,       # b_down (forward only): adapter and element strides
     saved_h_ptr, stride_hm,               # h saved by the forward (backward only), fp32 (M, R)
     mid_ptr, stride_mid,                  # out: h (forward) or g_h (backward), fp32 (M, R)
     w2_ptr, stride_w2a, stride_w2n, stride_w2r,  # (D, R) view: W_up (forward) or W_down^T (backward)
-    b2_ptr, stride_b2a,                   # b_up (forward only)
+    b2_ptr, stride_b2a, stride_b2n,       # b_up (forward only): adapter and element strides
     out_ptr, stride_om, stride_on,        # out: y (forward) or dx (backward): (M, D)
     res_ptr, stride_rm, stride_rn,        # residual added to out: x or a given residual (forward), g (backward)
     idx_ptr, stride_idx, rows_per_index, n_adapters,  # grouped only: adapter index per row block
@@ -73,7 +73,8 @@ def fused_rows_kernel(
             adapter = pid * 0 + k  # int64
             acc = project(src_ptr, stride_sm, stride_sk, w1_ptr + adapter * stride_w1a, stride_w1r, stride_w1k,
                           rows, sel, rcols, D, R, DOT_F32, PRECISION, BLOCK_M, R_PAD, BLOCK_K)
-            mid = middle_epilogue(acc, rows, sel, rcols, R, b1_ptr + adapter * stride_b1a, saved_h_ptr, stride_hm,
+            mid = middle_epilogue(acc, rows, sel, rcols, R, b1_ptr + adapter * stride_b1a, stride_b1r,
+                                  saved_h_ptr, stride_hm,
                                   scale, ACT, BACKWARD, HAS_B1)
             if STORE_MID:
                 store_mid(mid_ptr, stride_mid, rows, sel, rcols, R, mid)
@@ -91,7 +92,7 @@ def fused_rows_kernel(
                     w2_t = load_tile(w2_k, rcols, ns, stride_w2r, stride_w2n, rcols < R, ns < D)
                     up = tl.dot(a, dot_operand(w2_t, w2_t.dtype, DOT_F32), input_precision=PRECISION)
                     store_residual(out_ptr, stride_om, stride_on, res_ptr, stride_rm, stride_rn,
-                                   b2_ptr + adapter * stride_b2a, rows, sel, ns, D, up, out_scale, HAS_B2,
+                                   b2_ptr + adapter * stride_b2a, stride_b2n, rows, sel, ns, D, up, out_scale, HAS_B2,
                                    ADD_RESIDUAL)
 
 

@@ -5,7 +5,8 @@ Shapes (every tensor may have any strides unless said otherwise):
     down_weight  (R, D)     nn.Linear layout            grouped: (n, R, D)
     up_weight    (D, R)     nn.Linear layout            grouped: (n, D, R)
     down_bias    (R,) or None, up_bias (D,) or None     grouped: (n, R), (n, D)
-    h            (M, R)     fp32, contiguous: the pre-activation saved for backward
+    h            (M, R)     fp32: the pre-activation saved for backward (copied first unless its
+                            column stride is 1)
     index        grouped only: integer tensor, row m uses adapter index[m // rows_per_index]
                  (-1: no adapter); 1-D with any stride, values already checked by the caller
 
@@ -68,11 +69,18 @@ def _matrix(w: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, int
     return (w, adapter_stride, cols, rows) if transpose else (w, adapter_stride, rows, cols)
 
 
-def _vector(b: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(tensor, adapter stride) of a bias, 1-D or stacked 2-D; a placeholder when there is none."""
+def _vector(b: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(tensor, adapter stride, element stride) of a bias, 1-D or stacked 2-D; a placeholder when
+    there is none."""
     if b is None:
-        return fallback, 0
-    return b, (b.stride(0) if b.dim() == 2 else 0)
+        return fallback, 0, 0
+    return b, (b.stride(0) if b.dim() == 2 else 0), b.stride(-1)
+
+
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (M, R) with column stride 1, copied only when needed: the kernels read the saved h
+    with a row stride and unit column stride."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _index_args(index: torch.Tensor | None, rows_per_index: int, fallback: torch.Tensor, n: int) -> tuple[Any, ...]:
@@ -194,6 +202,7 @@ def adapter_backward_packed(
     common = dict(GROUPED=index is not None, DOT_F32=dot_f32, PRECISION=precision, fixed_config=fixed_config)
     idx = _index_args(index, rows_per_index, grad, n)
     r_pad = padded_rank(R)
+    h = _unit_columns(h)
     gh = None
     if M > 0 and (need_x or need_gh):
         gh = torch.empty((M, R), dtype=torch.float32, device=device) if (need_gh or r_pad > MAX_FUSED_R) else None
@@ -201,7 +210,7 @@ def adapter_backward_packed(
         mid = gh if gh is not None else h
         # Backward operand views: W_up read as (R, D) for g @ W_up, W_down as (D, R) for g_h @ W_down.
         up_t, down_t = _matrix(up_weight, transpose=True), _matrix(down_weight, transpose=True)
-        no_bias = (down_weight, 0)
+        no_bias = (down_weight, 0, 0)
         if r_pad <= MAX_FUSED_R:
             _launch(
                 fused_rows_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),

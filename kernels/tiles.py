@@ -90,12 +90,12 @@ def project(src_ptr, stride_sm, stride_sk, w_ptr, stride_wr, stride_wk, rows, ro
 
 
 @triton.jit
-def middle_epilogue(acc, rows, row_ok, rcols, R, bias_ptr, saved_h_ptr, stride_hm, scale,
+def middle_epilogue(acc, rows, row_ok, rcols, R, bias_ptr, stride_bias, saved_h_ptr, stride_hm, scale,
                     ACT: tl.constexpr, BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Finish the r-wide middle block (fp32, zero in padded columns).
 
-    forward:  h   = acc + b_down                      (acc = x @ W_down^T)
-    backward: g_h = act'(h) * (scale * acc)            (acc = g @ W_up, h read from ``saved_h_ptr``)
+    forward:  h   = acc + b_down                      (acc = x @ W_down^T; b_down[j] at bias_ptr + j * stride_bias)
+    backward: g_h = act'(h) * (scale * acc)            (acc = g @ W_up, h read from ``saved_h_ptr``, unit column stride)
     """
     r_ok = rcols < R
     if BACKWARD:
@@ -104,26 +104,26 @@ def middle_epilogue(acc, rows, row_ok, rcols, R, bias_ptr, saved_h_ptr, stride_h
     else:
         mid = acc
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + rcols, mask=r_ok, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + rcols * stride_bias, mask=r_ok, other=0.0).to(tl.float32)
             mid = mid + bias[None, :]
     return tl.where(r_ok[None, :], mid, 0.0)
 
 
 @triton.jit
 def store_mid(mid_ptr, stride_mid, rows, row_ok, rcols, R, mid):
-    """Store an fp32 (rows, r) block of h or g_h."""
+    """Store an fp32 (rows, r) block of h or g_h (a buffer with unit column stride)."""
     mask = row_ok[:, None] & (rcols[None, :] < R)
     tl.store(mid_ptr + rows[:, None] * stride_mid + rcols[None, :], mid, mask=mask)
 
 
 @triton.jit
-def store_residual(out_ptr, stride_om, stride_on, res_ptr, stride_rm, stride_rn, bias_ptr,
+def store_residual(out_ptr, stride_om, stride_on, res_ptr, stride_rm, stride_rn, bias_ptr, stride_bias,
                    rows, row_ok, ns, N, acc, out_scale, HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
     """out[rows, ns] = res[rows, ns] + out_scale * (acc + bias[ns]), added in fp32, rows in ``row_ok``
-    (without ADD_RESIDUAL the ``res`` term is left out)."""
+    (without ADD_RESIDUAL the ``res`` term is left out); bias[n] sits at ``bias_ptr + n * stride_bias``."""
     n_ok = ns < N
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + ns * stride_bias, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     out = out_scale * acc
     if ADD_RESIDUAL:

@@ -24,7 +24,7 @@ from .tuning import EXPAND_CONFIGS, PROJECT_CONFIGS, PRUNE_TILE
 def project_kernel(
     src_ptr, stride_sm, stride_sk,
     w1_ptr, stride_w1a, stride_w1r, stride_w1k,
-    b1_ptr, stride_b1a,
+    b1_ptr, stride_b1a, stride_b1r,
     saved_h_ptr, stride_hm,
     mid_ptr, stride_mid,
     idx_ptr, stride_idx, rows_per_index, n_adapters,
@@ -48,7 +48,8 @@ def project_kernel(
             adapter = pid_m * 0 + k  # int64
             acc = project(src_ptr, stride_sm, stride_sk, w1_ptr + adapter * stride_w1a, stride_w1r, stride_w1k,
                           rows, sel, rcols, D, R, DOT_F32, PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
-            mid = middle_epilogue(acc, rows, sel, rcols, R, b1_ptr + adapter * stride_b1a, saved_h_ptr, stride_hm,
+            mid = middle_epilogue(acc, rows, sel, rcols, R, b1_ptr + adapter * stride_b1a, stride_b1r,
+                                  saved_h_ptr, stride_hm,
                                   scale, ACT, BACKWARD, HAS_B1)
             store_mid(mid_ptr, stride_mid, rows, sel, rcols, R, mid)
 
@@ -58,7 +59,7 @@ def expand_kernel(
     src_ptr, stride_sm, stride_sk,
     mid_ptr, stride_mid,
     w2_ptr, stride_w2a, stride_w2n, stride_w2r,
-    b2_ptr, stride_b2a,
+    b2_ptr, stride_b2a, stride_b2n,
     out_ptr, stride_om, stride_on,
     idx_ptr, stride_idx, rows_per_index, n_adapters,
     M, D, R, out_scale, rows_bucket,
@@ -93,7 +94,7 @@ def expand_kernel(
                 acc = tl.dot(dot_operand(a, w2_t.dtype, DOT_F32), dot_operand(w2_t, w2_t.dtype, DOT_F32),
                              acc, input_precision=PRECISION)
             store_residual(out_ptr, stride_om, stride_on, src_ptr, stride_sm, stride_sk, b2_ptr + adapter * stride_b2a,
-                           rows, sel, ns, D, acc, out_scale, HAS_B2, ADD_RESIDUAL)
+                           stride_b2n, rows, sel, ns, D, acc, out_scale, HAS_B2, ADD_RESIDUAL)
 
 
 project_tuned = triton.autotune(
