@@ -4,7 +4,10 @@ kernel.
 
 AdapterHub's sequential bottleneck adapter maps an input ``z`` and a residual ``r`` (both (..., d)) to
 ``r + s * up(act(down(z)))``: the fused kernel takes ``r`` as its residual, in the same pass. Its parallel
-adapter returns ``s * up(act(down(z)))`` (the kernel's output less ``z``).
+adapter reads the block input ``x`` and its output ``s * up(act(down(x)))`` is added to the sub-block
+output ``h``: when that adapter is the layer's whole active setup the kernel computes
+``h + s * up(act(down(x)))`` in one pass; under other compositions (which combine the adapters'
+outputs before adding ``h``) it computes ``s * up(act(down(x)))`` itself, never as a difference.
 """
 
 from __future__ import annotations
@@ -188,24 +191,95 @@ def _uncovered(adapter: nn.Module) -> tuple[list[str], str | None]:
     return reasons, activation
 
 
-def _fused_forward(adapter: nn.Module, activation: str, parallel: bool, fusion_layers: nn.ModuleDict,
-                   original: Any) -> Any:
-    linear_down: nn.Linear = adapter.adapter_down[0]  # type: ignore[index]
-    linear_up: nn.Linear = adapter.adapter_up  # type: ignore[assignment]
-    scale = float(adapter.scaling)  # type: ignore[arg-type]
+_ACTIVATION = "_adapter_fused_activation"  # canonical activation name: set on converted adapters only
+_PARALLEL = "_adapter_fused_parallel"  # whether a converted adapter is a ParallelAdapter
+_FUSION = "_adapter_fused_fusion"  # the adapter_fusion_layer ModuleDict of the adapter's layer (not a submodule)
 
-    def forward(self: nn.Module, x: torch.Tensor, residual_input: torch.Tensor | None, output_gating: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x, residual_input (..., d) -> (output (..., d), None, None); AdapterFusion runs the original."""
-        if len(fusion_layers) > 0:
-            return original(x, residual_input, output_gating)
-        params = (linear_down.weight, linear_down.bias, linear_up.weight, linear_up.bias)
-        if parallel:
-            return fused_adapter(x, *params, activation, scale) - x, None, None
-        residual = None if residual_input is None or residual_input is x else residual_input
-        return fused_adapter(x, *params, activation, scale, residual=residual), None, None
 
-    return types.MethodType(forward, adapter)
+def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(down weight (r, d), down bias (r,), up weight (d, r), up bias (d,)) of an AdapterHub adapter, read now."""
+    down: nn.Linear = adapter.adapter_down[0]  # type: ignore[index]
+    up: nn.Linear = adapter.adapter_up  # type: ignore[assignment]
+    return down.weight, down.bias, up.weight, up.bias
+
+
+def _adapter_term(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``s * up(act(down(x)))`` for x (..., d), in one pass and without forming ``x + ...`` first: the
+    kernel adds a residual of zeros that is never materialised (one element broadcast with stride 0)."""
+    zero = x.new_zeros(()).expand_as(x)
+    return fused_adapter(x, *_parameters(adapter), adapter.__dict__[_ACTIVATION], float(adapter.scaling),
+                         residual=zero)
+
+
+AdapterOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""What an AdapterHub adapter's forward returns: (output, down-projection, up-projection)."""
+
+
+def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: torch.Tensor | None,
+                           output_gating: bool = False) -> AdapterOutput:
+    """The forward of a converted AdapterHub adapter, bound to it as an instance attribute.
+
+    x, residual_input (..., d) -> (output (..., d), None, None): ``residual_input + s * f(x)`` for a
+    sequential adapter, ``s * f(x)`` for a parallel one. Everything (weights, scaling, activation,
+    the fusion layers of its layer) is read from ``self`` at call time, so a deep copy computes with
+    its own weights and dtype. While the layer has AdapterFusion layers, the class's own forward
+    runs (fusion needs the up-projection, which the fused pass does not return).
+    """
+    fusion = self.__dict__.get(_FUSION)
+    if fusion is not None and len(fusion) > 0:
+        return type(self).forward(self, x, residual_input, output_gating)
+    if self.__dict__[_PARALLEL]:
+        return _adapter_term(self, x), None, None
+    residual = None if residual_input is None or residual_input is x else residual_input
+    return fused_adapter(x, *_parameters(self), self.__dict__[_ACTIVATION], float(self.scaling),
+                         residual=residual), None, None
+
+
+def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
+    """The converted parallel adapter that is the whole active setup of ``layer`` (a Stack naming one
+    of its adapters, others being absent from this layer), or None for any other setup."""
+    from adapters.composition import Stack
+    from adapters.context import ForwardContext
+
+    setup = layer.get_active_setup()  # type: ignore[operator]
+    if type(setup) is not Stack or not all(isinstance(child, str) for child in setup):
+        return None
+    present = [child for child in setup if child in layer.adapters]  # type: ignore[operator]
+    if len(present) != 1:
+        return None
+    adapter = layer.adapters[present[0]]  # type: ignore[index]
+    if not adapter.__dict__.get(_PARALLEL):
+        return None
+    context = ForwardContext.get_context()
+    if context is not None and getattr(context, "output_adapter_gating_scores", False):
+        return None  # AdapterHub records per-adapter outputs then; leave it its own path
+    return adapter
+
+
+def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_input: torch.Tensor | None,
+                         layer_norm: nn.Module | None) -> torch.Tensor:
+    """``bottleneck_layer_forward`` of an AdapterHub layer holding a converted parallel adapter, bound
+    to the layer as an instance attribute. hidden_states (the sub-block output h) and residual_input
+    (the block input x), both (..., d) -> (..., d).
+
+    When the active setup is that one parallel adapter, its output is added to h inside the kernel,
+    ``h + s * f(x)`` in one pass, followed by the layer's own residual and norm as AdapterHub's
+    ``post_forward`` would; any other setup runs the class's own method.
+    """
+    adapter = _sole_parallel_adapter(self) if residual_input is not None else None
+    if adapter is None:
+        own = type(self).bottleneck_layer_forward  # type: ignore[attr-defined]
+        return own(self, hidden_states, residual_input, layer_norm)
+    from adapters.composition import adjust_tensors_for_parallel
+
+    (residual_input,) = adjust_tensors_for_parallel(hidden_states, residual_input)
+    (hidden_states,) = adjust_tensors_for_parallel(residual_input, hidden_states)
+    assert residual_input is not None
+    output = fused_adapter(residual_input, *_parameters(adapter), adapter.__dict__[_ACTIVATION],
+                           float(adapter.scaling), residual=hidden_states)
+    if adapter.original_ln_after:
+        output = layer_norm(output + residual_input) if layer_norm else output + residual_input
+    return output
 
 
 def accelerate(model: nn.Module) -> AccelerateReport:
@@ -213,7 +287,12 @@ def accelerate(model: nn.Module) -> AccelerateReport:
     covers run it, in place, with the same parameters (names and tensors unchanged), outputs and
     gradients. Adapters it cannot cover (layer norms inside the adapter, gating, PHM, learned
     scaling, dropout, other activations) keep their own forward and are listed in one warning.
-    Calling it again converts adapters added since. Raises ImportError without ``adapters``."""
+    Calling it again converts adapters added since. Raises ImportError without ``adapters``.
+
+    A converted adapter reads its weights, scaling and activation from itself at every call, so a
+    ``copy.deepcopy`` of an accelerated model computes with the copy's weights and follows the copy's
+    ``.to()``. A layer whose whole active setup is one parallel adapter adds that adapter's output to
+    the sub-block output inside the kernel."""
     try:
         from adapters.methods.bottleneck import BottleneckLayer
         from adapters.methods.modeling import Adapter, ParallelAdapter
@@ -227,17 +306,18 @@ def accelerate(model: nn.Module) -> AccelerateReport:
         fusion_layers = getattr(layer, "adapter_fusion_layer", nn.ModuleDict())
         for name, adapter in layer.adapters.items():
             path = f"{layer_path}.adapters.{name}" if layer_path else f"adapters.{name}"
-            if not isinstance(adapter, Adapter) or adapter.__dict__.get("_adapter_fused_original") is not None:
+            if not isinstance(adapter, Adapter) or _ACTIVATION in adapter.__dict__:
                 continue
             reasons, activation = _uncovered(adapter)
             if reasons:
                 skipped.append((path, ", ".join(reasons)))
                 continue
             assert activation is not None
-            original = adapter.forward
-            adapter.forward = _fused_forward(adapter, activation, isinstance(adapter, ParallelAdapter),
-                                             fusion_layers, original)
-            adapter.__dict__["_adapter_fused_original"] = original
+            parallel = isinstance(adapter, ParallelAdapter)
+            adapter.__dict__.update({_ACTIVATION: activation, _PARALLEL: parallel, _FUSION: fusion_layers})
+            adapter.forward = types.MethodType(_fused_adapter_forward, adapter)
+            if parallel and "bottleneck_layer_forward" not in layer.__dict__:
+                layer.bottleneck_layer_forward = types.MethodType(_fused_layer_forward, layer)
             converted.append(path)
     if skipped:
         listing = "; ".join(f"{path} ({why})" for path, why in skipped)

@@ -12,6 +12,7 @@ import torch
 
 from .models import ARCHITECTURES, hidden_states, make_inputs, make_model, randomize
 
+from adapter_fused import fused_adapter  # noqa: E402
 from adapter_fused.hf import accelerate, load_adapter, set_active_adapters  # noqa: E402
 
 adapters = pytest.importorskip("adapters")
@@ -125,3 +126,62 @@ def test_accelerate_leaves_uncovered_adapters_and_warns_once() -> None:
     with pytest.warns(UserWarning, match="left 10 adapter"):
         again = accelerate(model)
     assert again.converted == ()  # already converted adapters are not converted twice
+
+
+def hub_layer(model: torch.nn.Module, name: str = "hub") -> torch.nn.Module:
+    """The first AdapterHub bottleneck layer of ``model`` holding adapter ``name``."""
+    from adapters.methods.bottleneck import BottleneckLayer
+
+    return next(m for m in model.modules() if isinstance(m, BottleneckLayer) and name in getattr(m, "adapters", {}))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_accelerated_parallel_adapter_is_as_precise_as_eager(arch: str) -> None:
+    """At the parallel adapter's site, bf16 error against a float64 copy of the same model: the fused
+    path adds the adapter output to the sub-block output in the kernel (no difference formed)."""
+    hub = adapterhub_model(arch, "par_bn")
+    generator = torch.Generator().manual_seed(8)
+    h = torch.randn(8, 64, 32, generator=generator).bfloat16()  # sub-block output, (b, t, d)
+    x = torch.randn(8, 64, 32, generator=generator).bfloat16()  # block input
+    truth_model = copy.deepcopy(hub).double()
+    eager_model = copy.deepcopy(hub).to(torch.bfloat16)
+    fast_model = copy.deepcopy(hub).to(torch.bfloat16)
+    accelerate(fast_model)
+    with torch.no_grad():
+        truth = hub_layer(truth_model).bottleneck_layer_forward(h.double(), x.double(), None)
+        eager = hub_layer(eager_model).bottleneck_layer_forward(h, x, None)
+        fast = hub_layer(fast_model).bottleneck_layer_forward(h, x, None)
+        adapter = hub_layer(fast_model).adapters["hub"]
+        one_pass = fused_adapter(x, adapter.adapter_down[0].weight, adapter.adapter_down[0].bias,
+                                 adapter.adapter_up.weight, adapter.adapter_up.bias, "relu", adapter.scaling,
+                                 residual=h)
+    assert torch.equal(fast, one_pass + x)  # h + s * f(x) from the kernel, then the block residual
+    eager_error, fast_error = (eager.double() - truth).abs(), (fast.double() - truth).abs()
+    assert fast_error.mean() <= eager_error.mean()
+    assert fast_error.max() <= eager_error.max()
+
+
+@pytest.mark.parametrize("setup", ["stack", "average", "batch_split"])
+def test_accelerate_parallel_adapters_in_compositions(setup: str) -> None:
+    """Compositions that combine the adapters' outputs before the sub-block output is added get
+    ``s * f(x)`` from each adapter, computed directly."""
+    from adapters.composition import Average, BatchSplit, Stack
+
+    model = make_model("bert")
+    adapters.init(model)
+    for i, name in enumerate(("a", "b")):
+        model.add_adapter(name, config="par_bn")
+        randomize([p for n, p in model.named_parameters() if f"adapters.{name}." in n], seed=20 + i)
+    chosen = {"stack": Stack("a"), "average": Average("a", "b", weights=[0.25, 0.75]),
+              "batch_split": BatchSplit("a", "b", batch_sizes=[1, 1])}[setup]
+    model.set_active_adapters(chosen)
+    model.eval()
+    fast = copy.deepcopy(model)
+    assert len(accelerate(fast).converted) == 4
+    inputs = make_inputs()
+    with torch.no_grad():
+        expected = hidden_states(model, inputs)
+        out = hidden_states(fast, inputs)
+        base = hidden_states(make_model("bert"), inputs)
+    assert (expected - base).abs().max() > 0.05  # the adapters matter
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)

@@ -224,3 +224,23 @@ def test_unsupported_model_lists_supported_ones() -> None:
     assert not hasattr(model, "fused_adapters")
     with pytest.raises(ValueError, match="not a transformers model"):
         add_adapter(nn.Linear(3, 3), "task", "pfeiffer")
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_parallel_placement_is_one_pass(arch: str, launches) -> None:  # type: ignore[no-untyped-def]
+    """A parallel adapter reads the block input x and adds s * f(x) to the sub-block output h in the
+    kernel: one launch per site, called as adapter(x, residual=h), with no difference formed."""
+    model = make_model(arch)
+    add_adapter(model, "task", "parallel")
+    randomize(model.base_model.fused_adapters.parameters())
+    set_active_adapters(model, "task")
+    calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for module in model.base_model.fused_adapters.modules():
+        if type(module).__name__ == "FusedAdapter":
+            module.register_forward_pre_hook(
+                lambda m, args, kwargs: calls.append((args[0], kwargs.get("residual"))), with_kwargs=True)
+    launches.clear()
+    with torch.no_grad():
+        hidden_states(model, make_inputs())
+    assert len(calls) == LAYERS and len(launches) == LAYERS
+    assert all(residual is not None and residual is not z for z, residual in calls)
