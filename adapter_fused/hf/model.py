@@ -71,14 +71,19 @@ class _CallLocal(threading.local):
 
 
 class _Site:
-    """One adapter site of one layer: captures the block residual, then rewrites the sub-block output."""
+    """One adapter site of one layer: captures the block residual, then rewrites the sub-block output.
 
-    def __init__(self, state: _State, layer: int, name: str, spec: SiteSpec, norm: nn.Module | None) -> None:
+    ``norm`` is the layer norm of ``LN(h + x)`` in the model the hooks were registered on, and
+    ``norm_path`` its path from the base model, to find the norm of a replica being run instead."""
+
+    def __init__(self, state: _State, layer: int, name: str, spec: SiteSpec, norm: nn.Module | None,
+                 norm_path: str | None) -> None:
         self.state = state
         self.layer = str(layer)
         self.name = name
         self.spec = spec
         self.norm = norm
+        self.norm_path = norm_path
 
     @property
     def key(self) -> tuple[str, str]:
@@ -100,6 +105,12 @@ class _Site:
             return None
         return layer[self.name], state.configs[active].layout  # type: ignore[return-value]
 
+    def _norm(self, call: _CallLocal) -> nn.Module | None:
+        """The site's layer norm in the base module this thread is running."""
+        if self.norm_path is None or not call.bound or call.bound[-1] is self.state.base:
+            return self.norm
+        return call.bound[-1].get_submodule(self.norm_path)
+
     def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         call = self.state.call
         if self._adapter(call) is None:
@@ -118,9 +129,10 @@ class _Site:
             return None
         adapter, placement = found
         x = call.residuals.pop(self.key, None)
+        norm = self._norm(call)
         if isinstance(output, tuple):
-            return (site_forward(adapter, placement, output[0], x, self.norm), *output[1:])
-        return site_forward(adapter, placement, output, x, self.norm)
+            return (site_forward(adapter, placement, output[0], x, norm), *output[1:])
+        return site_forward(adapter, placement, output, x, norm)
 
 
 class _State:
@@ -132,6 +144,7 @@ class _State:
 
     def __init__(self, arch: Architecture, base: nn.Module, layers: nn.ModuleList, modules: nn.ModuleDict) -> None:
         self.arch = arch
+        self.base = base
         self.layers = layers
         self.modules = modules
         self.configs: dict[str, AdapterConfig] = {}
@@ -143,11 +156,13 @@ class _State:
             base.register_forward_pre_hook(self.bind, prepend=True),
             base.register_forward_hook(self.unbind, always_call=True),
         ]
+        layers_path = next(name for name, module in base.named_modules() if module is layers)
         for index, layer in enumerate(layers):
             for site_name in SITES:
                 spec = arch.site(site_name)
                 norm = get_submodule(layer, spec.norm) if spec.norm else None
-                site = _Site(self, index, site_name, spec, norm)
+                norm_path = ".".join(p for p in (layers_path, str(index), spec.norm) if p) if spec.norm else None
+                site = _Site(self, index, site_name, spec, norm, norm_path)
                 residual_module = get_submodule(layer, spec.residual)
                 output_module = get_submodule(layer, spec.output)
                 assert residual_module is not None and output_module is not None

@@ -61,6 +61,7 @@ def test_deepcopy_bookkeeping_points_at_the_copy() -> None:
     state, twin_state = model.__dict__[STATE_NAME], twin.__dict__[STATE_NAME]
     assert twin_state is not state and twin_state.call is not state.call
     assert twin_state.modules is twin._modules[MODULE_NAME] and twin_state.layers is twin.encoder.layer
+    assert twin_state.base is twin
     for hooks in (twin._forward_pre_hooks, twin.encoder.layer[0].output._forward_pre_hooks,
                   twin.encoder.layer[0].output.dropout._forward_hooks):
         owners = [hook.__self__ for hook in hooks.values()]  # the state itself, or one of its sites

@@ -159,18 +159,26 @@ def shallow_replica(network: nn.Module) -> nn.Module:
     return replicas[id(network)]
 
 
-@pytest.mark.parametrize(("arch", "placement"), [("bert", "houlsby"), ("llama", "pfeiffer")])
+def perturb_(model: nn.Module, adapters: nn.Module) -> None:
+    """Scale the adapter parameters by 3 and shift every parameter of the model (layer norms
+    included) by a fixed small amount, in place."""
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for parameter in adapters.parameters():
+            parameter.mul_(3)
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+@pytest.mark.parametrize(("arch", "placement"), CASES)
 def test_replica_runs_its_own_adapters(arch: str, placement: str) -> None:
+    """The replica's own adapters and layer norms (Pfeiffer reads LN(h + x) at the site) are used."""
     model = build(arch, placement)
     replica = shallow_replica(model)
     assert replica._forward_pre_hooks is model._forward_pre_hooks  # hooks are shared, as in DataParallel
-    with torch.no_grad():
-        for parameter in replica._modules[MODULE_NAME].parameters():
-            parameter.mul_(3)
+    perturb_(replica, replica._modules[MODULE_NAME])
     twin = copy.deepcopy(model)  # what the replica should compute
-    with torch.no_grad():
-        for parameter in adapter_modules(twin, "a").parameters():
-            parameter.mul_(3)
+    perturb_(twin, adapter_modules(twin, "a"))
     inputs = job_inputs(4)
     with torch.no_grad():
         want_model = [hidden_states(model, x) for x in inputs]
