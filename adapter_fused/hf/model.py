@@ -178,10 +178,13 @@ class _State:
         self.call.bound.append(module)
 
     def unbind(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Forward hook of the base model (also run when the call raises): undo ``bind``."""
-        bound = self.call.bound
-        if bound and bound[-1] is module:
-            bound.pop()
+        """Forward hook of the base model (also run when the call raises): undo ``bind``; after the
+        outermost call, drop any residual a failed call left captured."""
+        call = self.call
+        if call.bound and call.bound[-1] is module:
+            call.bound.pop()
+        if not call.bound:
+            call.residuals.clear()
 
     def adapters_of_call(self, call: _CallLocal) -> nn.ModuleDict:
         """The ``fused_adapters`` of the base module this thread is running (its own when none is)."""

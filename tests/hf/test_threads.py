@@ -19,7 +19,7 @@ from torch import nn
 from .models import hidden_states, make_inputs, make_model, randomize
 
 from adapter_fused.hf import add_adapter, per_sample_adapters, set_active_adapters  # noqa: E402
-from adapter_fused.hf.model import MODULE_NAME, adapter_modules  # noqa: E402
+from adapter_fused.hf.model import MODULE_NAME, STATE_NAME, adapter_modules  # noqa: E402
 
 THREADS = 8
 ROUNDS = 3
@@ -210,3 +210,16 @@ def test_replica_refuses_a_per_sample_block() -> None:
     assert failure and "DataParallel replicas" in str(failure[0])
     with torch.no_grad():
         hidden_states(replica, x)  # outside the block the replica runs
+
+
+def test_failed_call_leaves_no_state_behind() -> None:
+    model = build("bert", "pfeiffer", ("a", "b"))
+    x = make_inputs(batch=3, length=4)
+    with torch.no_grad():
+        want = hidden_states(model, x)
+        with pytest.raises(ValueError, match="2 adapter names were given"):
+            with per_sample_adapters(model, ["a", "b"]):  # a batch of 3: the first site raises
+                hidden_states(model, x)
+        call = model.__dict__[STATE_NAME].call
+        assert call.bound == [] and call.residuals == {} and call.batch is None
+        assert_same(hidden_states(model, x), want)
