@@ -1,20 +1,55 @@
 """adapter-fused: bottleneck adapters as one fused Triton kernel, forward and backward.
 
     y = x + scale * (act(x @ W_down^T + b_down) @ W_up^T + b_up)
+
+The public names load on first use, so ``import adapter_fused`` (and ``python -m adapter_fused
+--help``) does not import torch; ``from adapter_fused import fused_adapter`` imports torch and
+registers the ``torch.ops.adapter_fused`` operators. Triton, the compiler stack, transformers and
+AdapterHub load only when something needs them.
 """
 
-from .activations import ACTIVATIONS
-from .grouped import fused_adapter_grouped
-from .hf import (AdapterConfig, accelerate, adapter_summary, add_adapter, delete_adapter, list_adapters,
-                 load_adapter, per_sample_adapters, save_adapter, set_active_adapters, train_adapter)
-from .layer import FusedAdapter
-from .ops import fused_adapter
-from .reference import reference_adapter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ACTIVATIONS", "FusedAdapter", "fused_adapter", "fused_adapter_grouped", "reference_adapter",
-    "AdapterConfig", "accelerate", "adapter_summary", "add_adapter", "delete_adapter", "list_adapters",
-    "load_adapter", "per_sample_adapters", "save_adapter", "set_active_adapters", "train_adapter",
-]
+# public name -> submodule defining it
+_EXPORTS: dict[str, str] = {
+    "ACTIVATIONS": "activations",
+    "FusedAdapter": "layer",
+    "fused_adapter": "ops",
+    "fused_adapter_grouped": "grouped",
+    "reference_adapter": "reference",
+    **{name: "hf" for name in (
+        "AdapterConfig", "accelerate", "adapter_summary", "add_adapter", "delete_adapter", "list_adapters",
+        "load_adapter", "per_sample_adapters", "save_adapter", "set_active_adapters", "train_adapter",
+    )},
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .activations import ACTIVATIONS
+    from .grouped import fused_adapter_grouped
+    from .hf import (AdapterConfig, accelerate, adapter_summary, add_adapter, delete_adapter, list_adapters,
+                     load_adapter, per_sample_adapters, save_adapter, set_active_adapters, train_adapter)
+    from .layer import FusedAdapter
+    from .ops import fused_adapter
+    from .reference import reference_adapter
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule defining the public ``name`` on first access and cache the value."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's attributes, the not yet loaded public names included."""
+    return sorted({*globals(), *__all__})

@@ -8,10 +8,16 @@ not cover) runs the reference.
 The kernels are reached through ``torch.ops.adapter_fused.adapter_forward`` (and its registered
 backward, ``adapter_backward``; see ``library.py``), so torch.compile traces ``fused_adapter``
 without a graph break and CUDA graphs, DDP, FSDP2 and checkpointing see ordinary operators.
+
+Importing this module imports neither the compiler stack (``torch._dynamo``, sympy) nor Triton:
+both load on first use.
 """
 
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from .library import adapter_forward, load_kernels
 from .reference import reference_adapter
@@ -19,8 +25,25 @@ from .validation import check_adapter_args
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+FnT = TypeVar("FnT", bound=Callable[..., object])
 
-@torch.compiler.assume_constant_result
+# The attribute torch.compiler.assume_constant_result sets; torch's public decorator imports
+# torch._dynamo (about two seconds) just to set it. tests/test_import.py checks that the public
+# decorator still marks functions this way.
+CONSTANT_RESULT_MARKER = "_dynamo_marked_constant"
+
+
+def assume_constant_result(fn: FnT) -> FnT:
+    """``torch.compiler.assume_constant_result`` without importing the compiler: torch.compile
+    evaluates ``fn`` once while tracing instead of tracing into it. Uses the public decorator when
+    the compiler is already loaded, and otherwise sets the same marker it sets."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    setattr(fn, CONSTANT_RESULT_MARKER, True)
+    return fn
+
+
+@assume_constant_result
 def kernels_available(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels (on the GPU or in the interpreter).
 
@@ -54,7 +77,9 @@ def checked_call(
     if torch.compiler.is_compiling() and isinstance(scale, (float, torch.SymFloat)):
         # torch.compile(dynamic=True) turns float attributes such as FusedAdapter.scale into
         # symbolic floats, which the finiteness check cannot inspect: specialize on the value
-        # (a guard; a changed scale recompiles).
+        # (a guard; a changed scale recompiles). Imported here: the module pulls in sympy.
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+
         scale = guard_scalar(scale)
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     act, scale_f = check_adapter_args(fn, x, *params, activation, scale, same_dtype=not autocast, stacked=stacked,

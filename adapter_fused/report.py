@@ -3,7 +3,11 @@
 ``python -m adapter_fused`` runs it. On a CUDA device it times the Triton kernels; on a CPU it runs
 them in Triton's interpreter (switched on here before the kernels are imported), which checks the
 numbers but says nothing about speed: those timings are labelled as interpreter timings.
+
+The options are parsed before torch is imported, so ``--help`` and bad options answer at once.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -12,23 +16,39 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 GRAD_NAMES = ["dx", "dW_down", "db_down", "dW_up", "db_up"]
+# (GPU, CPU) defaults of the shape options; the CPU ones keep the interpreter run short
+SHAPE_DEFAULTS = {"rows": (16384, 128), "d": (4096, 256), "r": (64, 16)}
 
 
-def _parse(argv: Sequence[str] | None, on_gpu: bool) -> argparse.Namespace:
+def _dtype_list(text: str) -> list[str]:
+    """Comma-separated dtype names, each one of ``DTYPE_NAMES``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DTYPE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(DTYPE_NAMES)}, "
+                                         f"got {text!r}")
+    return names
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command-line options; shape options left unset are None (their default depends on the device)."""
     parser = argparse.ArgumentParser(
         prog="python -m adapter_fused",
         description="Check the fused adapter against float64 truth and time it against the eager reference.",
     )
-    parser.add_argument("--rows", type=int, default=16384 if on_gpu else 128, help="rows of x (tokens)")
-    parser.add_argument("--d", type=int, default=4096 if on_gpu else 256, help="model width d")
-    parser.add_argument("--r", type=int, default=64 if on_gpu else 16, help="bottleneck width r")
-    parser.add_argument("--dtypes", default="bfloat16,float16,float32", help="comma-separated dtypes")
+    for name, help_text in (("rows", "rows of x (tokens)"), ("d", "model width d"), ("r", "bottleneck width r")):
+        gpu, cpu = SHAPE_DEFAULTS[name]
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help=f"{help_text} (default {gpu} on a GPU, {cpu} on a CPU)")
+    parser.add_argument("--dtypes", type=_dtype_list, default=list(DTYPE_NAMES),
+                        help=f"comma-separated dtypes (default {','.join(DTYPE_NAMES)})")
     parser.add_argument("--activation", default="relu")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats on CPU (default 3)")
@@ -67,6 +87,8 @@ def _errors(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: t
 def run_case(rows: int, d: int, r: int, dtype: torch.dtype, activation: str, scale: float,
              device: torch.device, repeats: int) -> dict[str, Any]:
     """One shape and dtype: relative errors of fused and eager against float64 truth, and timings."""
+    import torch
+
     from . import fused_adapter, reference_adapter
 
     on_gpu = device.type == "cuda"
@@ -123,14 +145,18 @@ def _table(results: list[dict[str, Any]], timing_label: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m adapter_fused``; returns the process exit code."""
+    forwarded = list(argv) if argv is not None else sys.argv[1:]
+    args = _parse(forwarded)
+    import torch
+
     on_gpu = torch.cuda.is_available()
-    args = _parse(argv, on_gpu)
     if not on_gpu and "TRITON_INTERPRET" not in os.environ:
-        # Triton decides interpretation when its modules are imported, and importing this package
-        # already imported them: start again with the interpreter switched on.
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        forwarded = list(argv) if argv is not None else sys.argv[1:]
-        os.execve(sys.executable, [sys.executable, "-m", "adapter_fused", *forwarded], env)
+        if "triton" in sys.modules:
+            # Triton decides interpretation when its modules are imported, and they already were:
+            # start again with the interpreter switched on.
+            env = {**os.environ, "TRITON_INTERPRET": "1"}
+            os.execve(sys.executable, [sys.executable, "-m", "adapter_fused", *forwarded], env)
+        os.environ["TRITON_INTERPRET"] = "1"
     from .ops import kernels_available
 
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -140,18 +166,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = "CPU, Triton interpreter (checks numbers; these times are not performance figures)"
     else:
         label = "CPU, no Triton: the fused op runs the reference"
+    rows, d, r = (getattr(args, name) or SHAPE_DEFAULTS[name][0 if on_gpu else 1] for name in ("rows", "d", "r"))
     repeats = args.repeats or 3
-    dtypes = [DTYPES[name.strip()] for name in args.dtypes.split(",") if name.strip()]
+    dtypes = [getattr(torch, name) for name in args.dtypes]
     print(f"adapter-fused report on {label}", flush=True)
     results = []
     for i, dtype in enumerate(dtypes, 1):
-        print(f"[{i}/{len(dtypes)}] {dtype} rows={args.rows} d={args.d} r={args.r} {args.activation} ...", flush=True)
-        results.append(run_case(args.rows, args.d, args.r, dtype, args.activation, args.scale, device, repeats))
+        print(f"[{i}/{len(dtypes)}] {dtype} rows={rows} d={d} r={r} {args.activation} ...", flush=True)
+        results.append(run_case(rows, d, r, dtype, args.activation, args.scale, device, repeats))
     print(_table(results, label))
     if args.json_path:
         payload = dict(device=label, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                       command=" ".join(["python -m adapter_fused", *(argv if argv is not None else sys.argv[1:])]),
-                       results=results)
+                       command=" ".join(["python -m adapter_fused", *forwarded]), results=results)
         with open(args.json_path, "w") as fh:
             json.dump(payload, fh, indent=2)
         print(f"wrote {args.json_path}")
