@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -77,6 +78,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def missing_extras(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Optional packages the chosen options need, checked before any work: (lines naming each missing
+    package that the run cannot do without and the extra that installs it, notes on missing packages whose
+    comparisons will be recorded as skipped)."""
+
+    def absent(package: str) -> bool:
+        if sys.modules.get(package) is not None:  # imported already (some set no __spec__, which find_spec rejects)
+            return False
+        return importlib.util.find_spec(package) is None
+
+    kernels = not (args.models_only or args.grouped_only)
+    run_models = not (args.no_models or args.grouped_only)
+    run_grouped = not (args.no_grouped or args.models_only)
+    hub_named = "adapterhub" in (args.providers or ()) or "adapterhub_batchsplit" in (args.grouped_providers or ())
+    needs = [
+        ("rich", True, "tables and progress", "bench"),
+        ("matplotlib", args.out is not None and kernels, "plots written with --out", "bench"),
+        ("transformers", run_models, "model-level benchmarks; or pass --no-models", "hf"),
+        ("adapters", hub_named, "the AdapterHub providers named in --providers/--grouped-providers", "adapterhub"),
+    ]
+    missing = [f"  {package} ({why}): pip install -e '.[{extra}]'"
+               for package, needed, why, extra in needs if needed and absent(package)]
+    notes = []
+    hub_by_default = (run_models or (run_grouped and args.grouped_providers is None)
+                      or (kernels and args.providers is None and not args.smoke))
+    if hub_by_default and not hub_named and absent("adapters"):
+        notes.append("python -m benchmarks: AdapterHub (adapters) is not installed; its comparisons are recorded "
+                     "as skipped (pip install -e '.[adapterhub]' to run them)")
+    return missing, notes
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """Exit with a message naming the extras to install when the chosen options need a missing package."""
+    missing, notes = missing_extras(args)
+    if missing:
+        sys.exit("python -m benchmarks: the chosen options need packages that are not installed:\n"
+                 + "\n".join(missing))
+    for note in notes:
+        print(note, file=sys.stderr)
+
+
 def pick_device(args: argparse.Namespace) -> str:
     """'cuda' or 'cpu'; exits with a message when a GPU run is asked for without a GPU."""
     import torch
@@ -97,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks described by ``argv``; print the tables; write results when --out is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    check_extras(args)
     device_name = pick_device(args)
     if device_name == "cpu":
         # must precede the first import of the kernels (adapter_fused imports them lazily)
