@@ -166,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = "CPU, Triton interpreter (checks numbers; these times are not performance figures)"
     else:
         label = "CPU, no Triton: the fused op runs the reference"
-    rows, d, r = (getattr(args, name) or SHAPE_DEFAULTS[name][0 if on_gpu else 1] for name in ("rows", "d", "r"))
+    given = {name: getattr(args, name) for name in SHAPE_DEFAULTS}
+    rows, d, r = (SHAPE_DEFAULTS[name][0 if on_gpu else 1] if value is None else value
+                  for name, value in given.items())
     repeats = args.repeats or 3
     dtypes = [getattr(torch, name) for name in args.dtypes]
     print(f"adapter-fused report on {label}", flush=True)
