@@ -98,6 +98,6 @@ def fused_rows_kernel(
 
 fused_rows_tuned = triton.autotune(
     configs=FUSED_CONFIGS,
-    key=["D", "R", "rows_bucket"],
+    key=["D", "R", "rows_bucket", "BACKWARD", "STORE_MID", "STORE_OUT", "GROUPED"],
     prune_configs_by={"early_config_prune": PRUNE_FUSED},
 )(fused_rows_kernel)

@@ -25,7 +25,7 @@ import torch
 import triton
 
 from .fused import fused_rows_tuned
-from .tuning import INTERPRET, MAX_FUSED_R, REDUCE_BLOCK, padded_rank, rows_bucket
+from .tuning import INTERPRET, MAX_FUSED_R, REDUCE_BLOCK, TUNING_CACHE, padded_rank, rows_bucket, tuning_key
 from .weight_grad import reduce_groups_kernel, weight_grad_tuned
 from .wide import expand_tuned, project_tuned
 
@@ -33,14 +33,36 @@ Grid = Callable[[dict[str, Any]], tuple[int, ...]]
 
 
 def _launch(tuned: Any, grid: Grid, *args: Any, fixed_config: bool, **kwargs: Any) -> None:
-    """Launch an autotuned kernel; with ``fixed_config`` skip tuning and use the first fitting config,
-    so the reduction order (and so every bit of the result) does not depend on a timing race."""
-    if fixed_config and len(tuned.configs) > 1:
-        named = dict(zip(tuned.arg_names, args))
+    """Launch an autotuned kernel.
+
+    ``fixed_config``: skip tuning and use the first fitting config, so the reduction order (and so
+    every bit of the result) does not depend on a timing race. Otherwise a config tuned before, in
+    this process or (through the on-disk cache, see ``tuning.TUNING_CACHE``) in an earlier one on
+    the same device, is launched directly; a new shape key is tuned once, with a notice on stderr.
+    """
+    if len(tuned.configs) <= 1:
+        tuned.fn[grid](*args, **kwargs, **tuned.configs[0].all_kwargs())
+        return
+    named = dict(zip(tuned.arg_names, args))
+    if fixed_config:
         config = tuned.early_config_prune(tuned.configs, named, **kwargs)[0]
         tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
-    else:
-        tuned[grid](*args, **kwargs)
+        return
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    key = tuning_key(tuned, named, kwargs, device)
+    config = TUNING_CACHE.lookup(key, tuned.configs)
+    if config is None:
+        config = TUNING_CACHE.tune(key, tuned.configs, lambda: _tune(tuned, grid, named, args, kwargs))
+    tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def _tune(tuned: Any, grid: Grid, named: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+          ) -> tuple[triton.Config, int]:
+    """Run Triton's autotuner on this launch (it benchmarks every config the pruning keeps, then
+    launches the fastest); return that config and how many were tried."""
+    tried = len(tuned.early_config_prune(tuned.configs, named, **kwargs))
+    tuned[grid](*args, **kwargs)
+    return tuned.best_config, tried
 
 
 def _dot_settings(compute_dtype: torch.dtype) -> tuple[bool, str]:

@@ -110,6 +110,6 @@ def reduce_groups_kernel(partial_ptr, out_ptr, total, groups, BLOCK: tl.constexp
 
 weight_grad_tuned = triton.autotune(
     configs=WEIGHT_GRAD_CONFIGS,
-    key=["D", "R", "rows_bucket"],
+    key=["D", "R", "rows_bucket", "NEED_DWU", "NEED_DWD", "GROUPED"],
     prune_configs_by={"early_config_prune": PRUNE_WEIGHT_GRAD},
 )(weight_grad_kernel)

@@ -98,9 +98,11 @@ def expand_kernel(
 
 
 project_tuned = triton.autotune(
-    configs=PROJECT_CONFIGS, key=["D", "R", "rows_bucket"], prune_configs_by={"early_config_prune": PRUNE_TILE},
+    configs=PROJECT_CONFIGS, key=["D", "R", "rows_bucket", "BACKWARD", "GROUPED"],
+    prune_configs_by={"early_config_prune": PRUNE_TILE},
 )(project_kernel)
 
 expand_tuned = triton.autotune(
-    configs=EXPAND_CONFIGS, key=["D", "R", "rows_bucket"], prune_configs_by={"early_config_prune": PRUNE_TILE},
+    configs=EXPAND_CONFIGS, key=["D", "R", "rows_bucket", "APPLY_ACT", "GROUPED"],
+    prune_configs_by={"early_config_prune": PRUNE_TILE},
 )(expand_kernel)

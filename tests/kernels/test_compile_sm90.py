@@ -90,3 +90,34 @@ def test_every_kernel_compiles_for_sm90() -> None:
 if __name__ == "__main__":
     for line in compile_all():
         print("compiled", line, flush=True)
+
+
+def test_first_call_configs_do_not_spill_on_sm90() -> None:
+    """Every config a first launch may try (forward and backward, at r = 64, 128, 256 and the
+    two-kernel path) compiles for sm_90, with a real launch's specialization, without spilling
+    registers and within a block's shared memory; and no kernel tries more than 12. The table is
+    printed (``-s`` shows it; ``python tests/kernels/sm90.py`` prints it alone)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels import sm90
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "sm90.py")
+    halves = [[str(i) for i in range(len(sm90.SHAPES)) if i % 2 == part] for part in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, script, *half], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for half in halves]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-3000:] + err[-6000:]
+        outputs.append(out)
+    table = [line.split() for out in outputs for line in out.splitlines() if line[:1] == " " or line[:1].isdigit()]
+    rows = [row for row in table if row and row[0].isdigit()]
+    print("\n".join(out for out in outputs))
+    spilling = [" ".join(row) for row in rows if int(row[-3]) > 0]
+    assert not spilling, "configs that spill registers on sm_90:\n" + "\n".join(spilling)
+    too_big = [" ".join(row) for row in rows if int(row[-2]) > sm90.SHARED_MEMORY_LIMIT]
+    assert not too_big, "configs needing more shared memory than a block has:\n" + "\n".join(too_big)
+    counts = [line for out in outputs for line in out.splitlines() if line.startswith("configs tried")]
+    assert len(counts) >= 10, outputs
+    for line in counts:
+        assert 1 <= int(line.rsplit(":", 1)[1]) <= 12, line
