@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation
-from .ops import fused_adapter
+from .ops import fused_adapter, module_call_ready, run_kernels
 
 INITS = ("bert", "houlsby", "mam")
 
@@ -41,14 +41,33 @@ class FusedAdapter(nn.Module):
                 raise ValueError(f"FusedAdapter: {name} must be a positive int, got {value!r}")
         if init not in INITS:
             raise ValueError(f"FusedAdapter: init must be one of {', '.join(INITS)}, got {init!r}")
-        self.activation = canonical_activation(activation)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"FusedAdapter: scale must be a finite number, got {scale!r}")
-        self.scale = float(scale)
+        self.activation = activation
+        self.scale = scale
         self.init = init
         self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
         self.up = nn.Linear(bottleneck, d_model, device=device, dtype=dtype)
+        self._shapes = ((bottleneck, d_model), (bottleneck,), (d_model, bottleneck), (d_model,))
         self.reset_parameters()
+
+    @property
+    def activation(self) -> str:
+        """The canonical activation name (set any accepted alias; it is checked when set)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, name: str) -> None:
+        self._activation = canonical_activation(name)
+
+    @property
+    def scale(self) -> float:
+        """The output scale s (a finite number, checked when set)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"FusedAdapter: scale must be a finite number, got {value!r}")
+        self._scale = float(value)
 
     @property
     def d_model(self) -> int:
@@ -76,8 +95,17 @@ class FusedAdapter(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., d_model) -> (..., d_model); with ``residual`` (shaped like x) the output is
         ``residual + scale * up(act(down(x)))``."""
-        return fused_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                             self.activation, self.scale, residual=residual)
+        # The four parameters through the submodules' own tables (what attribute access returns, read
+        # without nn.Module.__getattr__'s fallback chain: this is the hot path of batch-1 decoding).
+        down, up = self._modules["down"]._parameters, self._modules["up"]._parameters  # type: ignore[union-attr]
+        params = (down.get("weight"), down.get("bias"), up.get("weight"), up.get("bias"))
+        if residual is None and module_call_ready(x, params, self._shapes):
+            # The parameters are this module's own and activation and scale were checked when set:
+            # no per-call validation, straight to the kernels.
+            return run_kernels(x, params, self._activation, self._scale)  # type: ignore[arg-type]
+        if any(p is None for p in params):  # reparametrized (e.g. torch.nn.utils.parametrize): plain attributes
+            params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+        return fused_adapter(x, *params, self._activation, self._scale, residual=residual)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={self.scale}"

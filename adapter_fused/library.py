@@ -85,6 +85,30 @@ def _forward_impl(
 adapter_forward = torch.library.custom_op(f"{NAMESPACE}::adapter_forward", mutates_args=())(_forward_impl)
 
 
+def launch_forward(
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    activation: str,
+    scale: float,
+    save_h: bool,
+    fixed_config: bool,
+    index: Tensor | None = None,
+    rows_per_index: int = 1,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """The forward launcher alone, for eager calls autograd does not record (``save_h`` is False
+    there and ignored): the arguments of ``adapter_forward`` -> y (M, d)."""
+    kernels = _kernels_module()
+    y, _ = kernels.adapter_forward(
+        x, down_weight, down_bias, up_weight, up_bias, kernels.ACTIVATION_CODES[activation], scale, False,
+        fixed_config, index=index, rows_per_index=rows_per_index, residual=residual,
+    )
+    return y
+
+
 @adapter_forward.register_fake
 def _forward_fake(
     x: Tensor,
@@ -227,6 +251,28 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _grad_h: T
 
 
 adapter_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerAdapterFunction(torch.autograd.Function):
+    """``adapter_forward`` with its registered autograd formula, called without the operator
+    dispatcher: what an eager call (not traced by torch.compile) runs when autograd records it.
+
+    The same twelve inputs and the same (y, h) outputs as the operator; the backward is the
+    operator's own formula (``_backward``), so both paths give the same bits."""
+
+    @staticmethod
+    def forward(*inputs: object) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return _forward_impl(*inputs)  # type: ignore[arg-type]
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple[Tensor, Tensor]
+                      ) -> None:
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor,  # type: ignore[override]
+                 grad_h: Tensor | None) -> tuple[Tensor | None, ...]:
+        return _backward(ctx, grad, grad_h)
 
 IMPLEMENTATIONS = {"adapter_forward": _forward_impl, "adapter_backward": _backward_impl}
 """The Python bodies of the registered ops by op name (tests run them under a dispatch mode)."""

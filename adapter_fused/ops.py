@@ -13,13 +13,14 @@ Importing this module imports neither the compiler stack (``torch._dynamo``, sym
 both load on first use.
 """
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
-from .library import adapter_forward, load_kernels
+from .library import EagerAdapterFunction, adapter_forward, launch_forward, load_kernels
 from .reference import reference_adapter
 from .validation import check_adapter_args
 
@@ -93,16 +94,44 @@ def checked_call(
     return x, params, act, scale_f, use_kernels, residual
 
 
+def module_call_ready(x: object, params: Params, shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether a module's call may skip validation and go straight to ``run_kernels``: eager (not
+    traced), no autocast, x a plain tensor (..., d) on the parameters' device in their dtype (one the
+    kernels run), and the four parameters present with the module's ``shapes`` (checked per call:
+    cheap, and a parameter may have been replaced). Anything else takes the validating path."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    dtype, device = x.dtype, x.device
+    if dtype not in KERNEL_DTYPES or x.dim() == 0 or x.shape[-1] != shapes[0][1]:
+        return False
+    for p, shape in zip(params, shapes):
+        if p is None or p.dtype != dtype or p.shape != shape or p.device != device:
+            return False
+    return not torch.is_autocast_enabled(device.type) and kernels_available(device)
+
+
 def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,
                 index: torch.Tensor | None = None, rows_per_index: int = 1,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The registered op on x (..., d) viewed as (M, d); h is kept only when autograd needs it."""
-    save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    """The fused op on x (..., d) viewed as (M, d); h is kept only when autograd needs it.
+
+    Traced by torch.compile, this is the registered operator (one opaque node). Eager, the
+    operator's dispatcher is skipped: with autograd recording, its formula runs as an
+    ``autograd.Function``; without, the launcher runs directly."""
+    grad = torch.is_grad_enabled()
+    save_h = grad and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
     fixed = torch.are_deterministic_algorithms_enabled()
     d = x.shape[-1]
-    with torch.autocast(x.device.type, enabled=False):
-        y, _ = adapter_forward(x.reshape(-1, d), *params, activation, scale, save_h, fixed, index, rows_per_index,
-                               residual.reshape(-1, d) if residual is not None else None)
+    res = residual.reshape(-1, d) if residual is not None else None
+    args = (x.reshape(-1, d), *params, activation, scale, save_h, fixed, index, rows_per_index, res)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        if torch.compiler.is_compiling():
+            y, _ = adapter_forward(*args)
+        elif save_h or (grad and res is not None and res.requires_grad):
+            y, _ = EagerAdapterFunction.apply(*args)
+        else:
+            y = launch_forward(*args)
     return y.view(x.shape)
 
 

@@ -18,6 +18,7 @@ or without an index.
 """
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -32,28 +33,68 @@ from .wide import expand_tuned, project_tuned
 Grid = Callable[[dict[str, Any]], tuple[int, ...]]
 
 
-def _launch(tuned: Any, grid: Grid, *args: Any, fixed_config: bool, **kwargs: Any) -> None:
+# (autotuned kernel, deterministic?, its key values, pointer dtypes, device) -> (config, its launch kwargs):
+# the config chosen for a key, so a launch after the first costs one dict lookup.
+_CHOSEN: dict[tuple[Any, ...], tuple[triton.Config, dict[str, Any]]] = {}
+_DTYPE = operator.attrgetter("dtype")
+# (autotuned kernel, number of positional arguments) -> (positions of its key names among those,
+# key names passed as keywords, positions of its pointer arguments)
+_KEY_LAYOUT: dict[tuple[Any, int], tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]] = {}
+
+
+def _key_layout(tuned: Any, count: int) -> tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]:
+    layout = _KEY_LAYOUT.get((tuned, count))
+    if layout is None:
+        names = list(tuned.arg_names)
+        positional = tuple(names.index(k) for k in tuned.keys if names.index(k) < count)
+        keywords = tuple(k for k in tuned.keys if names.index(k) >= count)
+        pointers = tuple(i for i, name in enumerate(names[:count]) if name.endswith("_ptr"))
+        layout = _KEY_LAYOUT[(tuned, count)] = (positional, keywords, pointers)
+    return layout
+
+
+def _launch(tuned: Any, grid: Grid, *args: Any, fixed_config: bool, memo: tuple[Any, ...] | None = None,
+            **kwargs: Any) -> None:
     """Launch an autotuned kernel.
 
     ``fixed_config``: skip tuning and use the first fitting config, so the reduction order (and so
     every bit of the result) does not depend on a timing race. Otherwise a config tuned before, in
     this process or (through the on-disk cache, see ``tuning.TUNING_CACHE``) in an earlier one on
     the same device, is launched directly; a new shape key is tuned once, with a notice on stderr.
+
+    ``memo``: a caller-built key that determines the autotuning key and every pointer's dtype as the
+    generic one does (the kernel is added to it), cheaper to build on a hot path.
     """
-    if len(tuned.configs) <= 1:
-        tuned.fn[grid](*args, **kwargs, **tuned.configs[0].all_kwargs())
+    configs = tuned.configs
+    if len(configs) == 1:
+        tuned.fn[grid](*args, **kwargs, **configs[0].all_kwargs())
         return
-    named = dict(zip(tuned.arg_names, args))
-    if fixed_config:
-        config = tuned.early_config_prune(tuned.configs, named, **kwargs)[0]
-        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
-        return
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    key = tuning_key(tuned, named, kwargs, device)
-    config = TUNING_CACHE.lookup(key, tuned.configs)
-    if config is None:
-        config = TUNING_CACHE.tune(key, tuned.configs, lambda: _tune(tuned, grid, named, args, kwargs))
-    tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+    if memo is None:
+        positional, keywords, pointers = _key_layout(tuned, len(args))
+        memo = (fixed_config, args[0].device, *map(args.__getitem__, positional),
+                *map(kwargs.__getitem__, keywords), *map(_DTYPE, map(args.__getitem__, pointers)))
+    memo = (tuned, *memo)
+    chosen = _CHOSEN.get(memo)
+    if chosen is None:
+        named = dict(zip(tuned.arg_names, args))
+        if fixed_config:
+            config = tuned.early_config_prune(configs, named, **kwargs)[0]
+        else:
+            key = tuning_key(tuned, named, kwargs, args[0].device)
+            config = TUNING_CACHE.lookup(key, configs)
+            if config is None:
+                tuned_here: list[bool] = []
+
+                def run() -> tuple[triton.Config, int]:
+                    tuned_here.append(True)
+                    return _tune(tuned, grid, named, args, kwargs)
+
+                config = TUNING_CACHE.tune(key, configs, run)
+                _CHOSEN[memo] = (config, config.all_kwargs())
+                if tuned_here:  # tuning launched the best config itself
+                    return
+        chosen = _CHOSEN[memo] = (config, config.all_kwargs())
+    tuned.fn[grid](*args, **kwargs, **chosen[1])
 
 
 def _tune(tuned: Any, grid: Grid, named: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -136,26 +177,35 @@ def adapter_forward(
     M, D = x.shape
     R = down_weight.shape[-2]
     n = down_weight.shape[0] if index is not None else 1
-    y = torch.empty((M, D), dtype=x.dtype, device=x.device)
-    h = torch.empty((M, R), dtype=torch.float32, device=x.device) if save_h else None
+    y = x.new_empty((M, D))
+    h = x.new_empty((M, R), dtype=torch.float32) if save_h else None
     if M == 0:
         return y, h
     dot_f32, precision = _dot_settings(down_weight.dtype)
     common = dict(GROUPED=index is not None, DOT_F32=dot_f32, PRECISION=precision, fixed_config=fixed_config)
-    down, down_b, up, up_b = _matrix(down_weight), _vector(down_bias, down_weight), _matrix(up_weight), _vector(up_bias, up_weight)
+    down_b, up_b = _vector(down_bias, down_weight), _vector(up_bias, up_weight)
     idx = _index_args(index, rows_per_index, x, n)
     res = residual if residual is not None else x
     r_pad = padded_rank(R)
     if r_pad <= MAX_FUSED_R:
+        # The hot path of small calls (batch-1 decoding): operands spelled out, no helper calls.
+        stacked = down_weight.dim() == 3
+        bucket = rows_bucket(M)
+        # Everything the autotuning key and the pointers' dtypes depend on (h is fp32, y is x's dtype).
+        memo = (fixed_config, x.device, D, R, bucket, save_h, index is not None, x.dtype, down_weight.dtype,
+                None if index is None else index.dtype, res.dtype)
         _launch(
             fused_rows_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-            x, x.stride(0), x.stride(1), *down, *down_b, y, 0, h if h is not None else y, R, *up, *up_b,
-            y, y.stride(0), y.stride(1), res, res.stride(0), res.stride(1), *idx,
-            M, D, R, scale, rows_bucket(M),
+            x, *x.stride(), down_weight, *(down_weight.stride() if stacked else (0, *down_weight.stride())),
+            *down_b, y, 0, h if h is not None else y, R,
+            up_weight, *(up_weight.stride() if stacked else (0, *up_weight.stride())),
+            *up_b, y, D, 1, res, *res.stride(), *idx,
+            M, D, R, scale, bucket,
             ACT=activation, BACKWARD=False, HAS_B1=down_bias is not None, HAS_B2=up_bias is not None,
-            STORE_MID=save_h, STORE_OUT=True, ADD_RESIDUAL=True, R_PAD=r_pad, **common,
+            STORE_MID=save_h, STORE_OUT=True, ADD_RESIDUAL=True, R_PAD=r_pad, memo=memo, **common,
         )
         return y, h
+    down, up = _matrix(down_weight), _matrix(up_weight)
     mid = h if h is not None else torch.empty((M, R), dtype=torch.float32, device=x.device)
     _launch(
         project_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"])),

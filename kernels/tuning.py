@@ -34,7 +34,7 @@ MAX_FUSED_R = 256
 
 def padded_rank(r: int) -> int:
     """r rounded up to a power of two of at least 16 (tl.dot needs >= 16, tl.arange powers of two)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, 1 << (r - 1).bit_length())
 
 
 # Row counts are tuned in power-of-two buckets from MIN_ROWS_BUCKET to MAX_ROWS_BUCKET: 12 buckets, so
@@ -46,7 +46,7 @@ MAX_ROWS_BUCKET = 32768
 def rows_bucket(rows: int) -> int:
     """Row count rounded up to a power of two and clamped to [MIN_ROWS_BUCKET, MAX_ROWS_BUCKET]: the
     autotuning key, so varying lengths share tuning and the number of keys stays bounded."""
-    return min(max(triton.next_power_of_2(max(rows, 1)), MIN_ROWS_BUCKET), MAX_ROWS_BUCKET)
+    return min(max(1 << (rows - 1).bit_length() if rows > 1 else 1, MIN_ROWS_BUCKET), MAX_ROWS_BUCKET)
 
 
 def _pruner(fits: Callable[[dict[str, int], dict[str, Any]], bool]):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_fused import ACTIVATIONS, FusedAdapter, reference_adapter
+from adapter_fused import ACTIVATIONS, FusedAdapter, fused_adapter, reference_adapter
 from tests.conftest import DEVICE
 from tests.tolerances import assert_matches
 
@@ -84,3 +84,60 @@ def test_dtype_and_device_arguments() -> None:
 def test_bad_arguments(kwargs: dict, error: type) -> None:  # type: ignore[type-arg]
     with pytest.raises(error):
         FusedAdapter(**kwargs)
+
+
+def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module call with its own, unchanged parameters validates nothing per call and does not go
+    through the registered operator; outputs and gradients are those of the validated op path."""
+    from adapter_fused import library, ops
+    from tests.cases import make_problem
+
+    layer = FusedAdapter(48, 16, activation="gelu", scale=0.7).to(DEVICE)
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.2)
+    p = make_problem((3, 5), 48, 16, torch.float32, DEVICE, seed=31)
+    params = [layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias]
+    want = fused_adapter(p.x, *params, "gelu", 0.7)
+    checks, dispatched = [], []
+    real_check, real_op = ops.check_adapter_args, library.adapter_forward
+    monkeypatch.setattr(ops, "check_adapter_args", lambda *a, **k: checks.append(1) or real_check(*a, **k))
+    monkeypatch.setattr(ops, "adapter_forward", lambda *a: dispatched.append(1) or real_op(*a))
+    kernels = ops.kernels_available(DEVICE)
+    with torch.no_grad():
+        got = layer(p.x)
+    assert torch.equal(got, want) and got.shape == p.x.shape
+    assert dispatched == [] and checks == ([] if kernels else [1])
+
+    x = p.x.clone().requires_grad_()
+    layer(x).backward(p.grad)
+    fast = [x.grad, *(t.grad for t in params)]
+    if not kernels:
+        return
+    leaves = [t.detach().clone().requires_grad_() for t in (p.x, *params)]
+    y, _ = real_op(leaves[0].reshape(-1, 48), *leaves[1:], "gelu", 0.7, True, False, None, 1, None)
+    y.backward(p.grad.reshape(-1, 48))
+    for a, b in zip(fast, (t.grad for t in leaves)):
+        assert a is not None and b is not None and torch.equal(a, b)
+
+
+def test_module_attributes_are_checked_when_set() -> None:
+    layer = FusedAdapter(16, 4)
+    layer.activation = "swish"
+    assert layer.activation == "silu"
+    with pytest.raises(ValueError, match="unknown activation"):
+        layer.activation = "softplus"
+    with pytest.raises(ValueError, match="finite"):
+        layer.scale = float("nan")
+    layer.scale = 2
+    assert layer.scale == 2.0 and isinstance(layer.scale, float)
+
+
+def test_a_replaced_parameter_is_validated_again() -> None:
+    layer = FusedAdapter(16, 4).to(DEVICE)
+    x = torch.randn(3, 16, device=DEVICE)
+    layer.up.weight = torch.nn.Parameter(torch.randn(16, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="up_weight must have shape"):
+        layer(x)
+    layer.up.weight = torch.nn.Parameter(torch.randn(16, 4, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(TypeError, match="up_weight has dtype torch.float16"):
+        layer(x)
