@@ -239,6 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gcase, gspec.n_adapters, gspec.index_kinds, grouped_providers, grouped.GROUPED_OPS, device, copy_bw,
                 settings, args.activation, args.scale, args.seed, skips, lambda: progress.advance(task))
 
+    from . import host_cost
+
+    host = host_cost.measure(calls=500 if args.smoke else 4000, repeats=3 if args.smoke else 5)
+    console.print(f"host cost per call on this CPU, no grad, x (1, {host['d']}), r {host['r']}: FusedAdapter "
+                  f"{host['fused_module_us']:.1f} us up to the launch; eager adapter {host['eager_adapter_us']:.1f} us; "
+                  f"one F.linear {host['linear_us']:.1f} us")
     result: dict[str, Any] = {
         "device": harness.device_label(device),
         **harness.versions(),
@@ -248,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "records": records,
         "models": model_records,
         "grouped": grouped_records,
+        "host_cost": host,
     }
     report.print_tables(console, result, skips)
     if args.out is not None:
