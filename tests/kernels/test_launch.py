@@ -53,3 +53,25 @@ def test_inference_does_not_store_h(launches) -> None:  # type: ignore[no-untype
     p = make_problem((10,), 40, 16, torch.float32, DEVICE)
     y, h = adapter_forward(p.x, p.down_weight, p.down_bias, p.up_weight, p.up_bias, ACTIVATION_CODES["relu"], 1.0, False)
     assert h is None and len(launches) == 1
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided-rows", "offset"])
+def test_saved_h_in_any_layout_gives_the_same_gradients(layout: str) -> None:
+    """The launchers take the saved h (M, R) in any layout: the same gradients, bit for bit."""
+    p = make_problem((19,), 40, 24, torch.float32, DEVICE, seed=14)
+    code = ACTIVATION_CODES["gelu"]
+    _, h = adapter_forward(p.x, p.down_weight, p.down_bias, p.up_weight, p.up_bias, code, 0.8, save_h=True)
+    assert h is not None
+    if layout == "transposed":
+        other = h.t().contiguous().t()
+    elif layout == "strided-rows":
+        other = torch.zeros(19, 3 * 24, device=DEVICE)[:, ::3]
+        other.copy_(h)
+    else:
+        other = torch.zeros(19 * 24 + 5, device=DEVICE)[5:].view(19, 24)
+        other.copy_(h)
+    assert torch.equal(other, h) and (other.stride() != h.stride() or other.storage_offset() != 0)
+    want = adapter_backward(p.grad, p.x, h, p.down_weight, p.up_weight, code, 0.8, **ALL)
+    got = adapter_backward(p.grad, p.x, other, p.down_weight, p.up_weight, code, 0.8, **ALL)
+    for a, b in zip(got, want):
+        assert a is not None and b is not None and torch.equal(a, b)
