@@ -67,7 +67,7 @@ STATUS_FILE = "status.tsv"
 # The results file of ``python -m benchmarks --out`` (``benchmarks.report``), spelled out here because
 # that module needs ``rich``, which the GPU image may lack; a test keeps the two equal.
 RESULTS_KEYS: tuple[str, ...] = ("device", "torch", "triton", "date", "command", "copy_bw_gbps", "records", "models",
-                                 "grouped")
+                                 "grouped", "host_cost")
 
 # Targets (the table stage judges the measurements against them).
 FORWARD_COPY_BW_PCT = 85.0
@@ -299,7 +299,7 @@ def find_results(out: Path) -> Path | None:
 
 def update_results(out: Path, device: str, epoch: float, dry_run: bool, **parts: Any) -> Path:
     """Create or update the results file (the schema of ``python -m benchmarks --out``) with ``parts``
-    (any of ``records``, ``models``, ``grouped``, ``copy_bw_gbps``)."""
+    (any of ``records``, ``models``, ``grouped``, ``copy_bw_gbps``, ``host_cost``)."""
     import torch
     import triton
 
@@ -310,7 +310,7 @@ def update_results(out: Path, device: str, epoch: float, dry_run: bool, **parts:
             "device": device, "torch": torch.__version__, "triton": triton.__version__,
             "date": started_at(epoch).isoformat(timespec="seconds"),
             "command": "bash benchmarks/gpu_check.sh" + (" --dry-run" if dry_run else ""),
-            "copy_bw_gbps": None, "records": [], "models": [], "grouped": [],
+            "copy_bw_gbps": None, "records": [], "models": [], "grouped": [], "host_cost": None,
         }
     unknown = set(parts) - set(RESULTS_KEYS)
     if unknown:
@@ -713,6 +713,15 @@ def stage_kernels(args: argparse.Namespace, record: StageRecord) -> int:
             record.skip("launch_overhead", f"failed: {short_error(exc)}")
     else:
         record.skip("launch_overhead", "no time left")
+    if deadline.left() > 15:
+        from . import host_cost
+
+        host = host_cost.measure(calls=300 if args.dry_run else 2000, repeats=3)
+        update_results(args.out, device_label, args.started, args.dry_run, host_cost=host)
+        print(f"  host cost up to the launch (CPU side, no-op launch): FusedAdapter {host['fused_module_us']:.1f} µs, "
+              f"eager adapter on the CPU {host['eager_adapter_us']:.1f} µs per call", flush=True)
+    else:
+        record.skip("host_cost", "no time left")
     g = plan.grouped
     if deadline.left() >= g.min_seconds:
         gcase = grouped_bench.GroupedCase(batch=g.batch, seq=g.seq, d=g.d, r=g.r, dtype=harness.DTYPES[g.dtype])

@@ -19,7 +19,7 @@ from .harness import OPS, Skip, tflops
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TOP_LEVEL_KEYS: tuple[str, ...] = ("device", "torch", "triton", "date", "command", "copy_bw_gbps", "records", "models",
-                                   "grouped")
+                                   "grouped", "host_cost")
 
 
 def file_stem(device: str, when: datetime) -> str:
