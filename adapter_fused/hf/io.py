@@ -8,6 +8,14 @@ directory and then renamed over the target, so a reader never sees a half-writte
 - ``adapter_model.safetensors``: tensors ``<layer>.<site>.{down,up}.{weight,bias}``, where site is
   ``attention`` or ``ffn``; ``down.weight`` is (r, d), ``up.weight`` (d, r).
 
+With ``with_head=True`` (the default) and a model that has a task head (parameters outside
+``model.base_model``, see ``model.head_parameters``), two more files hold the head:
+
+- ``adapter_head.safetensors``: the head's parameters under their names in the model, e.g.
+  ``classifier.weight`` (num_labels, d) and ``classifier.bias`` (num_labels,);
+- ``adapter_head.json``: ``{"format": "adapter_fused_head", "format_version": 1, "model_class",
+  "parameters": {name: shape}}``.
+
 ``load_adapter`` reads that layout and also directories saved by AdapterHub (``adapter_config.json``
 with ``adapter.safetensors`` or ``pytorch_adapter.bin``).
 """
@@ -27,12 +35,23 @@ from torch import nn
 from .adapterhub import ADAPTERHUB_WEIGHTS, config_from_adapterhub, is_adapterhub_config, weights_from_adapterhub
 from .architectures import find_architecture, hidden_size
 from .config import AdapterConfig
-from .model import _check_name, adapter_config, adapter_modules, attach_adapter, build_adapter_modules, list_adapters
+from .model import (
+    _check_name,
+    adapter_config,
+    adapter_modules,
+    attach_adapter,
+    build_adapter_modules,
+    head_parameters,
+    list_adapters,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "adapter_fused"
 FORMAT_VERSION = 1
+HEAD_WEIGHTS_FILE = "adapter_head.safetensors"
+HEAD_CONFIG_FILE = "adapter_head.json"
+HEAD_FORMAT = "adapter_fused_head"
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
@@ -49,9 +68,17 @@ def _write_atomic(path: Path, data: bytes) -> Path:
     return Path(temp)
 
 
-def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike[str]) -> None:
+def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike[str], with_head: bool = True) -> None:
     """Save adapter ``name`` of ``model`` to ``directory`` (created if missing) as
-    ``adapter_config.json`` + ``adapter_model.safetensors``, each replaced atomically."""
+    ``adapter_config.json`` + ``adapter_model.safetensors``, each replaced atomically.
+
+    with_head: also write the model's task head (the parameters outside ``model.base_model``, e.g.
+    ``classifier.weight`` (num_labels, d), trained with ``train_adapter(..., train_head=True)``) as
+    ``adapter_head.safetensors`` + ``adapter_head.json`` (parameter names and shapes). A model without
+    a head (a bare base model, or one whose only output layer is tied to the embeddings) writes no
+    head files. Head files that an earlier save left in ``directory`` are removed when no head is
+    written, so the directory never pairs an adapter with another model's head.
+    """
     from safetensors.torch import save
 
     config = adapter_config(model, name)
@@ -69,13 +96,31 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike[str])
     }
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    pending = [
-        (_write_atomic(target / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"})), target / WEIGHTS_FILE),
-        (_write_atomic(target / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()),
-         target / CONFIG_FILE),
-    ]
+    files = [(WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))]
+    head = {n: p.detach().to("cpu").contiguous() for n, p in head_parameters(model)} if with_head else {}
+    if head:
+        head_meta = {
+            "format": HEAD_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_class": type(model).__name__,
+            "parameters": {n: list(t.shape) for n, t in head.items()},
+        }
+        files.append((HEAD_WEIGHTS_FILE, save(head, metadata={"format": "pt"})))
+        files.append((HEAD_CONFIG_FILE, (json.dumps(head_meta, indent=2, sort_keys=True) + "\n").encode()))
+    files.append((CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))  # replaced last
+    pending: list[tuple[Path, Path]] = []
+    try:
+        for file_name, data in files:
+            pending.append((_write_atomic(target / file_name, data), target / file_name))
+    except BaseException:
+        for temp, _ in pending:
+            temp.unlink(missing_ok=True)
+        raise
     for temp, final in pending:
         os.replace(temp, final)
+    if not head:
+        for stale in (HEAD_WEIGHTS_FILE, HEAD_CONFIG_FILE):
+            (target / stale).unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -128,12 +173,63 @@ def _fill(modules: nn.ModuleDict, weights: Mapping[str, torch.Tensor], source: P
             parameter.copy_(weights[key].to(device=parameter.device, dtype=parameter.dtype))
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str | None = None) -> str:
+def _read_head(model: nn.Module, root: Path) -> dict[str, tuple[nn.Parameter, torch.Tensor]] | None:
+    """The saved head in ``root`` matched to ``model``'s head parameters, ``{name: (parameter,
+    saved tensor)}``, after checking names and shapes; None when ``root`` holds no head or the model
+    has none to restore into."""
+    config_path, weights_path = root / HEAD_CONFIG_FILE, root / HEAD_WEIGHTS_FILE
+    if not config_path.exists() and not weights_path.exists():
+        return None
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: head weights not found (the directory has {HEAD_CONFIG_FILE})")
+    meta = _read_json(config_path)
+    if meta.get("format") != HEAD_FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: not an adapter_fused head config (format {meta.get('format')!r}, "
+                         f"format_version {meta.get('format_version')!r})")
+    shapes = meta.get("parameters")
+    if not isinstance(shapes, dict):
+        raise ValueError(f"{config_path}: expected \"parameters\" to map parameter names to shapes")
+    saved = _read_weights(weights_path)
+    for key in sorted(set(shapes) | set(saved)):
+        if key not in saved or key not in shapes or list(saved[key].shape) != list(shapes[key]):
+            raise ValueError(f"{weights_path}: tensor {key} does not match {config_path.name}")
+    head = dict(head_parameters(model))
+    if not head:
+        return None
+    missing, unexpected = sorted(set(head) - set(saved)), sorted(set(saved) - set(head))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"the model's head has {', '.join(missing)}, which the file lacks")
+        if unexpected:
+            parts.append(f"the file has {', '.join(unexpected)}, which is not a head parameter of this model")
+        raise ValueError(f"{weights_path}: saved head does not match this model ({'; '.join(parts)}); "
+                         f"pass with_head=False to load the adapter alone")
+    for key, parameter in head.items():
+        if tuple(saved[key].shape) != tuple(parameter.shape):
+            raise ValueError(f"{weights_path}: head parameter {key} has shape {tuple(saved[key].shape)}, this model "
+                             f"expects {tuple(parameter.shape)}; pass with_head=False to load the adapter alone")
+        if not saved[key].is_floating_point():
+            raise ValueError(f"{weights_path}: head parameter {key} has dtype {saved[key].dtype}, expected a floating "
+                             f"point type")
+    return {key: (parameter, saved[key]) for key, parameter in head.items()}
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str | None = None,
+                 with_head: bool = True) -> str:
     """Load an adapter saved by ``save_adapter`` or by AdapterHub from ``directory`` into ``model``
     under ``name`` (default: the saved name) and return that name; the adapter is not activated.
 
+    with_head: when ``directory`` holds a head saved by ``save_adapter(..., with_head=True)``, copy
+    it into the model's task head (the parameters outside ``model.base_model``, e.g. ``classifier``),
+    so the model computes the logits it was saved with. Names and shapes must match the model's head
+    (ValueError naming the parameter otherwise); a bare base model has no head and skips it.
+    ``with_head=False`` leaves the model's head untouched. AdapterHub's own prediction heads are not
+    read.
+
     Raises FileNotFoundError for missing files and ValueError naming the file for a damaged file,
-    tensors that do not fit the model, or a config the fused adapter cannot express.
+    tensors that do not fit the model, or a config the fused adapter cannot express. Every check
+    runs before anything is changed: on an error the model is left as it was.
     """
     root = Path(directory)
     config_path = root / CONFIG_FILE
@@ -169,7 +265,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     name = _check_name(name if name is not None else (saved_name or root.name))
     if name in list_adapters(model):
         raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it or pass another name")
+    head = _read_head(model, root) if with_head and not is_adapterhub_config(meta) else None
     modules = build_adapter_modules(model, config)
     _fill(modules, weights, weights_path)
     attach_adapter(model, name, config, modules)
+    if head is not None:
+        with torch.no_grad():
+            for parameter, value in head.values():
+                parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
     return name

@@ -17,7 +17,7 @@ hooks read the copy's adapters and layers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +149,7 @@ class _State:
         self.modules = modules
         self.configs: dict[str, AdapterConfig] = {}
         self.active: str | None = None
+        self.training: str | None = None  # the adapter train_adapter last prepared, until it is deleted
         self.call = _CallLocal()
         self.per_sample_blocks = 0  # per_sample_adapters blocks open in any thread
         self.lock = threading.Lock()
@@ -202,6 +203,7 @@ class _State:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("training", None)
         self.call = _CallLocal()
         self.lock = threading.Lock()
 
@@ -261,14 +263,38 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
     return out
 
 
+def _remove_state(model: nn.Module, state: _State) -> None:
+    """Undo ``_state(model, create=True)``: remove the hooks, ``fused_adapters`` and the bookkeeping."""
+    state.remove_hooks()
+    base = _base(model)
+    if MODULE_NAME in base._modules:
+        delattr(base, MODULE_NAME)
+    base.__dict__.pop(STATE_NAME, None)
+
+
 def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: nn.ModuleDict) -> None:
-    """Register already built adapter ``modules`` (see ``build_adapter_modules``) under ``name``."""
+    """Register already built adapter ``modules`` (see ``build_adapter_modules``) under ``name``.
+
+    While the model is prepared for training another adapter (``train_adapter``), the new adapter's
+    parameters get ``requires_grad=False`` so that adding it does not change what trains. On an error
+    the model is left as it was (a first adapter that fails to attach also removes the hooks)."""
+    existed = _state(model) is not None
     state = _state(model, create=True)
     assert state is not None
-    if name in state.configs:
-        raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it first")
-    state.modules[name] = modules
-    state.configs[name] = config
+    try:
+        if name in state.configs:
+            raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it first")
+        if state.training is not None:
+            for parameter in modules.parameters():
+                parameter.requires_grad_(False)
+        state.modules[name] = modules
+        state.configs[name] = config
+    except BaseException:
+        if name in state.modules and name not in state.configs:
+            del state.modules[name]
+        if not existed:
+            _remove_state(model, state)
+        raise
 
 
 def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfeiffer") -> None:
@@ -277,7 +303,10 @@ def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfei
     config: ``"houlsby"`` / ``"double_seq_bn"``, ``"pfeiffer"`` / ``"seq_bn"`` or an ``AdapterConfig``.
     Each adapter maps (..., d) -> (..., d) with width r = ``hidden_size // reduction_factor`` and has
     2*d*r + r + d parameters. Base parameters are not touched; activate with ``set_active_adapters``
-    or ``train_adapter``. Raises ValueError for unsupported models or a name already in use.
+    or ``train_adapter``. After ``train_adapter`` the new adapter starts frozen (``requires_grad=False``):
+    only the adapter being trained (and its head) train until ``train_adapter`` picks another.
+    Raises ValueError for unsupported models, a bad config or a name already in use; the model is
+    then left exactly as it was (no new modules, parameters or hooks).
     """
     name = _check_name(name)
     config = resolve_config(config)
@@ -288,8 +317,39 @@ def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfei
     attach_adapter(model, name, config, build_adapter_modules(model, config))
 
 
-def set_active_adapters(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the adapter that runs in the forward pass, or run none (``None``: the base model)."""
+def _single_name(names: object) -> str | None:
+    """The one adapter name that ``set_active_adapters`` accepts in ``names``: a string, ``None``, a
+    list or tuple of one name, or an AdapterHub ``Stack`` of one name (which is that adapter)."""
+    if names is None or isinstance(names, str):
+        return names
+    if type(names).__module__.startswith("adapters.") and isinstance(getattr(names, "children", None), list):
+        children = names.children  # type: ignore[attr-defined]
+        if type(names).__name__ == "Stack" and len(children) == 1 and isinstance(children[0], str):
+            return children[0]
+        raise ValueError(f"adapter_fused: set_active_adapters runs one adapter at a time; AdapterHub compositions "
+                         f"such as {names!r} are not supported yet by this function")
+    if isinstance(names, (list, tuple)):
+        if len(names) == 1 and isinstance(names[0], str):
+            return names[0]
+        if not names:
+            raise ValueError("adapter_fused: set_active_adapters got an empty list; pass one adapter name, "
+                             "or None to run no adapter")
+        listed = ", ".join(repr(n) for n in names)
+        raise ValueError(f"adapter_fused: set_active_adapters runs one adapter at a time; compositions of several "
+                         f"adapters ({listed}) are not supported yet by this function")
+    raise TypeError(f"adapter_fused: set_active_adapters expects an adapter name, a list of one name or None, "
+                    f"got {type(names).__name__}")
+
+
+def set_active_adapters(model: nn.Module, name: str | list[str] | tuple[str, ...] | None) -> None:
+    """Make ``name`` the adapter that runs in the forward pass, or run none (``None``: the base model).
+
+    ``name`` may also be a list or tuple holding one name (``["task"]``, as AdapterHub accepts), or
+    an AdapterHub ``Stack`` of one adapter. Several names (a composition such as stacking or
+    fusing adapters) raise ValueError naming them: this function runs one adapter at a time (see
+    ``per_sample_adapters`` for a different adapter per sample). An unknown name raises KeyError.
+    """
+    name = _single_name(name)
     if name is None:
         state = _state(model)
         if state is not None:
@@ -298,16 +358,44 @@ def set_active_adapters(model: nn.Module, name: str | None) -> None:
     require_adapter(model, name).active = name
 
 
-def train_adapter(model: nn.Module, name: str) -> None:
-    """Prepare ``model`` to train adapter ``name``: every other parameter (base model, head, other
-    adapters) gets ``requires_grad=False``, the adapter's get True, it becomes active, and the model
-    is put in training mode."""
+def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters of ``model``'s task head: those outside ``model.base_model`` (e.g.
+    ``classifier.*``, ``score.*``, ``qa_outputs.*``, an untied ``lm_head.*``), by their names in
+    ``model``. Parameters shared with the base model (an output layer tied to the input embeddings)
+    are not part of the head; a bare base model has none."""
+    base = _base(model)
+    if base is model:
+        return
+    shared = {id(p) for p in base.parameters()}
+    storages = {p.untyped_storage().data_ptr() for p in base.parameters() if p.device.type != "meta"}
+    seen: set[int] = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in shared or id(parameter) in seen:
+            continue
+        if parameter.device.type != "meta" and parameter.untyped_storage().data_ptr() in storages:
+            continue
+        seen.add(id(parameter))
+        yield name, parameter
+
+
+def train_adapter(model: nn.Module, name: str, train_head: bool = True) -> None:
+    """Prepare ``model`` to train adapter ``name``: the adapter's parameters get ``requires_grad=True``,
+    and so does the model's task head when ``train_head`` (see ``head_parameters``: e.g. the
+    ``classifier`` of a ``BertForSequenceClassification``, never embeddings tied to an output
+    layer); every other parameter (base model, other adapters, the head when not ``train_head``)
+    gets False. The adapter becomes active, the model is put in training mode, and adapters added
+    afterwards start frozen. ``save_adapter(..., with_head=True)`` keeps the trained head.
+    """
     state = require_adapter(model, name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if train_head:
+        for _, parameter in head_parameters(model):
+            parameter.requires_grad_(True)
     for parameter in state.modules[name].parameters():
         parameter.requires_grad_(True)
     state.active = name
+    state.training = name
     model.train()
 
 
@@ -318,11 +406,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del state.configs[name]
     if state.active == name:
         state.active = None
+    if state.training == name:
+        state.training = None
     if not state.configs:
-        state.remove_hooks()
-        base = _base(model)
-        delattr(base, MODULE_NAME)
-        del base.__dict__[STATE_NAME]
+        _remove_state(model, state)
 
 
 def list_adapters(model: nn.Module) -> list[str]:

@@ -16,6 +16,7 @@ from adapter_fused import ACTIVATIONS  # noqa: E402
 from adapter_fused.hf import (  # noqa: E402
     AdapterConfig,
     Placement,
+    active_adapter,
     adapter_summary,
     add_adapter,
     delete_adapter,
@@ -198,7 +199,11 @@ def test_headed_model_and_base_model_share_adapters() -> None:
     assert list_adapters(model.bert) == ["task"]
     train_adapter(model, "task")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(n.startswith("bert.fused_adapters.task.") for n in trainable)
+    assert all(n.startswith(("bert.fused_adapters.task.", "classifier.")) for n in trainable)
+    assert model.classifier.weight.requires_grad
+    train_adapter(model, "task", train_head=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("bert.fused_adapters.task.") for n in trainable)
     assert not model.classifier.weight.requires_grad
 
 
@@ -244,3 +249,83 @@ def test_parallel_placement_is_one_pass(arch: str, launches) -> None:  # type: i
         hidden_states(model, make_inputs())
     assert len(calls) == LAYERS and len(launches) == LAYERS
     assert all(residual is not None and residual is not z for z, residual in calls)
+
+
+def hooks(model: nn.Module) -> int:
+    """All forward hooks and pre-hooks registered on the model's modules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_adapter_added_while_training_another_is_frozen() -> None:
+    model = make_model("bert")
+    add_adapter(model, "a", "pfeiffer")
+    assert all(p.requires_grad for p in model.fused_adapters["a"].parameters())  # no training state yet
+    train_adapter(model, "a")
+    add_adapter(model, "b", "houlsby")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("fused_adapters.a.") for n in trainable)
+    train_adapter(model, "b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("fused_adapters.b.") for n in trainable)
+    delete_adapter(model, "b")
+    add_adapter(model, "c", "pfeiffer")  # the trained adapter is gone: new ones train by default again
+    assert all(p.requires_grad for p in model.fused_adapters["c"].parameters())
+
+
+def test_failed_add_leaves_the_model_intact() -> None:
+    model = make_model("bert")
+    inputs = make_inputs()
+    base, names, count = hidden_states(model, inputs), [n for n, _ in model.named_parameters()], hooks(model)
+    with pytest.raises(ValueError, match="unknown placement"):
+        add_adapter(model, "a", "lora")
+    with pytest.raises(ValueError, match="without dots"):
+        add_adapter(model, "a.b", "pfeiffer")
+    assert not hasattr(model, "fused_adapters") and hooks(model) == count
+    assert [n for n, _ in model.named_parameters()] == names
+    add_adapter(model, "a", "pfeiffer")
+    names, count = [n for n, _ in model.named_parameters()], hooks(model)
+    with pytest.raises(ValueError, match="already exists"):
+        add_adapter(model, "a", "houlsby")
+    with pytest.raises(ValueError, match="unknown placement"):
+        add_adapter(model, "b", "lora")
+    assert [n for n, _ in model.named_parameters()] == names and hooks(model) == count
+    assert list_adapters(model) == ["a"]
+    delete_adapter(model, "a")
+    assert hooks(model) == 0 and torch.equal(hidden_states(model, inputs), base)
+
+
+def test_set_active_adapters_accepts_a_list_of_one() -> None:
+    model = make_model("bert")
+    add_adapter(model, "a", "pfeiffer")
+    add_adapter(model, "b", "pfeiffer")
+    randomize(model.fused_adapters.parameters())
+    inputs = make_inputs()
+    set_active_adapters(model, "a")
+    expected = hidden_states(model, inputs)
+    set_active_adapters(model, None)
+    set_active_adapters(model, ["a"])
+    assert active_adapter(model) == "a" and torch.equal(hidden_states(model, inputs), expected)
+    set_active_adapters(model, ("b",))
+    assert active_adapter(model) == "b"
+    with pytest.raises(ValueError, match=r"compositions of several adapters \('a', 'b'\) are not supported yet"):
+        set_active_adapters(model, ["a", "b"])
+    assert active_adapter(model) == "b"
+    with pytest.raises(ValueError, match="empty list"):
+        set_active_adapters(model, [])
+    with pytest.raises(KeyError, match="no adapter named 'c'"):
+        set_active_adapters(model, ["c"])
+    with pytest.raises(TypeError, match="expects an adapter name"):
+        set_active_adapters(model, 3)  # type: ignore[arg-type]
+
+
+def test_set_active_adapters_with_adapterhub_compositions() -> None:
+    composition = pytest.importorskip("adapters.composition")
+    model = make_model("bert")
+    add_adapter(model, "a", "pfeiffer")
+    add_adapter(model, "b", "pfeiffer")
+    set_active_adapters(model, composition.Stack("a"))
+    assert active_adapter(model) == "a"
+    for several in (composition.Stack("a", "b"), composition.Fuse("a", "b"), composition.Parallel("a", "b")):
+        with pytest.raises(ValueError, match="compositions .* are not supported yet"):
+            set_active_adapters(model, several)
+    assert active_adapter(model) == "a"
