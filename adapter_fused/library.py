@@ -85,26 +85,14 @@ def _forward_impl(
 adapter_forward = torch.library.custom_op(f"{NAMESPACE}::adapter_forward", mutates_args=())(_forward_impl)
 
 
-def launch_forward(
-    x: Tensor,
-    down_weight: Tensor,
-    down_bias: Tensor | None,
-    up_weight: Tensor,
-    up_bias: Tensor | None,
-    activation: str,
-    scale: float,
-    save_h: bool,
-    fixed_config: bool,
-    index: Tensor | None = None,
-    rows_per_index: int = 1,
-    residual: Tensor | None = None,
-) -> Tensor:
-    """The forward launcher alone, for eager calls autograd does not record (``save_h`` is False
-    there and ignored): the arguments of ``adapter_forward`` -> y (M, d)."""
+def launch_forward(*args: object) -> Tensor:
+    """The forward launcher alone, for eager calls autograd does not record: the twelve arguments of
+    ``adapter_forward`` (``save_h`` is ignored: h is not kept) -> y (M, d)."""
+    x, down_weight, down_bias, up_weight, up_bias, activation, scale, _, fixed_config, index, per, residual = args
     kernels = _kernels_module()
     y, _ = kernels.adapter_forward(
         x, down_weight, down_bias, up_weight, up_bias, kernels.ACTIVATION_CODES[activation], scale, False,
-        fixed_config, index=index, rows_per_index=rows_per_index, residual=residual,
+        fixed_config, index=index, rows_per_index=per, residual=residual,
     )
     return y
 

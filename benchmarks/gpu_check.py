@@ -39,7 +39,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from .naming import file_stem
 
 STAGES: tuple[str, ...] = ("install", "environment", "tests", "kernels", "models", "plots", "table")
 STATUSES: tuple[str, ...] = ("passed", "failed", "timed-out", "skipped")
@@ -207,15 +208,6 @@ def read_json_file(path: Path) -> Any | None:
 def started_at(epoch: float) -> datetime:
     """The run's start time (UTC) from the epoch seconds the shell script passes to every stage."""
     return datetime.fromtimestamp(epoch, tz=timezone.utc)
-
-
-def file_stem(device: str, when: datetime) -> str:
-    """``adapter_bench_<device>_<date>``: the name ``benchmarks.report.file_stem`` gives (a test keeps them equal)."""
-    if device.startswith("CPU"):
-        slug = "cpu-interpreter" if "interpreter" in device else "cpu"
-    else:
-        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
-    return f"adapter_bench_{slug}_{when:%Y-%m-%d_%H%M%S}"
 
 
 def package_version(name: str) -> str | None:
@@ -657,19 +649,17 @@ def kernel_rows(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
 KERNEL_HEADER = ("op", "provider", "dtype", "M", "d", "r", "ms median", "GB/s", "% copy bw", "time / fused")
 
 
-def stage_kernels(args: argparse.Namespace, record: StageRecord) -> int:
-    """Time the headline shapes with the harness; update the results file after every provider."""
+def timing_setup(args: argparse.Namespace, record: StageRecord) -> tuple[Any, Any, str] | None:
+    """What a timing stage starts with: (device, timing settings, device label), or None (the stage
+    failed: no CUDA device). Records a kernels import error, which the stage then reports per case."""
     import torch
 
-    from . import grouped as grouped_bench
     from . import harness
 
-    plan = plan_for(args.dry_run)
-    deadline = Deadline(args.budget)
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         record.status, record.reason = "failed", "no CUDA device visible to torch"
-        return 1
+        return None
     problem = kernels_import_problem()
     if problem is not None:
         record.data["kernels_import_error"] = problem
@@ -677,7 +667,21 @@ def stage_kernels(args: argparse.Namespace, record: StageRecord) -> int:
     if args.dry_run:
         torch.set_num_threads(1)  # as the smoke run: inductor's OpenMP kernels stall on a busy machine
     settings = harness.SMOKE_TIMING if args.dry_run else harness.TimingSettings()
-    device_label = harness.device_label(device)
+    return device, settings, harness.device_label(device)
+
+
+def stage_kernels(args: argparse.Namespace, record: StageRecord) -> int:
+    """Time the headline shapes with the harness; update the results file after every provider."""
+
+    from . import grouped as grouped_bench
+    from . import harness
+
+    plan = plan_for(args.dry_run)
+    deadline = Deadline(args.budget)
+    ready = timing_setup(args, record)
+    if ready is None:
+        return 1
+    device, settings, device_label = ready
     copy_bw = harness.copy_bandwidth_gbps(device, nbytes=plan.copy_bytes, settings=settings)
     print(f"{device_label}: copy bandwidth {copy_bw:.1f} GB/s (read + write)", flush=True)
     record.data.update(device=device_label, copy_bw_gbps=copy_bw)
@@ -748,23 +752,14 @@ def stage_kernels(args: argparse.Namespace, record: StageRecord) -> int:
 
 def stage_models(args: argparse.Namespace, record: StageRecord) -> int:
     """GPT-2 medium batch-1 latency (base, eager, fused), then a BERT-base training step (fused, eager)."""
-    import torch
 
-    from . import harness, models
+    from . import models
 
     deadline = Deadline(args.budget)
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        record.status, record.reason = "failed", "no CUDA device visible to torch"
+    ready = timing_setup(args, record)
+    if ready is None:
         return 1
-    problem = kernels_import_problem()
-    if problem is not None:
-        record.data["kernels_import_error"] = problem
-        print(f"the Triton kernels do not import: {problem}", flush=True)
-    if args.dry_run:
-        torch.set_num_threads(1)
-    settings = harness.SMOKE_TIMING if args.dry_run else harness.TimingSettings()
-    device_label = harness.device_label(device)
+    device, settings, device_label = ready
     gpt2 = models.GPT2_SMOKE if args.dry_run else models.GPT2_MEDIUM
     bert = models.BERT_SMOKE if args.dry_run else models.BERT_BASE
     min_left = 5.0 if args.dry_run else 25.0

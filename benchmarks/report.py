@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +14,11 @@ from rich.table import Table
 
 from .grouped import TARGET_ADAPTERS, TARGET_RATIO
 from .harness import OPS, Skip, tflops
+from .naming import file_stem as file_stem  # re-exported: the results file name
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TOP_LEVEL_KEYS: tuple[str, ...] = ("device", "torch", "triton", "date", "command", "copy_bw_gbps", "records", "models",
                                    "grouped", "host_cost")
-
-
-def file_stem(device: str, when: datetime) -> str:
-    """``adapter_bench_<device>_<date>``, e.g. ``adapter_bench_nvidia-h200_2025-01-31_120501``."""
-    if device.startswith("CPU"):
-        slug = "cpu-interpreter" if "interpreter" in device else "cpu"
-    else:
-        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
-    return f"adapter_bench_{slug}_{when:%Y-%m-%d_%H%M%S}"
 
 
 def write_json(path: Path, result: dict[str, Any]) -> Path:
