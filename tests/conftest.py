@@ -20,15 +20,16 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu`` tests skip without CUDA; ``slow`` tests run only when ``-m`` names them."""
+    """``gpu`` tests skip without CUDA; ``slow`` tests are deselected unless ``-m`` names them."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
-    run_slow = "slow" in (config.getoption("markexpr", "") or "")
+    if "slow" not in (config.getoption("markexpr", "") or ""):
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and not run_slow:
-            item.add_marker(skip_slow)
 
 
 @pytest.fixture
