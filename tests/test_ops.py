@@ -360,3 +360,40 @@ def test_bad_residual() -> None:
         fused_adapter(*p.inputs, residual=p.x[:4])
     with pytest.raises(TypeError, match="residual has dtype torch.float16"):
         fused_adapter(*p.inputs, residual=p.x.half())
+
+
+@pytest.mark.parametrize("path", ["one-kernel", "two-kernel", "grouped"])
+def test_strided_biases_are_read_through_their_strides(path: str) -> None:
+    """Biases that are strided views (every second element) give the numbers of the same biases made
+    contiguous, forward and backward, on every kernel path; their gradients keep the views' shapes."""
+    from adapter_fused import fused_adapter_grouped
+    from adapter_fused.reference import reference_adapter_grouped
+
+    gen = torch.Generator().manual_seed(41)
+    r = 300 if path == "two-kernel" else 16
+    lead = (2,) if path == "grouped" else ()
+    x = torch.randn(8, 32, generator=gen).to(DEVICE)
+    down_w = (torch.randn(*lead, r, 32, generator=gen) * 0.2).to(DEVICE)
+    up_w = (torch.randn(*lead, 32, r, generator=gen) * 0.2).to(DEVICE)
+    down_b = torch.randn(*lead, 2 * r, generator=gen).to(DEVICE)[..., ::2]
+    up_b = torch.randn(*lead, 64, generator=gen).to(DEVICE)[..., ::2]
+    grad = torch.randn(8, 32, generator=gen).to(DEVICE)
+    index = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1], device=DEVICE)
+
+    def run(fn, *tensors):  # type: ignore[no-untyped-def]
+        leaves = [t.detach().requires_grad_() for t in tensors]  # strides kept
+        if path == "grouped":
+            y = fn(leaves[0], index, *leaves[1:], "relu", 1.0)
+        else:
+            y = fn(*leaves, "relu", 1.0)
+        y.backward(grad)
+        return y.detach(), [t.grad for t in leaves]
+
+    single, grouped = (fused_adapter, fused_adapter_grouped), (reference_adapter, reference_adapter_grouped)
+    fused_fn, reference_fn = (single[1], grouped[1]) if path == "grouped" else (single[0], grouped[0])
+    y, grads = run(fused_fn, x, down_w, down_b, up_w, up_b)
+    want_y, want_grads = run(reference_fn, *(t.contiguous().double() for t in (x, down_w, down_b, up_w, up_b)))
+    assert_matches(y, want_y, torch.float32, "y")
+    for name, g, w, arg in zip(NAMES, grads, want_grads, (x, down_w, down_b, up_w, up_b)):
+        assert g is not None and g.shape == arg.shape, name
+        assert_matches(g, w, torch.float32, f"d{name}")  # type: ignore[arg-type]
