@@ -75,6 +75,7 @@ def _launch(tuned: Any, grid: Grid, *args: Any, fixed_config: bool, memo: tuple[
                 *map(kwargs.__getitem__, keywords), *map(_DTYPE, map(args.__getitem__, pointers)))
     memo = (tuned, *memo)
     chosen = _CHOSEN.get(memo)
+    tuned_here: list[bool] = []
     if chosen is None:
         named = dict(zip(tuned.arg_names, args))
         if fixed_config:
@@ -83,18 +84,15 @@ def _launch(tuned: Any, grid: Grid, *args: Any, fixed_config: bool, memo: tuple[
             key = tuning_key(tuned, named, kwargs, args[0].device)
             config = TUNING_CACHE.lookup(key, configs)
             if config is None:
-                tuned_here: list[bool] = []
 
                 def run() -> tuple[triton.Config, int]:
                     tuned_here.append(True)
                     return _tune(tuned, grid, named, args, kwargs)
 
                 config = TUNING_CACHE.tune(key, configs, run)
-                _CHOSEN[memo] = (config, config.all_kwargs())
-                if tuned_here:  # tuning launched the best config itself
-                    return
         chosen = _CHOSEN[memo] = (config, config.all_kwargs())
-    tuned.fn[grid](*args, **kwargs, **chosen[1])
+    if not tuned_here:  # tuning launched the best config itself
+        tuned.fn[grid](*args, **kwargs, **chosen[1])
 
 
 def _tune(tuned: Any, grid: Grid, named: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -46,7 +46,7 @@ MAX_ROWS_BUCKET = 32768
 def rows_bucket(rows: int) -> int:
     """Row count rounded up to a power of two and clamped to [MIN_ROWS_BUCKET, MAX_ROWS_BUCKET]: the
     autotuning key, so varying lengths share tuning and the number of keys stays bounded."""
-    return min(max(1 << (rows - 1).bit_length() if rows > 1 else 1, MIN_ROWS_BUCKET), MAX_ROWS_BUCKET)
+    return min(max(1 << (rows - 1).bit_length(), MIN_ROWS_BUCKET), MAX_ROWS_BUCKET)
 
 
 def _pruner(fits: Callable[[dict[str, int], dict[str, Any]], bool]):
@@ -202,8 +202,10 @@ class TuningCache:
         if config is not None:
             return config
         record = self._read(key.device).get(key.label())
+        if record is None:
+            return None
         for candidate in configs:
-            if record is not None and _config_record(candidate) == record:
+            if _config_record(candidate) == record:
                 self.memory[key] = candidate
                 return candidate
         return None

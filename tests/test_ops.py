@@ -389,8 +389,8 @@ def test_strided_biases_are_read_through_their_strides(path: str) -> None:
         y.backward(grad)
         return y.detach(), [t.grad for t in leaves]
 
-    single, grouped = (fused_adapter, fused_adapter_grouped), (reference_adapter, reference_adapter_grouped)
-    fused_fn, reference_fn = (single[1], grouped[1]) if path == "grouped" else (single[0], grouped[0])
+    fused_fn, reference_fn = ((fused_adapter_grouped, reference_adapter_grouped) if path == "grouped"
+                              else (fused_adapter, reference_adapter))
     y, grads = run(fused_fn, x, down_w, down_b, up_w, up_b)
     want_y, want_grads = run(reference_fn, *(t.contiguous().double() for t in (x, down_w, down_b, up_w, up_b)))
     assert_matches(y, want_y, torch.float32, "y")

@@ -164,29 +164,20 @@ def make_index(case: Case, gen: torch.Generator) -> torch.Tensor | None:
     return lay_out(values.to(dtype).to(DEVICE), case.layouts["index"], gen)
 
 
-def call(case: Case, args: dict[str, torch.Tensor | None], fn_single, fn_grouped) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    x = args["x"]
-    residual = x if case.residual == "alias" else args["residual"]
-    params = (args["down_weight"], args["down_bias"], args["up_weight"], args["up_bias"])
-    if case.grouped == "no":
-        return fn_single(x, *params, case.activation, case.scale, residual=residual)
-    return fn_grouped(x, args["index"], *params, case.activation, case.scale, residual=residual)
-
-
-def _fused_grouped(x, index, *rest, residual):  # type: ignore[no-untyped-def]
-    return fused_adapter_grouped(x, index, *rest, residual=residual)
-
-
-def _reference_grouped(x, index, *rest, residual):  # type: ignore[no-untyped-def]
-    return reference_adapter_grouped(x, index, *rest, residual=residual)
-
-
 GRAD_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
 
 
 def run(case: Case, args: dict[str, torch.Tensor | None], fused: bool) -> dict[str, torch.Tensor | None]:
     """y and the gradient of every leaf that requires one (fused op, or eager reference)."""
-    y = call(case, args, fused_adapter if fused else reference_adapter, _fused_grouped if fused else _reference_grouped)
+    x = args["x"]
+    residual = x if case.residual == "alias" else args["residual"]
+    params = (args["down_weight"], args["down_bias"], args["up_weight"], args["up_bias"])
+    if case.grouped == "no":
+        y = (fused_adapter if fused else reference_adapter)(x, *params, case.activation, case.scale,
+                                                            residual=residual)
+    else:
+        y = (fused_adapter_grouped if fused else reference_adapter_grouped)(
+            x, args["index"], *params, case.activation, case.scale, residual=residual)
     grad = args["grad"]
     assert grad is not None
     if y.requires_grad:
