@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation
-from .ops import fused_adapter, module_call_ready, run_kernels
+from .ops import CheckedParameters, check_module_parameters, fused_adapter, module_forward
 
 INITS = ("bert", "houlsby", "mam")
 
@@ -47,6 +47,7 @@ class FusedAdapter(nn.Module):
         self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
         self.up = nn.Linear(bottleneck, d_model, device=device, dtype=dtype)
         self._shapes = ((bottleneck, d_model), (bottleneck,), (d_model, bottleneck), (d_model,))
+        self._checked: CheckedParameters | None = None
         self.reset_parameters()
 
     @property
@@ -99,13 +100,27 @@ class FusedAdapter(nn.Module):
         # without nn.Module.__getattr__'s fallback chain: this is the hot path of batch-1 decoding).
         down, up = self._modules["down"]._parameters, self._modules["up"]._parameters  # type: ignore[union-attr]
         params = (down.get("weight"), down.get("bias"), up.get("weight"), up.get("bias"))
-        if residual is None and module_call_ready(x, params, self._shapes):
-            # The parameters are this module's own and activation and scale were checked when set:
-            # no per-call validation, straight to the kernels.
-            return run_kernels(x, params, self._activation, self._scale)  # type: ignore[arg-type]
+        if residual is None and not torch.compiler.is_compiling():
+            # Eager: the parameters are checked once and again only when one is replaced, moved or
+            # changed in place other than in value; activation and scale were checked when set.
+            state = self.__dict__.get("_checked")
+            if state is None or not state.current(params):
+                state = check_module_parameters(params, self._shapes)
+                self.__dict__["_checked"] = state
+            if state is not None:
+                y = module_forward(state, x, params, self._activation, self._scale)  # type: ignore[arg-type]
+                if y is not None:
+                    return y
         if any(p is None for p in params):  # reparametrized (e.g. torch.nn.utils.parametrize): plain attributes
             params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
         return fused_adapter(x, *params, self._activation, self._scale, residual=residual)  # type: ignore[arg-type]
+
+    def __getstate__(self) -> dict[str, object]:
+        """The module's state for pickling and deepcopy, without the checked-parameter cache (it
+        holds compiled kernels and refers to these very tensors; a copy checks its own)."""
+        state = dict(super().__getstate__())
+        state["_checked"] = None
+        return state
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={self.scale}"

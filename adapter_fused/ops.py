@@ -94,20 +94,93 @@ def checked_call(
     return x, params, act, scale_f, use_kernels, residual
 
 
-def module_call_ready(x: object, params: Params, shapes: tuple[tuple[int, ...], ...]) -> bool:
-    """Whether a module's call may skip validation and go straight to ``run_kernels``: eager (not
-    traced), no autocast, x a plain tensor (..., d) on the parameters' device in their dtype (one the
-    kernels run), and the four parameters present with the module's ``shapes`` (checked per call:
-    cheap, and a parameter may have been replaced). Anything else takes the validating path."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-        return False
-    dtype, device = x.dtype, x.device
-    if dtype not in KERNEL_DTYPES or x.dim() == 0 or x.shape[-1] != shapes[0][1]:
-        return False
+class CheckedParameters:
+    """A module's four parameters as checked once (present, one kernel dtype, one device the kernels
+    run on, the module's shapes), with what a call may then skip: the stamp says whether they are
+    still the same tensors in the same storage and unchanged in place (``_version`` counts in-place
+    changes, ``resize_`` among them; ``.data`` assignment, as ``Module.to`` does, changes the data
+    pointer), and ``plans`` keeps a bound kernel launch per input shape (see ``module_forward``)."""
+
+    __slots__ = ("d", "device", "device_type", "dtype", "params", "plans", "stamp")
+
+    MAX_PLANS = 16
+    """Input shapes bound per module; more clear the table (varying prompt lengths)."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.stamp = parameter_stamp(params)
+        weight = params[0]
+        self.dtype, self.device, self.device_type = weight.dtype, weight.device, weight.device.type
+        self.d = weight.shape[-1]
+        self.plans: dict[tuple[object, ...], object] = {}
+
+    def current(self, params: Params) -> bool:
+        """Whether ``params`` are the checked tensors, unchanged but for their values."""
+        mine = self.params
+        return (params[0] is mine[0] and params[1] is mine[1] and params[2] is mine[2] and params[3] is mine[3]
+                and parameter_stamp(params) == self.stamp)
+
+
+def parameter_stamp(params: Params) -> tuple[int, ...]:
+    """(version counter, data pointer) of each of four present parameters."""
+    w1, b1, w2, b2 = params
+    return (w1._version, w1.data_ptr(), b1._version, b1.data_ptr(),  # type: ignore[union-attr]
+            w2._version, w2.data_ptr(), b2._version, b2.data_ptr())  # type: ignore[union-attr]
+
+
+def check_module_parameters(params: Params, shapes: tuple[tuple[int, ...], ...]) -> CheckedParameters | None:
+    """The checks a module's own parameters pass once, for ``module_forward``: all four present (not
+    reparametrized), shaped as the module's ``shapes``, sharing a dtype the kernels run and a device
+    they run on. None when any fails (the call then takes the validating path)."""
+    if any(p is None or type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor for p in params):
+        return None
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in KERNEL_DTYPES:
+        return None
     for p, shape in zip(params, shapes):
-        if p is None or p.dtype != dtype or p.shape != shape or p.device != device:
-            return False
-    return not torch.is_autocast_enabled(device.type) and kernels_available(device)
+        if p.dtype != dtype or p.shape != shape or p.device != device:  # type: ignore[union-attr]
+            return None
+    return CheckedParameters(params) if kernels_available(device) else None
+
+
+def module_forward(state: CheckedParameters, x: object, params: Params, activation: str, scale: float
+                   ) -> torch.Tensor | None:
+    """A module's call with parameters ``state`` checked (``state.current(params)`` holds): x (..., d)
+    -> y, or None when the call needs the validating path (x not a plain tensor on the parameters'
+    device in their dtype, autocast on, or being traced by torch.compile, which the caller checks
+    first). No per-call check of the parameters, no dispatcher.
+
+    Without autograd recording, the first call for an input shape launches through Triton's launcher
+    and binds the compiled kernel (``kernels.bind_forward``); later calls for that shape launch it
+    directly, filling in only the pointers of x and y."""
+    if type(x) is not torch.Tensor or x.dtype is not state.dtype or x.device != state.device:
+        return None
+    if torch.is_autocast_enabled(state.device_type):
+        return None
+    record = torch.is_grad_enabled() and (x.requires_grad or params[0].requires_grad or params[1].requires_grad  # type: ignore[union-attr]
+                                          or params[2].requires_grad or params[3].requires_grad)  # type: ignore[union-attr]
+    if record:
+        if x.dim() == 0 or x.shape[-1] != state.d:
+            return None
+        return run_kernels(x, params, activation, scale)
+    fixed = torch.are_deterministic_algorithms_enabled()
+    key = (x.shape, activation, fixed)
+    plans = state.plans
+    plan = plans.get(key)
+    if plan:
+        y = plan(x, scale)  # type: ignore[operator]
+        if y is not None:
+            return y
+    if x.dim() == 0 or x.shape[-1] != state.d:
+        return None
+    y = run_kernels(x, params, activation, scale)
+    if plan is None:
+        if len(plans) >= state.MAX_PLANS:
+            plans.clear()
+        kernels = load_kernels()
+        bound = kernels.bind_forward(x, *params, kernels.ACTIVATION_CODES[activation], fixed) if kernels else None
+        plans[key] = bound or False  # False: not bindable, no further attempt
+    return y
 
 
 def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,

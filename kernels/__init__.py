@@ -5,11 +5,11 @@ happens on the torch side before anything here runs.
 """
 
 from .activations import ACTIVATION_CODES
-from .launch import (adapter_backward, adapter_backward_packed, adapter_forward, unpack_weight_grads,
-                     weight_grad_layout)
+from .launch import (BoundForward, adapter_backward, adapter_backward_packed, adapter_forward, bind_forward,
+                     unpack_weight_grads, weight_grad_layout)
 from .tuning import INTERPRET, MAX_FUSED_R, padded_rank
 
 __all__ = [
-    "ACTIVATION_CODES", "INTERPRET", "MAX_FUSED_R", "adapter_backward", "adapter_backward_packed", "adapter_forward",
-    "padded_rank", "unpack_weight_grads", "weight_grad_layout",
+    "ACTIVATION_CODES", "INTERPRET", "MAX_FUSED_R", "BoundForward", "adapter_backward", "adapter_backward_packed",
+    "adapter_forward", "bind_forward", "padded_rank", "unpack_weight_grads", "weight_grad_layout",
 ]

@@ -150,6 +150,34 @@ def _index_args(index: torch.Tensor | None, rows_per_index: int, fallback: torch
     return index, index.stride(0), rows_per_index, n
 
 
+def _fused_forward_call(
+    x: torch.Tensor, down_weight: torch.Tensor, down_b: tuple[Any, ...], up_weight: torch.Tensor,
+    up_b: tuple[Any, ...], y: torch.Tensor, h: torch.Tensor | None, res: torch.Tensor, idx: tuple[Any, ...],
+    activation: int, scale: float, index: torch.Tensor | None, r_pad: int, common: dict[str, Any],
+    has_b1: bool, has_b2: bool,
+) -> tuple[Grid, tuple[Any, ...], dict[str, Any], tuple[Any, ...]]:
+    """(grid, positional arguments, keyword arguments, memo) of the one-pass forward launch: x, y, res
+    (M, D); h (M, R) or None; biases and index as ``_vector`` and ``_index_args`` give them."""
+    M, D = x.shape
+    R = down_weight.shape[-2]
+    stacked = down_weight.dim() == 3
+    bucket = rows_bucket(M)
+    save_h = h is not None
+    # Everything the autotuning key and the pointers' dtypes depend on (h is fp32, y is x's dtype).
+    memo = (common["fixed_config"], x.device, D, R, bucket, save_h, index is not None, x.dtype, down_weight.dtype,
+            None if index is None else index.dtype, res.dtype)
+    args = (
+        x, *x.stride(), down_weight, *(down_weight.stride() if stacked else (0, *down_weight.stride())),
+        *down_b, y, 0, h if h is not None else y, R,
+        up_weight, *(up_weight.stride() if stacked else (0, *up_weight.stride())),
+        *up_b, y, D, 1, res, *res.stride(), *idx,
+        M, D, R, scale, bucket,
+    )
+    kwargs = dict(ACT=activation, BACKWARD=False, HAS_B1=has_b1, HAS_B2=has_b2,
+                  STORE_MID=save_h, STORE_OUT=True, ADD_RESIDUAL=True, R_PAD=r_pad, **common)
+    return (lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)), args, kwargs, memo
+
+
 def adapter_forward(
     x: torch.Tensor,
     down_weight: torch.Tensor,
@@ -186,22 +214,10 @@ def adapter_forward(
     res = residual if residual is not None else x
     r_pad = padded_rank(R)
     if r_pad <= MAX_FUSED_R:
-        # The hot path of small calls (batch-1 decoding): operands spelled out, no helper calls.
-        stacked = down_weight.dim() == 3
-        bucket = rows_bucket(M)
-        # Everything the autotuning key and the pointers' dtypes depend on (h is fp32, y is x's dtype).
-        memo = (fixed_config, x.device, D, R, bucket, save_h, index is not None, x.dtype, down_weight.dtype,
-                None if index is None else index.dtype, res.dtype)
-        _launch(
-            fused_rows_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-            x, *x.stride(), down_weight, *(down_weight.stride() if stacked else (0, *down_weight.stride())),
-            *down_b, y, 0, h if h is not None else y, R,
-            up_weight, *(up_weight.stride() if stacked else (0, *up_weight.stride())),
-            *up_b, y, D, 1, res, *res.stride(), *idx,
-            M, D, R, scale, bucket,
-            ACT=activation, BACKWARD=False, HAS_B1=down_bias is not None, HAS_B2=up_bias is not None,
-            STORE_MID=save_h, STORE_OUT=True, ADD_RESIDUAL=True, R_PAD=r_pad, memo=memo, **common,
-        )
+        grid, args, kwargs, memo = _fused_forward_call(x, down_weight, down_b, up_weight, up_b, y, h, res, idx,
+                                                       activation, scale, index, r_pad, common,
+                                                       down_bias is not None, up_bias is not None)
+        _launch(fused_rows_tuned, grid, *args, memo=memo, **kwargs)
         return y, h
     down, up = _matrix(down_weight), _matrix(up_weight)
     mid = h if h is not None else torch.empty((M, R), dtype=torch.float32, device=x.device)
@@ -218,6 +234,147 @@ def adapter_forward(
         ACT=activation, APPLY_ACT=True, HAS_B2=up_bias is not None, ADD_RESIDUAL=True, **common,
     )
     return y, h
+
+
+BIND_LAUNCHES = True
+"""Whether ``bind_forward`` binds compiled kernels (False: every launch goes through Triton's
+``JITFunction.run``; the acceptance run times both ways)."""
+
+
+def _driver_functions() -> tuple[Callable[[], int], Callable[[int], Any]]:
+    """(current device index, raw current stream of a device index), as Triton's launcher gets them."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_device, driver.active.get_current_stream
+
+
+def _compiled_kernel(fn: Any, grid: Grid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
+    """The compiled kernel ``fn[grid](*args, **kwargs)`` launches (compiled now if it was not), without
+    launching it; None where there is none to launch directly: the interpreter, a Triton without
+    ``triton.knobs`` (before 3.4: another launch convention), a kernel with pre-run hooks."""
+    if INTERPRET or not hasattr(triton, "knobs") or getattr(fn, "pre_run_hooks", None):
+        return None
+    kernel = fn.warmup(*args, grid=grid, **kwargs)
+    if hasattr(kernel, "result"):  # an asynchronous compile (Triton 3.5+ may hand back a future)
+        kernel = kernel.result()
+    needed = ("run", "function", "packed_metadata", "launch_metadata")
+    return kernel if kernel is not None and all(hasattr(kernel, name) for name in needed) else None
+
+
+class BoundForward:
+    """The one-pass forward (no h kept) for one input shape, dtype and set of parameters, bound once:
+    the compiled kernel, its grid and every constant argument prepared. A call allocates y, puts the
+    pointers of x and y and the scale into the argument list and launches the compiled kernel as
+    ``JITFunction.run`` does (current stream, launch hooks), without its per-call argument binding,
+    specialization and cache lookup.
+
+    Valid while the parameters it was bound with are unchanged (same tensors, shapes, strides, data
+    pointers): the caller checks that. x must be contiguous, 16-byte aligned (the kernel was
+    specialized on it) and shaped as when bound; a call that does not fit returns None and launches
+    nothing.
+    """
+
+    __slots__ = ("args", "current_device", "current_stream", "device", "function", "grid", "kernel", "launcher",
+                 "packed", "scale_slot", "shape", "x_slots", "y_slots")
+
+    def __init__(self, kernel: Any, grid: tuple[int, int, int], args: list[Any], x_slots: tuple[int, ...],
+                 y_slots: tuple[int, ...], scale_slot: int, device: int, shape: torch.Size,
+                 current_device: Callable[[], int], current_stream: Callable[[int], Any]) -> None:
+        self.kernel = kernel
+        self.launcher = kernel.run
+        self.function = kernel.function
+        self.packed = kernel.packed_metadata
+        self.grid = grid
+        self.args = args
+        self.x_slots = x_slots
+        self.y_slots = y_slots
+        self.scale_slot = scale_slot
+        self.device = device
+        self.shape = shape
+        self.current_device = current_device
+        self.current_stream = current_stream
+
+    def __call__(self, x: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """x (..., D), shaped as when bound (the caller keys bindings on the shape) -> y (..., D)
+        contiguous in x's dtype, or None (nothing launched)."""
+        if not x.is_contiguous() or x.data_ptr() & 15 or self.current_device() != self.device:
+            return None
+        y = torch.empty_like(x)
+        args = self.args.copy()
+        for i in self.x_slots:
+            args[i] = x
+        for i in self.y_slots:
+            args[i] = y
+        args[self.scale_slot] = scale
+        stream = self.current_stream(self.device)
+        hooks = triton.knobs.runtime
+        enter = hooks.launch_enter_hook
+        metadata = None if enter is None else self.kernel.launch_metadata(self.grid, stream, *args)
+        self.launcher(*self.grid, stream, self.function, self.packed, metadata, enter, hooks.launch_exit_hook, *args)
+        return y
+
+
+def bind_forward(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    activation: int,
+    fixed_config: bool = False,
+) -> BoundForward | None:
+    """Bind the one-pass forward for x's shape and these 2-D parameters (down_weight (R, D),
+    down_bias (R,) | None, up_weight (D, R), up_bias (D,) | None), after ``adapter_forward`` has
+    launched it once for this shape key (the configuration is chosen then).
+
+    None when it cannot be bound: binding switched off (``BIND_LAUNCHES``), no compiled kernel (the
+    interpreter), an empty, non-contiguous or unaligned x, a bottleneck for the two-kernel path, no
+    configuration chosen yet, or x on another device than the current one.
+    """
+    if not BIND_LAUNCHES or down_weight.dim() != 2 or x.dim() == 0:
+        return None
+    D, R = x.shape[-1], down_weight.shape[0]
+    M = x.numel() // D if D else 0
+    r_pad = padded_rank(R)
+    if M == 0 or r_pad > MAX_FUSED_R or not x.is_contiguous() or x.data_ptr() & 15:
+        return None
+    x2 = x.view(M, D)
+    y = torch.empty_like(x)
+    y2 = y.view(M, D)
+    dot_f32, precision = _dot_settings(down_weight.dtype)
+    common: dict[str, Any] = {"GROUPED": False, "DOT_F32": dot_f32, "PRECISION": precision,
+                              "fixed_config": fixed_config}
+    grid, args, kwargs, memo = _fused_forward_call(
+        x2, down_weight, _vector(down_bias, down_weight), up_weight, _vector(up_bias, up_weight), y2, None, x2,
+        _index_args(None, 1, x2, 1), activation, 1.0, None, r_pad, common, down_bias is not None, up_bias is not None)
+    tuned = fused_rows_tuned
+    if len(tuned.configs) == 1:
+        config_kwargs = tuned.configs[0].all_kwargs()
+    else:
+        chosen = _CHOSEN.get((tuned, *memo))
+        if chosen is None:
+            return None
+        config_kwargs = chosen[1]
+    del kwargs["fixed_config"]
+    kwargs.update(config_kwargs)
+    kernel = _compiled_kernel(tuned.fn, grid, args, kwargs)
+    if kernel is None:
+        return None
+    current_device, current_stream = _driver_functions()
+    device = current_device()
+    if x.is_cuda and x.device.index != device:
+        return None
+    signature = tuned.fn.signature
+    bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k in signature.parameters})
+    bound.apply_defaults()
+    values = list(bound.arguments.values())
+    g = tuple(grid(bound.arguments))
+    grid3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+    x_slots = tuple(i for i, v in enumerate(values) if v is x2)
+    y_slots = tuple(i for i, v in enumerate(values) if v is y2)
+    scale_slot = list(bound.arguments).index("scale")
+    return BoundForward(kernel, grid3, values, x_slots, y_slots, scale_slot, device, x.shape, current_device,
+                        current_stream)
 
 
 def weight_grad_layout(n: int, D: int, R: int, grouped: bool) -> dict[str, tuple[int, tuple[int, ...]]]:
