@@ -17,6 +17,7 @@ project, expand, weight-gradient kernel with a single row group). Never more tha
 or without an index.
 """
 
+import inspect
 import math
 import operator
 from collections.abc import Callable
@@ -364,7 +365,7 @@ def bind_forward(
     device = current_device()
     if x.is_cuda and x.device.index != device:
         return None
-    signature = tuned.fn.signature
+    signature = inspect.signature(tuned.fn.fn)  # the @triton.jit function's Python signature
     bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k in signature.parameters})
     bound.apply_defaults()
     values = list(bound.arguments.values())

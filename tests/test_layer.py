@@ -141,3 +141,128 @@ def test_a_replaced_parameter_is_validated_again() -> None:
     layer.up.weight = torch.nn.Parameter(torch.randn(16, 4, device=DEVICE, dtype=torch.float16))
     with pytest.raises(TypeError, match="up_weight has dtype torch.float16"):
         layer(x)
+
+
+def _truth(layer: FusedAdapter, x: torch.Tensor) -> torch.Tensor:
+    params = [t.detach().double() for t in (layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias)]
+    return reference_adapter(x.detach().double(), *params, layer.activation, layer.scale)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_checked_parameters_follow_every_change(grad: bool) -> None:
+    """The once-checked parameters are checked again whenever a call could see them differently:
+    a parameter replaced, the module converted (.double() and back), a parameter resized in place,
+    new values through ``.data`` or an optimizer step; every result matches float64 truth."""
+    torch.manual_seed(0)
+    layer = FusedAdapter(32, 8, activation="gelu", scale=0.5).to(DEVICE)
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.2)
+    x = torch.randn(2, 3, 32, device=DEVICE)
+
+    def check(what: str) -> None:
+        with torch.set_grad_enabled(grad):
+            got = layer(x.to(layer.down.weight.dtype))
+        assert_matches(got, _truth(layer, x), layer.down.weight.dtype, what)
+
+    check("first call")
+    check("second call")
+    layer.up.weight = nn.Parameter(torch.randn(32, 8, device=DEVICE) * 0.3)
+    check("replaced parameter")
+    layer.double()
+    check("after .double()")
+    layer.float()
+    check("back to float")
+    layer.down.weight.data = torch.randn(8, 32, device=DEVICE) * 0.2
+    check("new .data")
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).pow(2).mean().backward()
+    optimizer.step()
+    check("after an optimizer step")
+    bias = layer.up.bias
+    bias.requires_grad_(False)
+    with torch.no_grad():
+        bias.resize_(31)
+    with pytest.raises(ValueError, match="up_bias must have shape"):
+        layer(x)
+    with torch.no_grad():
+        bias.resize_(32).normal_()
+    check("resized back in place")
+    layer.activation, layer.scale = "relu", 2.0
+    check("activation and scale set")
+
+
+class _InterpretedCompiled:
+    """A compiled-kernel stand-in for the interpreter: its launcher runs the interpreted kernel with
+    the argument list a bound launch passes (every parameter, in signature order)."""
+
+    def __init__(self, fn: object, launches: list[tuple[int, ...]]) -> None:
+        self.fn, self.launches = fn, launches
+        self.function, self.packed_metadata = "function", "metadata"
+
+    def run(self, g0: int, g1: int, g2: int, stream: object, function: object, packed: object, metadata: object,
+            enter: object, leave: object, *args: object) -> None:
+        assert (stream, function, packed, metadata) == (7, "function", "metadata", None)
+        self.launches.append((g0, g1, g2))
+        self.fn[(g0, g1, g2)](*args)  # type: ignore[index]
+
+    def launch_metadata(self, *args: object) -> None:
+        return None
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="binds an interpreted stand-in for the compiled kernel")
+def test_bound_launch_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first no-grad call of an input shape binds the kernel; later ones launch it with only the
+    pointers of x and y and the scale filled in; results match float64 truth. A shape, activation or
+    set of parameters of its own gets a binding of its own; an unaligned or non-contiguous x takes
+    Triton's launcher."""
+    from adapter_fused import ops
+    from adapter_fused.kernels import launch
+
+    if not ops.kernels_available(DEVICE):
+        pytest.skip("the kernels do not run on this machine")
+    launches: list[tuple[int, ...]] = []
+    bound_with: list[dict] = []  # type: ignore[type-arg]
+
+    def compiled(fn, grid, args, kwargs):  # type: ignore[no-untyped-def]
+        bound_with.append(kwargs)
+        return _InterpretedCompiled(fn, launches)
+
+    monkeypatch.setattr(launch, "_compiled_kernel", compiled)
+    monkeypatch.setattr(launch, "_driver_functions", lambda: ((lambda: 0), (lambda index: 7)))
+    torch.manual_seed(1)
+    layer = FusedAdapter(48, 16, activation="gelu", scale=0.7)
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.2)
+        x = torch.randn(1, 20, 48)
+        assert_matches(layer(x), _truth(layer, x), torch.float32, "binding call")
+        assert launches == [] and len(bound_with) == 1 and bound_with[0]["BLOCK_M"] == 16
+        (plan,) = layer._checked.plans.values()
+        assert isinstance(plan, launch.BoundForward) and plan.grid == (2, 1, 1)
+        assert plan.args[plan.scale_slot] == 1.0 and len(plan.x_slots) == 3 and len(plan.y_slots) == 3
+        for scale in (0.7, -1.5):
+            layer.scale = scale
+            x = torch.randn(1, 20, 48)
+            assert_matches(layer(x), _truth(layer, x), torch.float32, f"bound launch, scale {scale}")
+        assert launches == [(2, 1, 1), (2, 1, 1)]
+        layer.activation = "relu"  # a binding of its own
+        layer(x)
+        assert_matches(layer(x), _truth(layer, x), torch.float32, "relu, bound")
+        assert len(layer._checked.plans) == 2 and len(launches) == 3
+        x1 = torch.randn(1, 1, 48)  # another shape: one row, one program
+        layer(x1)
+        assert_matches(layer(x1), _truth(layer, x1), torch.float32, "one row, bound")
+        assert launches[-1] == (1, 1, 1) and len(launches) == 4
+        buffer = torch.randn(20 * 48 + 1)
+        unaligned = buffer[1:].view(1, 20, 48)
+        assert_matches(layer(unaligned), _truth(layer, unaligned), torch.float32, "unaligned x")
+        strided = torch.randn(1, 48, 20).transpose(1, 2)
+        assert_matches(layer(strided), _truth(layer, strided), torch.float32, "non-contiguous x")
+        assert len(launches) == 4  # both went through Triton's launcher
+        layer.down.weight = nn.Parameter(torch.randn(16, 48) * 0.2)
+        layer(x)
+        assert_matches(layer(x), _truth(layer, x), torch.float32, "replaced parameter, bound again")
+        assert len(launches) == 5 and len(layer._checked.plans) == 1
+    y = layer(x.requires_grad_())  # autograd recording: never the bound launch
+    assert len(launches) == 5 and y.grad_fn is not None
+    copy = __import__("copy").deepcopy(layer)
+    assert copy._checked is None and layer._checked is not None
