@@ -594,10 +594,14 @@ def stage_tests(args: argparse.Namespace, record: StageRecord) -> int:
 def launch_overhead(device: Any, item: KernelItem, iters: int, repeats: int) -> dict[str, Any]:
     """Host cost of one small ``fused_adapter`` call: a loop of ``iters`` inference calls on x (1, d)
     (then one synchronisation) against an empty loop and against a loop of a one-element torch op, each
-    the median of ``repeats`` loops; microseconds per call."""
+    the median of ``repeats`` loops; microseconds per call. Also a ``FusedAdapter`` call launching its
+    bound compiled kernel (``module_bound_us``; ``module_bound`` says whether it could bind: never in
+    the interpreter) against the same call launching through Triton's ``JITFunction.run``
+    (``module_triton_launch_us``), at batch 1."""
     import torch
+    from adapter_fused.kernels import launch
 
-    from adapter_fused import fused_adapter
+    from adapter_fused import FusedAdapter, fused_adapter
 
     dtype = getattr(torch, item.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -621,15 +625,37 @@ def launch_overhead(device: Any, item: KernelItem, iters: int, repeats: int) -> 
             samples.append((time.perf_counter() - t0) / iters * 1e6)
         return sorted(samples)[len(samples) // 2]
 
+    # FusedAdapter calls on x (1, 1, d): one launching its bound compiled kernel, one (binding switched
+    # off) launching through Triton's JITFunction.run, which binds and specializes every argument.
+    modules = {}
+    for name, bind in (("bound", True), ("unbound", False)):
+        module = FusedAdapter(item.d, item.r, "relu").to(device, dtype)
+        with torch.no_grad():
+            module.down.weight.copy_(dw), module.down.bias.copy_(db), module.up.weight.copy_(uw), module.up.bias.copy_(ub)
+        modules[name] = module
+    x3 = x.view(1, 1, item.d)
     with torch.no_grad():
         for _ in range(3):  # compiled and tuned already when the latency item ran; make sure
             fused_adapter(x, dw, db, uw, ub, "relu", 1.0)
+            modules["bound"](x3)
+        launch.BIND_LAUNCHES = False
+        try:
+            for _ in range(3):
+                modules["unbound"](x3)
+        finally:
+            launch.BIND_LAUNCHES = True
+        checked = modules["bound"]._checked
+        bound = bool(checked is not None and any(checked.plans.values()))
         empty = per_call(lambda: None)
         fused = per_call(lambda: fused_adapter(x, dw, db, uw, ub, "relu", 1.0))
+        module_bound = per_call(lambda: modules["bound"](x3))
+        module_unbound = per_call(lambda: modules["unbound"](x3))
         tiny = per_call(lambda: x.add(1.0))
     return {"device": str(device), "x": [1, item.d], "r": item.r, "dtype": item.dtype, "iters": iters,
             "repeats": repeats, "empty_loop_us": empty, "fused_call_us": fused, "torch_add_us": tiny,
-            "fused_overhead_us": fused - empty, "torch_add_overhead_us": tiny - empty}
+            "fused_overhead_us": fused - empty, "torch_add_overhead_us": tiny - empty,
+            "module_bound": bound, "module_bound_us": module_bound, "module_triton_launch_us": module_unbound,
+            "bound_launch_saving_us": module_unbound - module_bound}
 
 
 def kernel_rows(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
@@ -712,7 +738,9 @@ def stage_kernels(args: argparse.Namespace, record: StageRecord) -> int:
             record.data["launch_overhead"] = overhead
             print(f"  launch overhead (x (1, {latency.d}) {latency.dtype}, r {latency.r}): fused call "
                   f"{overhead['fused_call_us']:.1f} µs, empty loop {overhead['empty_loop_us']:.2f} µs, "
-                  f"torch add {overhead['torch_add_us']:.1f} µs per call", flush=True)
+                  f"torch add {overhead['torch_add_us']:.1f} µs per call; FusedAdapter with its bound kernel "
+                  f"{overhead['module_bound_us']:.1f} µs (bound: {overhead['module_bound']}), through Triton's "
+                  f"launcher {overhead['module_triton_launch_us']:.1f} µs", flush=True)
         except Exception as exc:  # noqa: BLE001 - recorded; the grouped batch still runs
             record.skip("launch_overhead", f"failed: {short_error(exc)}")
     else:
@@ -722,7 +750,8 @@ def stage_kernels(args: argparse.Namespace, record: StageRecord) -> int:
 
         host = host_cost.measure(calls=300 if args.dry_run else 2000, repeats=3)
         update_results(args.out, device_label, args.started, args.dry_run, host_cost=host)
-        print(f"  host cost up to the launch (CPU side, no-op launch): FusedAdapter {host['fused_module_us']:.1f} µs, "
+        print(f"  host cost up to the launch (CPU side, no-op launch): FusedAdapter {host['fused_module_us']:.1f} µs "
+              f"(target {host['target']['target_us']:.0f} µs met: {host['target']['met']}), "
               f"eager adapter on the CPU {host['eager_adapter_us']:.1f} µs per call", flush=True)
     else:
         record.skip("host_cost", "no time left")
@@ -1065,7 +1094,8 @@ def stage_table(args: argparse.Namespace, record: StageRecord) -> int:
     if overhead:
         print(f"\nlaunch overhead: fused call {overhead['fused_call_us']:.1f} µs, empty loop "
               f"{overhead['empty_loop_us']:.2f} µs, torch add {overhead['torch_add_us']:.1f} µs per call "
-              f"({overhead['device']})")
+              f"({overhead['device']}); FusedAdapter: bound kernel {overhead['module_bound_us']:.1f} µs "
+              f"(bound: {overhead['module_bound']}), Triton's launcher {overhead['module_triton_launch_us']:.1f} µs")
     if results.get("models"):
         print("\n## Models\n\n" + md_table(MODEL_HEADER, model_rows(results["models"])))
     label = " (dry run: CPU interpreter, tiny shapes; nothing is judged)" if args.dry_run else ""

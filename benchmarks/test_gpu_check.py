@@ -89,7 +89,10 @@ def test_dry_run_summary(dry_run: Path) -> None:
     counts = summary["stages"]["tests"]["result"]["counts"]
     assert counts["passed"] >= 3 and counts["failed"] == counts["error"] == counts["not_run"] == 0
     assert counts["skipped"] >= 1  # the gpu-marked tests, without a GPU
-    assert summary["launch_overhead"]["fused_call_us"] > 0
+    overhead = summary["launch_overhead"]
+    assert overhead["fused_call_us"] > 0
+    assert overhead["module_bound_us"] > 0 and overhead["module_triton_launch_us"] > 0
+    assert overhead["module_bound"] is False  # the interpreter has no compiled kernel to bind
     targets = summary["targets"]
     assert {t["verdict"] for t in targets} <= {"n/a (dry run)", "not measured"}
     assert sum(t["verdict"] == "n/a (dry run)" for t in targets) >= 5
