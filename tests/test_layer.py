@@ -1,5 +1,7 @@
 """FusedAdapter: the module contract users rely on."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -215,8 +217,9 @@ def test_bound_launch_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     pointers of x and y and the scale filled in; results match float64 truth. A shape, activation or
     set of parameters of its own gets a binding of its own; an unaligned or non-contiguous x takes
     Triton's launcher."""
-    from adapter_fused import ops
     from adapter_fused.kernels import launch
+
+    from adapter_fused import ops
 
     if not ops.kernels_available(DEVICE):
         pytest.skip("the kernels do not run on this machine")
@@ -264,5 +267,5 @@ def test_bound_launch_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
         assert len(launches) == 5 and len(layer._checked.plans) == 1
     y = layer(x.requires_grad_())  # autograd recording: never the bound launch
     assert len(launches) == 5 and y.grad_fn is not None
-    copy = __import__("copy").deepcopy(layer)
-    assert copy._checked is None and layer._checked is not None
+    duplicate = copy.deepcopy(layer)
+    assert duplicate._checked is None and layer._checked is not None
