@@ -37,7 +37,6 @@ _ACTIVATION_NAMES = {"leakyrelu": "leaky_relu"}
 _REQUIRED: tuple[tuple[str, Any, str], ...] = (
     ("phm_layer", False, "PHM (parameterized hypercomplex) layers"),
     ("cross_adapter", False, "cross-attention adapters"),
-    ("inv_adapter", None, "invertible adapters"),
 )
 _FLAGS = ("ln_before", "ln_after", "adapter_residual_before_ln", "use_gating")
 
@@ -92,7 +91,10 @@ def config_from_adapterhub(data: Mapping[str, Any], source: str) -> AdapterConfi
     if placement.parallel:  # a parallel adapter ignores original_ln_before and residual_before_ln
         placement = Placement(placement.attention, placement.ffn, parallel=True, original_ln_after=original_ln_after)
     named = next((name for name, preset in PLACEMENTS.items() if preset == placement), None)
-    flags = {flag: bool(data.get(flag) or False) for flag in _FLAGS}
+    flags: dict[str, Any] = {flag: bool(data.get(flag) or False) for flag in _FLAGS}
+    if data.get("inv_adapter"):
+        flags["inv_adapter"] = data["inv_adapter"]
+        flags["inv_adapter_reduction_factor"] = data.get("inv_adapter_reduction_factor")
     if parallel or not flags["ln_after"]:
         flags["adapter_residual_before_ln"] = False  # no effect there in AdapterHub
     try:
@@ -105,6 +107,7 @@ def config_from_adapterhub(data: Mapping[str, Any], source: str) -> AdapterConfi
 
 
 _KEY = re.compile(r"^(?:.*\.)?(\d+)\.(.+)\.adapters\.([^.]+)\.(.+)$")
+_INVERTIBLE = re.compile(r"^(?:.*\.)?invertible_adapters\.([^.]+)\.([FG]\.[02]\.(?:weight|bias))$")
 _PARTS = {  # AdapterHub's parameter name in an adapter -> ours (adapter_down.N: see weights_from_adapterhub)
     "adapter_up.weight": "up.weight", "adapter_up.bias": "up.bias", "scaling": "scaling",
     "adapter_norm_before.weight": "norm_before.weight", "adapter_norm_before.bias": "norm_before.bias",
@@ -119,7 +122,8 @@ def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> t
     (``down``, ``up``) and the extras of ``BottleneckAdapter`` (``scaling``, ``norm_before``,
     ``norm_after``, ``gate``). With ``ln_before`` AdapterHub's ``adapter_down`` is (LayerNorm, Linear,
     activation) and its LayerNorm is saved twice (as ``adapter_down.0`` and ``adapter_norm_before``);
-    the down-projection is then ``adapter_down.1``. Raises ValueError naming ``source`` for keys that
+    the down-projection is then ``adapter_down.1``. An invertible adapter's
+    ``invertible_adapters.<name>.F.0.weight`` (and G, biases, index 2) becomes ``invertible.F.0.weight``. Raises ValueError naming ``source`` for keys that
     are not bottleneck adapter weights or that mix adapter names."""
     out: dict[str, torch.Tensor] = {}
     names = set()
@@ -127,6 +131,11 @@ def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> t
     prefixes_with_norm = {key[: -len("adapter_norm_before.weight")] for key in state
                           if key.endswith(".adapter_norm_before.weight")}
     for key, tensor in state.items():
+        inverse = _INVERTIBLE.match(key)
+        if inverse is not None:
+            names.add(inverse.group(1))
+            out[f"invertible.{inverse.group(2)}"] = tensor
+            continue
         match = _KEY.match(key)
         if match is None or "cross" in match.group(2):
             unexpected.append(key)

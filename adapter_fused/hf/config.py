@@ -106,6 +106,10 @@ class AdapterConfig:
     use_gating: a trainable gate ``g = mean over positions of sigmoid(z * w_g + b_g)`` per sample
         (z: (batch, seq, d) the adapter input) multiplying the adapter's term.
     dropout: dropout probability on the adapter's term ``s * f(z)`` in training mode.
+    inv_adapter: ``"nice"`` adds a MAD-X invertible adapter (a NICE coupling block) on the embedding
+        output and its inverse before the output embeddings (see ``invertible``), with bottleneck
+        MLPs of width ``half of d // inv_adapter_reduction_factor``. AdapterHub's ``"glow"`` is refused
+        (AdapterHub's GLOW block fails on (batch, seq, d) inputs).
 
     Options beyond placement, width, activation, a constant scale and init run partly outside the
     fused kernel (see ``unfused_options``); a learned scale is folded into the up-projection and
@@ -124,6 +128,8 @@ class AdapterConfig:
     adapter_residual_before_ln: bool = False
     use_gating: bool = False
     dropout: float = 0.0
+    inv_adapter: str | None = None
+    inv_adapter_reduction_factor: float | None = None
 
     def __post_init__(self) -> None:
         placement = self.placement
@@ -174,6 +180,13 @@ class AdapterConfig:
         p = self.dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"AdapterConfig: dropout must be a probability in [0, 1), got {p!r}")
+        if self.inv_adapter is not None:
+            if self.inv_adapter == "glow":
+                raise ValueError("AdapterConfig: inv_adapter 'glow' is not supported (AdapterHub's GLOW coupling block "
+                                 "fails on (batch, seq, d) hidden states); use 'nice'")
+            if self.inv_adapter != "nice":
+                raise ValueError(f"AdapterConfig: inv_adapter must be None or 'nice', got {self.inv_adapter!r}")
+            _positive(self.inv_adapter_reduction_factor, "inv_adapter_reduction_factor")
         if self.adapter_residual_before_ln and self.layout.parallel:
             raise ValueError("AdapterConfig: adapter_residual_before_ln does not apply to a parallel adapter (its "
                              "residual is the sub-block output, added after ln_after)")
@@ -223,7 +236,7 @@ class AdapterConfig:
     @property
     def plain(self) -> bool:
         """Whether every site is a plain ``FusedAdapter`` (no option needing extra parameters or steps)."""
-        return not (self.unfused_options or self.learned_scale)
+        return not (self.unfused_options or self.learned_scale or self.inv_adapter)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; ``AdapterConfig.from_dict`` inverts it."""

@@ -29,6 +29,7 @@ from torch import nn
 from .architectures import Architecture, SiteSpec, find_architecture, get_submodule, hidden_size
 from .bottleneck import site_adapter
 from .config import SITES, AdapterConfig, Placement, resolve_config
+from .invertible import NiceCoupling, embedding_module, hook_invertible
 
 MODULE_NAME = "fused_adapters"
 STATE_NAME = "_fused_adapter_state"
@@ -294,7 +295,7 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
     the module a ``FusedAdapter(d, r)`` for plain configs and a ``BottleneckAdapter`` otherwise, r
     the layer's width (see ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names
     every layer or a per-layer ``reduction_factor`` has no value for a layer."""
-    _, layers = find_architecture(model)
+    arch, layers = find_architecture(model)
     d = hidden_size(model)
     out = nn.ModuleDict()
     for index, layer in enumerate(layers):
@@ -310,6 +311,12 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
     if not len(out):
         raise ValueError(f"adapter_fused: leave_out {list(config.leave_out)} leaves out every one of the model's "
                          f"{len(layers)} layers")
+    if config.inv_adapter:
+        embeddings = embedding_module(_base(model), arch.name)
+        reference = next(embeddings.parameters(), None)
+        reference = reference if reference is not None else next(model.parameters())
+        out["invertible"] = NiceCoupling(d, config.inv_adapter_reduction_factor, config.resolved_activation,  # type: ignore[arg-type]
+                                         device=reference.device, dtype=reference.dtype)
     out.train(model.training)  # dropout inside adapters follows the model's mode
     return out
 
@@ -342,6 +349,8 @@ def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: 
         state.configs[name] = config
         if not config.layout.original_ln_after:
             _hook_norms(state)
+        if config.inv_adapter:
+            hook_invertible(model, state)
     except BaseException:
         if name in state.modules and name not in state.configs:
             del state.modules[name]
@@ -534,8 +543,8 @@ def adapter_summary(model: nn.Module) -> AdapterSummary:
         params = list(state.modules[name].parameters())  # type: ignore[union-attr]
         count = sum(p.numel() for p in params)
         placement = config.placement if isinstance(config.placement, str) else "custom"
-        widths = [site.down.out_features for layer in state.modules[name].values()  # type: ignore[union-attr]
-                  for site in layer.values()]
+        widths = [site.down.out_features for key, layer in state.modules[name].items()  # type: ignore[union-attr]
+                  if key != "invertible" for site in layer.values()]
         rows.append(AdapterInfo(name, placement, max(widths), config.resolved_activation,
                                 count, count / base if base else 0.0, state.active == name,  # type: ignore[union-attr]
                                 any(p.requires_grad for p in params), config.unfused_options))

@@ -11,9 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .models import hidden_states, make_inputs, make_model, randomize
-
-from adapter_fused.hf import (  # noqa: E402
+from adapter_fused.hf import (
     AdapterConfig,
     Placement,
     adapter_summary,
@@ -23,8 +21,10 @@ from adapter_fused.hf import (  # noqa: E402
     save_adapter,
     set_active_adapters,
 )
-from adapter_fused.hf.bottleneck import BottleneckAdapter  # noqa: E402
-from adapter_fused.reference import reference_adapter  # noqa: E402
+from adapter_fused.hf.bottleneck import BottleneckAdapter
+from adapter_fused.reference import reference_adapter
+
+from .models import hidden_states, make_inputs, make_model, randomize
 
 # (AdapterHub config class, its options) -> what each exercises
 HUB_CASES = {
@@ -41,9 +41,10 @@ HUB_CASES = {
     "parallel, no original_ln_after": ("ParBnConfig", {"original_ln_after": False, "ln_after": True}),
     "parallel gating": ("ParBnConfig", {"use_gating": True, "scaling": "channel"}),
     "dropout (eval)": ("SeqBnConfig", {"dropout": 0.3, "use_gating": True, "ln_before": True}),
+    "invertible (nice)": ("SeqBnInvConfig", {"inv_adapter_reduction_factor": 4}),
 }
 PRE_NORM_CASES = ("ln_before+ln_after", "gating", "no original_ln_after", "no original_ln_after, before",
-                  "parallel, no original_ln_after")
+                  "parallel, no original_ln_after", "invertible (nice)")
 
 
 def hub_model(arch: str, config: object, seed: int = 3):  # type: ignore[no-untyped-def]
@@ -97,7 +98,8 @@ def test_adapterhub_options_convert_to_config(tmp_path: Path) -> None:
     adapters = pytest.importorskip("adapters")
     hub = hub_model("bert", adapters.SeqBnConfig(reduction_factor={"default": 16, "1": 4}, leave_out=[0],
                                                  ln_before=True, use_gating=True, scaling="channel", dropout=0.1,
-                                                 original_ln_after=False))
+                                                 original_ln_after=False, inv_adapter="nice",
+                                                 inv_adapter_reduction_factor=2))
     hub.save_adapter(str(tmp_path), "hub")
     model = make_model("bert")
     load_adapter(model, tmp_path)
@@ -106,8 +108,9 @@ def test_adapterhub_options_convert_to_config(tmp_path: Path) -> None:
     assert (config.ln_before, config.ln_after, config.use_gating, config.scale, config.dropout) == (
         True, False, True, "channel", 0.1)
     assert config.layout.original_ln_after is False
+    assert (config.inv_adapter, config.inv_adapter_reduction_factor) == ("nice", 2)
     modules = model.base_model.fused_adapters["hub"]
-    assert list(modules) == ["1"] and modules["1"]["ffn"].bottleneck == 8
+    assert list(modules) == ["1", "invertible"] and modules["1"]["ffn"].bottleneck == 8
     summary = adapter_summary(model)
     assert summary.adapters[0].unfused == ("ln_before", "use_gating", "dropout")
     assert "no: ln_before, use_gating, dropout" in str(summary)
@@ -158,7 +161,7 @@ def float64_truth(module: BottleneckAdapter, z: torch.Tensor, residual: torch.Te
     if "gate.weight" in p:
         term = term * torch.sigmoid(z @ p["gate.weight"].T + p["gate.bias"]).mean(dim=1, keepdim=True)
     if "norm_after.weight" in p:
-        normed = lambda t: F.layer_norm(t, (t.shape[-1],), p["norm_after.weight"], p["norm_after.bias"])  # noqa: E731
+        normed = lambda t: F.layer_norm(t, (t.shape[-1],), p["norm_after.weight"], p["norm_after.bias"])
         return normed(residual + term) if module.adapter_residual_before_ln else residual + normed(term)
     return residual + term
 
@@ -317,3 +320,78 @@ def test_bad_options_refused_and_model_unchanged() -> None:
     with pytest.raises(ValueError, match="no value for layer 0"):
         add_adapter(model, "x", AdapterConfig("pfeiffer", reduction_factor={"1": 4}))
     assert [n for n, _ in model.named_parameters()] == names
+
+
+def test_adapterhub_invertible_inverse_before_lm_head(tmp_path: Path) -> None:
+    """Where AdapterHub runs the inverse block before the output embeddings (its language-modelling
+    heads, and models it adapts through its plug-in interface such as Qwen2), logits match."""
+    adapters = pytest.importorskip("adapters")
+    transformers = pytest.importorskip("transformers")
+
+    def causal_lm() -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=1, intermediate_size=64, vocab_size=97,
+                                          max_position_embeddings=64)
+        return transformers.Qwen2ForCausalLM(config).eval()
+
+    hub = causal_lm()
+    adapters.init(hub)
+    hub.add_adapter("hub", config=adapters.SeqBnInvConfig(inv_adapter_reduction_factor=4))
+    randomize([p for n, p in hub.named_parameters() if "adapters.hub." in n], std=0.3)
+    hub.set_active_adapters("hub")
+    inputs = make_inputs()
+    with torch.no_grad():
+        expected = hub(**inputs).logits
+    hub.save_adapter(str(tmp_path), "hub")
+    model = causal_lm()
+    load_adapter(model, tmp_path)
+    set_active_adapters(model, "hub")
+    with torch.no_grad():
+        out = model(**inputs).logits
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        lm_head_input = {}
+        handle = model.lm_head.register_forward_pre_hook(lambda m, args: lm_head_input.setdefault("x", args[0]))
+        hidden = model.model(**inputs).last_hidden_state  # the base model's output, before the inverse
+        model(**inputs)
+        handle.remove()
+    block = model.base_model.fused_adapters["hub"]["invertible"]
+    torch.testing.assert_close(block(lm_head_input["x"]), hidden, rtol=1e-5, atol=1e-5)  # the inverse ran
+
+
+@pytest.mark.parametrize("d", [32, 33])
+def test_nice_block_matches_adapterhub_forward_and_inverse(d: int, launches) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("adapters")
+    from adapters.methods.modeling import NICECouplingBlock
+
+    from adapter_fused.hf.invertible import NiceCoupling
+
+    theirs = NICECouplingBlock([[d]], non_linearity="swish", reduction_factor=2)
+    randomize(theirs.parameters(), seed=8, std=0.3)
+    ours = NiceCoupling(d, 2, "silu")
+    ours.load_state_dict(theirs.state_dict())
+    e = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(1))
+    launches.clear()
+    forward = ours(e)
+    assert len(launches) == (2 if d % 2 == 0 else 0)  # each half-step one fused launch when the halves match
+    with torch.no_grad():
+        torch.testing.assert_close(forward, theirs(e), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(e, rev=True), theirs(e, rev=True), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(forward, rev=True), e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_own_invertible_config_round_trip(tmp_path: Path, arch: str) -> None:
+    config = AdapterConfig("pfeiffer", inv_adapter="nice", inv_adapter_reduction_factor=4)
+    other = own_config_round_trip(tmp_path, arch, config)
+    assert "invertible" in other.base_model.fused_adapters["task"]
+    set_active_adapters(other, None)  # the invertible block runs only while its adapter is active
+    inputs = make_inputs()
+    torch.testing.assert_close(hidden_states(other, inputs), hidden_states(make_model(arch), inputs), rtol=0, atol=0)
+
+
+def test_glow_refused() -> None:
+    with pytest.raises(ValueError, match="glow"):
+        AdapterConfig("pfeiffer", inv_adapter="glow", inv_adapter_reduction_factor=2)
+    with pytest.raises(ValueError, match="inv_adapter_reduction_factor"):
+        AdapterConfig("pfeiffer", inv_adapter="nice")
