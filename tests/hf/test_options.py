@@ -395,3 +395,54 @@ def test_glow_refused() -> None:
         AdapterConfig("pfeiffer", inv_adapter="glow", inv_adapter_reduction_factor=2)
     with pytest.raises(ValueError, match="inv_adapter_reduction_factor"):
         AdapterConfig("pfeiffer", inv_adapter="nice")
+
+
+def test_gradients_match_adapterhub() -> None:
+    """Gradients of every adapter parameter (layer norms, gate, channel scale included) through the
+    whole model equal AdapterHub's."""
+    adapters = pytest.importorskip("adapters")
+    from adapter_fused.hf.adapterhub import weights_from_adapterhub
+
+    config = adapters.DoubleSeqBnConfig(ln_before=True, ln_after=True, use_gating=True, scaling="channel",
+                                        reduction_factor={"default": 8, "1": 4})
+    hub = hub_model("bert", config)
+    model = make_model("bert")
+    add_adapter(model, "hub", AdapterConfig("houlsby", reduction_factor={"default": 8, "1": 4}, ln_before=True,
+                                            ln_after=True, use_gating=True, scale="channel"))
+    hub_params = {n: p for n, p in hub.named_parameters() if "adapters.hub." in n}
+    _, weights = weights_from_adapterhub({n: p.detach() for n, p in hub_params.items()}, "hub")
+    ours = model.base_model.fused_adapters["hub"]
+    ours.load_state_dict(weights)
+    set_active_adapters(model, "hub")
+    inputs = make_inputs()
+    probe = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(7))
+    (hidden_states(hub, inputs) * probe).sum().backward()
+    (hidden_states(model, inputs) * probe).sum().backward()
+    _, expected = weights_from_adapterhub({n: p.grad for n, p in hub_params.items()}, "hub grads")
+    for name, parameter in ours.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().max() > 0, name
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_deep_copy_keeps_norm_skip_and_invertible_hooks() -> None:
+    import copy
+
+    model = make_model("bert")
+    add_adapter(model, "task", AdapterConfig(Placement(attention=True, ffn=True, original_ln_before=True,
+                                                       original_ln_after=False),
+                                             inv_adapter="nice", inv_adapter_reduction_factor=2))
+    randomize(model.base_model.fused_adapters.parameters(), seed=2, std=0.3)
+    set_active_adapters(model, "task")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.base_model.fused_adapters.parameters():
+            p.mul_(0.5)
+    inputs = make_inputs()
+    with torch.no_grad():
+        before = hidden_states(model, inputs)
+        halved = hidden_states(twin, inputs)
+        set_active_adapters(twin, None)
+        plain = hidden_states(twin, inputs)
+    torch.testing.assert_close(hidden_states(model, inputs), before, rtol=0, atol=0)
+    assert (halved - before).abs().max() > 1e-2  # the copy runs its own adapters
+    torch.testing.assert_close(plain, hidden_states(make_model("bert"), inputs), rtol=0, atol=0)
