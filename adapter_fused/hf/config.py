@@ -16,6 +16,7 @@ scaling, gating, dropout, ``original_ln_after``) carry AdapterHub's names and de
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -190,6 +191,9 @@ class AdapterConfig:
         if self.adapter_residual_before_ln and self.layout.parallel:
             raise ValueError("AdapterConfig: adapter_residual_before_ln does not apply to a parallel adapter (its "
                              "residual is the sub-block output, added after ln_after)")
+
+    def __hash__(self) -> int:  # a per-layer reduction_factor is a dict: hash the serialised form
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @property
     def layout(self) -> Placement:

@@ -245,7 +245,7 @@ OWN_CONFIGS = [
 def test_own_config_round_trip(tmp_path: Path, arch: str, config: AdapterConfig) -> None:
     other = own_config_round_trip(tmp_path, arch, config)
     saved = other.base_model._fused_adapter_state.configs["task"]
-    assert saved == config
+    assert saved == config and hash(saved) == hash(config)
 
 
 def test_own_config_matches_adapterhub(tmp_path: Path) -> None:
