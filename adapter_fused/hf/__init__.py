@@ -11,6 +11,7 @@ Nothing here imports ``transformers`` or ``adapters`` at import time.
 
 from .adapterhub import AccelerateReport, accelerate
 from .architectures import SUPPORTED_MODEL_TYPES
+from .bottleneck import BottleneckAdapter
 from .config import AdapterConfig, Placement
 from .io import load_adapter, save_adapter
 from .model import (
@@ -32,6 +33,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterInfo",
     "AdapterSummary",
+    "BottleneckAdapter",
     "Placement",
     "accelerate",
     "active_adapter",

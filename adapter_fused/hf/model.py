@@ -1,7 +1,9 @@
 """Adding, activating, training and removing fused adapters on a transformers model.
 
 The adapters of a model live in one ``nn.ModuleDict`` on its base model, ``base_model.fused_adapters``,
-keyed ``<name>.<layer index>.<site>`` (site ``"attention"`` or ``"ffn"``), each a ``FusedAdapter``. Forward
+keyed ``<name>.<layer index>.<site>`` (site ``"attention"`` or ``"ffn"``), each a ``FusedAdapter`` (a
+``BottleneckAdapter`` when the config has options beyond the plain bottleneck; layers in ``leave_out``
+have no entry). Forward
 hooks on the layers' existing modules (see ``architectures``) run the active adapter; base modules and
 parameter names are left as they are, and with no active adapter the hooks return nothing, so the
 model computes exactly what it computed before.
@@ -24,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layer import FusedAdapter
 from .architectures import Architecture, SiteSpec, find_architecture, get_submodule, hidden_size
+from .bottleneck import site_adapter
 from .config import SITES, AdapterConfig, Placement, resolve_config
+from .invertible import NiceCoupling, embedding_module, hook_invertible
 
 MODULE_NAME = "fused_adapters"
 STATE_NAME = "_fused_adapter_state"
@@ -44,6 +47,10 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
 
     The kernel computes ``residual + s * f(z)`` for the adapter input ``z`` in one pass, the
     residual being ``z`` itself unless the placement says otherwise.
+
+    With ``placement.original_ln_after=False`` the site's output must be ``A = residual + s * f(z)``
+    itself: without a norm this returns ``A - x`` (the layer adds x back); with a norm it returns A,
+    and the caller makes the layer's norm return A in place of ``LN(... + x)``.
     """
     if placement.parallel or placement.original_ln_before:
         if x is None:
@@ -57,7 +64,12 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
             residual = h if before is True else (z if before is False else total)
     else:
         z = residual = h
-    return adapter(z) if residual is z else adapter(z, residual=residual)
+    out = adapter(z) if residual is z else adapter(z, residual=residual)
+    if placement.original_ln_after or norm is not None:
+        return out
+    if x is None:
+        raise RuntimeError("adapter_fused: the block residual of this site was not captured")
+    return out - x
 
 
 class _CallLocal(threading.local):
@@ -68,6 +80,7 @@ class _CallLocal(threading.local):
         self.batch: Any = None  # a multitask.PerSampleBatch while per_sample_adapters is active in this thread
         self.bound: list[nn.Module] = []  # base modules being called in this thread, innermost last
         self.residuals: dict[tuple[str, str], torch.Tensor | None] = {}  # (layer, site) -> captured residual
+        self.norm_outputs: dict[tuple[str, str], torch.Tensor] = {}  # (layer, site) -> output replacing the norm's
 
 
 class _Site:
@@ -130,9 +143,38 @@ class _Site:
         adapter, placement = found
         x = call.residuals.pop(self.key, None)
         norm = self._norm(call)
-        if isinstance(output, tuple):
-            return (site_forward(adapter, placement, output[0], x, norm), *output[1:])
-        return site_forward(adapter, placement, output, x, norm)
+        h = output[0] if isinstance(output, tuple) else output
+        new = site_forward(adapter, placement, h, x, norm)
+        if not placement.original_ln_after and norm is not None:
+            call.norm_outputs[self.key] = new  # returned by the layer's norm in place of LN(h + x)
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class _NormReplacement:
+    """Forward hook on a site's layer norm: returns the output an ``original_ln_after=False`` adapter
+    left for it in this thread (that adapter skips the layer's own residual add and norm)."""
+
+    def __init__(self, state: _State, key: tuple[str, str]) -> None:
+        self.state = state
+        self.key = key
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        pending = self.state.call.norm_outputs
+        return pending.pop(self.key, None) if pending else None
+
+
+def _hook_norms(state: _State) -> None:
+    """Register ``_NormReplacement`` on every site's layer norm (once per model)."""
+    if state.__dict__.get("norms_hooked"):
+        return
+    for index, layer in enumerate(state.layers):
+        for site_name in SITES:
+            spec = state.arch.site(site_name)
+            norm = get_submodule(layer, spec.norm) if spec.norm else None
+            if norm is not None:
+                state.handles.append(norm.register_forward_hook(_NormReplacement(state, (str(index), site_name))))
+    state.__dict__["norms_hooked"] = True
 
 
 class _State:
@@ -186,6 +228,7 @@ class _State:
             call.bound.pop()
         if not call.bound:
             call.residuals.clear()
+            call.norm_outputs.clear()
 
     def adapters_of_call(self, call: _CallLocal) -> nn.ModuleDict:
         """The ``fused_adapters`` of the base module this thread is running (its own when none is)."""
@@ -246,20 +289,35 @@ def _check_name(name: object) -> str:
 
 
 def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleDict:
-    """Freshly initialised adapters for every layer and site of ``config``, each on the device and
-    in the dtype of its layer: ``{layer index: {site: FusedAdapter(d, r)}}``."""
-    _, layers = find_architecture(model)
+    """Freshly initialised adapters for every layer (but those in ``config.leave_out``) and site of
+    ``config``, each on the device and in the dtype of its layer and in the model's training mode:
+    ``{layer index: {site: module}}``,
+    the module a ``FusedAdapter(d, r)`` for plain configs and a ``BottleneckAdapter`` otherwise, r
+    the layer's width (see ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names
+    every layer or a per-layer ``reduction_factor`` has no value for a layer."""
+    arch, layers = find_architecture(model)
     d = hidden_size(model)
-    r = config.bottleneck_for(d)
     out = nn.ModuleDict()
     for index, layer in enumerate(layers):
+        if index in config.leave_out:
+            continue
+        r = config.bottleneck_for(d, index)
         reference = next(layer.parameters(), None)
         device = reference.device if reference is not None else None
         dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
         out[str(index)] = nn.ModuleDict({
-            site: FusedAdapter(d, r, config.resolved_activation, config.scale, config.init, device=device, dtype=dtype)
-            for site in config.layout.sites
+            site: site_adapter(config, d, r, device=device, dtype=dtype) for site in config.layout.sites
         })
+    if not len(out):
+        raise ValueError(f"adapter_fused: leave_out {list(config.leave_out)} leaves out every one of the model's "
+                         f"{len(layers)} layers")
+    if config.inv_adapter:
+        embeddings = embedding_module(_base(model), arch.name)
+        reference = next(embeddings.parameters(), None)
+        reference = reference if reference is not None else next(model.parameters())
+        out["invertible"] = NiceCoupling(d, config.inv_adapter_reduction_factor, config.resolved_activation,  # type: ignore[arg-type]
+                                         device=reference.device, dtype=reference.dtype)
+    out.train(model.training)  # dropout inside adapters follows the model's mode
     return out
 
 
@@ -289,6 +347,10 @@ def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: 
                 parameter.requires_grad_(False)
         state.modules[name] = modules
         state.configs[name] = config
+        if not config.layout.original_ln_after:
+            _hook_norms(state)
+        if config.inv_adapter:
+            hook_invertible(model, state)
     except BaseException:
         if name in state.modules and name not in state.configs:
             del state.modules[name]
@@ -440,12 +502,13 @@ class AdapterInfo:
 
     name: str
     placement: str
-    bottleneck: int
+    bottleneck: int  # the widest adapter width (widths differ between layers with a per-layer reduction_factor)
     activation: str
     parameters: int
     share: float  # parameters / base model parameters
     active: bool
     trainable: bool
+    unfused: tuple[str, ...] = ()  # options its sites compute outside the fused kernel ("dropout": training only)
 
 
 @dataclass(frozen=True)
@@ -456,18 +519,22 @@ class AdapterSummary:
     base_parameters: int
 
     def __str__(self) -> str:
-        header = f"{'name':<20} {'placement':<10} {'r':>5} {'activation':<10} {'params':>12} {'share %':>9} active train"
+        header = (f"{'name':<20} {'placement':<10} {'r':>5} {'activation':<10} {'params':>12} {'share %':>9} active "
+                  f"train fused")
         lines = [header, "-" * len(header)]
         for a in self.adapters:
+            fused = f"no: {', '.join(a.unfused)}" if a.unfused else "yes"
             lines.append(f"{a.name:<20} {a.placement:<10} {a.bottleneck:>5} {a.activation:<10} {a.parameters:>12,} "
-                         f"{100 * a.share:>9.3f} {'yes' if a.active else 'no':<6} {'yes' if a.trainable else 'no'}")
+                         f"{100 * a.share:>9.3f} {'yes' if a.active else 'no':<6} {'yes' if a.trainable else 'no':<5} "
+                         f"{fused}")
         lines.append(f"base model parameters: {self.base_parameters:,}")
         return "\n".join(lines)
 
 
 def adapter_summary(model: nn.Module) -> AdapterSummary:
     """Each adapter's parameter count and its share of the base model's parameters (all parameters
-    of ``model`` that are not adapters)."""
+    of ``model`` that are not adapters), and the options its sites compute outside the fused kernel
+    (``unfused``; empty when every site is one fused launch)."""
     state = _state(model)
     adapter_ids = {id(p) for p in state.modules.parameters()} if state is not None else set()
     base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
@@ -476,7 +543,9 @@ def adapter_summary(model: nn.Module) -> AdapterSummary:
         params = list(state.modules[name].parameters())  # type: ignore[union-attr]
         count = sum(p.numel() for p in params)
         placement = config.placement if isinstance(config.placement, str) else "custom"
-        rows.append(AdapterInfo(name, placement, config.bottleneck_for(hidden_size(model)), config.resolved_activation,
+        widths = [site.down.out_features for key, layer in state.modules[name].items()  # type: ignore[union-attr]
+                  if key != "invertible" for site in layer.values()]
+        rows.append(AdapterInfo(name, placement, max(widths), config.resolved_activation,
                                 count, count / base if base else 0.0, state.active == name,  # type: ignore[union-attr]
-                                any(p.requires_grad for p in params)))
+                                any(p.requires_grad for p in params), config.unfused_options))
     return AdapterSummary(tuple(rows), base)

@@ -54,7 +54,9 @@ class PerSampleBatch:
 def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Within the block, sample i of a batch uses adapter ``names[i]`` (None: the base model).
 
-    The adapters named must share a placement, bottleneck, activation and scale. The batch must
+    The adapters named must share a placement, bottleneck widths, layers, activation and scale, and
+    use none of the options beyond the plain bottleneck (layer norms, gating, dropout, a learned
+    scale: ValueError naming the adapter and option). The batch must
     have ``len(names)`` samples along its first dimension. Outputs equal running each sample alone
     with its adapter active. Restores the previous state (active adapter) on exit.
 
@@ -82,7 +84,20 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
                                                                            first.scale):
                 raise ValueError(f"per_sample_adapters: adapters {used[0]!r} and {name!r} differ in placement, "
                                  "activation or scale; one batch can only mix adapters that share them")
+        for name in used:
+            config = state.configs[name]
+            if not config.plain:
+                options = ", ".join([*config.unfused_options, *(["learned scale"] if config.learned_scale else [])])
+                raise ValueError(f"per_sample_adapters: adapter {name!r} uses {options}, which the grouped kernel does "
+                                 "not compute; run it alone with set_active_adapters")
+            if not config.layout.original_ln_after and None in names:
+                raise ValueError(f"per_sample_adapters: adapter {name!r} skips the layer's own norm "
+                                 "(original_ln_after=False), so it cannot share a batch with samples without adapter")
         banks = [state.modules[name] for name in used]
+        for name, bank in zip(used[1:], banks[1:]):
+            if list(bank) != list(banks[0]):
+                raise ValueError(f"per_sample_adapters: adapters {used[0]!r} and {name!r} sit on different layers "
+                                 f"({list(banks[0])} and {list(bank)}, see leave_out)")
         device = next(banks[0].parameters()).device
         position = {name: i for i, name in enumerate(used)}
         index = torch.tensor([position[n] if n is not None else -1 for n in names], dtype=torch.long, device=device)

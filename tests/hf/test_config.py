@@ -55,4 +55,4 @@ def test_placement_needs_a_site() -> None:
     with pytest.raises(ValueError, match="at least one of attention, ffn"):
         Placement(attention=False, ffn=False)
     with pytest.raises(ValueError, match="from_dict|unknown keys"):
-        AdapterConfig.from_dict({"placement": "houlsby", "dropout": 0.1})
+        AdapterConfig.from_dict({"placement": "houlsby", "phm_layer": True})
