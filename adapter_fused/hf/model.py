@@ -16,6 +16,7 @@ hooks read the copy's adapters and layers.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,16 @@ import torch
 from torch import nn
 
 from ..layer import FusedAdapter
-from .architectures import Architecture, SiteSpec, find_architecture, get_submodule, hidden_size
+from .architectures import (
+    Architecture,
+    SiteSpec,
+    find_architecture,
+    get_submodule,
+    hidden_size,
+    layer_widths,
+    model_layers,
+    resolve_layers,
+)
 from .config import SITES, AdapterConfig, Placement, resolve_config
 
 MODULE_NAME = "fused_adapters"
@@ -58,6 +68,16 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
     else:
         z = residual = h
     return adapter(z) if residual is z else adapter(z, residual=residual)
+
+
+def no_residual_placement(placement: Placement, where: str) -> Placement:
+    """The placement that computes ``placement`` at a site where the layer adds no block residual
+    (``SiteSpec.residual`` None: ``h + x`` is ``h``), as AdapterHub does; ValueError for a parallel
+    placement, whose adapter input would be the missing residual."""
+    if placement.parallel:
+        raise ValueError(f"adapter_fused: a parallel adapter reads the block residual, which {where} does not "
+                         f"have; use another placement (houlsby or pfeiffer) or leave that site out")
+    return dataclasses.replace(placement, original_ln_before=False)
 
 
 class _CallLocal(threading.local):
@@ -122,6 +142,14 @@ class _Site:
             residual = next((kwargs[k] for k in spec.residual_keywords if k in kwargs), None)
         call.residuals[self.key] = residual
 
+    def capture_plus(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook of ``spec.residual_plus``: add its output to the captured residual."""
+        call = self.state.call
+        x = call.residuals.get(self.key)
+        if x is None or self._adapter(call) is None:
+            return
+        call.residuals[self.key] = (output[0] if isinstance(output, tuple) else output) + x
+
     def apply(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         call = self.state.call
         found = self._adapter(call)
@@ -129,6 +157,8 @@ class _Site:
             return None
         adapter, placement = found
         x = call.residuals.pop(self.key, None)
+        if self.spec.residual is None:  # no residual at this site: h + x is h itself
+            placement = no_residual_placement(placement, f"the {self.name} site")
         norm = self._norm(call)
         if isinstance(output, tuple):
             return (site_forward(adapter, placement, output[0], x, norm), *output[1:])
@@ -157,17 +187,22 @@ class _State:
             base.register_forward_pre_hook(self.bind, prepend=True),
             base.register_forward_hook(self.unbind, always_call=True),
         ]
-        layers_path = next(name for name, module in base.named_modules() if module is layers)
-        for index, layer in enumerate(layers):
+        for layer in resolve_layers(arch, base):
             for site_name in SITES:
-                spec = arch.site(site_name)
-                norm = get_submodule(layer, spec.norm) if spec.norm else None
-                norm_path = ".".join(p for p in (layers_path, str(index), spec.norm) if p) if spec.norm else None
-                site = _Site(self, index, site_name, spec, norm, norm_path)
-                residual_module = get_submodule(layer, spec.residual)
-                output_module = get_submodule(layer, spec.output)
-                assert residual_module is not None and output_module is not None
-                self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
+                spec = layer.site(site_name)
+                norm = get_submodule(layer.module, spec.norm) if spec.norm else None
+                norm_path = f"{layer.path}.{spec.norm}" if spec.norm else None
+                site = _Site(self, layer.index, site_name, spec, norm, norm_path)
+                if spec.residual is not None:
+                    residual_module = get_submodule(layer.module, spec.residual)
+                    assert residual_module is not None
+                    self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
+                if spec.residual_plus is not None:  # after the hooks of earlier sites on the same module
+                    plus_module = get_submodule(layer.module, spec.residual_plus)
+                    assert plus_module is not None
+                    self.handles.append(plus_module.register_forward_hook(site.capture_plus))
+                output_module = get_submodule(layer.module, spec.output)
+                assert output_module is not None
                 self.handles.append(output_module.register_forward_hook(site.apply))
 
     def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -248,15 +283,19 @@ def _check_name(name: object) -> str:
 def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleDict:
     """Freshly initialised adapters for every layer and site of ``config``, each on the device and
     in the dtype of its layer: ``{layer index: {site: FusedAdapter(d, r)}}``."""
-    _, layers = find_architecture(model)
-    d = hidden_size(model)
-    r = config.bottleneck_for(d)
+    _, layers = model_layers(model)
+    for site in config.layout.sites:
+        bare = next((layer for layer in layers if layer.site(site).residual is None), None)
+        if bare is not None:
+            no_residual_placement(config.layout, f"the {site} site of {type(bare.module).__name__}")
+    widths = layer_widths(model)
     out = nn.ModuleDict()
-    for index, layer in enumerate(layers):
-        reference = next(layer.parameters(), None)
+    for layer, d in zip(layers, widths):
+        r = config.bottleneck_for(d)
+        reference = next(layer.module.parameters(), None)
         device = reference.device if reference is not None else None
         dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
-        out[str(index)] = nn.ModuleDict({
+        out[str(layer.index)] = nn.ModuleDict({
             site: FusedAdapter(d, r, config.resolved_activation, config.scale, config.init, device=device, dtype=dtype)
             for site in config.layout.sites
         })
