@@ -598,6 +598,13 @@ def layer_widths(model: nn.Module) -> list[int]:
     return widths  # type: ignore[return-value]
 
 
+ADAPTERHUB_DIFFERENT_SITES: dict[tuple[str, str], str] = {
+    ("albert", "attention"): "AdapterHub's ALBERT adapter after self-attention reads the block input in place of "
+                             "the attention output",
+}
+"""(architecture name, site) -> how AdapterHub's adapter at that site differs from this one's."""
+
+
 def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], source: str) -> dict[str, Any]:
     """AdapterHub weight names (``<layer path>.<location>.adapters.<name>.<projection>``) renamed to
     ``<layer number>.attention.adapters...`` or ``<layer number>.output.adapters...`` by matching each
@@ -605,7 +612,7 @@ def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], sourc
     encoder-decoder model reach the right stack. Models whose sites do not say where AdapterHub keeps
     them (structural or registered layouts) get ``weights`` unchanged. ValueError naming ``source`` for
     adapter weights at a location no site of this model has (cross-attention adapters, for example)."""
-    _, layers = model_layers(model)
+    arch, layers = model_layers(model)
     table: dict[str, tuple[int, str]] = {}
     for layer in layers:
         for name in SITE_NAMES:
@@ -625,5 +632,8 @@ def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], sourc
                              f"after self-attention and after the feed-forward block; cross-attention adapters "
                              f"are not supported)")
         index, site = table[max(matches, key=len)]
+        differs = ADAPTERHUB_DIFFERENT_SITES.get((arch.name, "attention" if site == "attention" else "ffn"))
+        if differs:
+            raise ValueError(f"{source}: {key} cannot be loaded: {differs}, so its outputs cannot be reproduced")
         out[f"{index}.{site}.adapters.{tail}"] = value
     return out
