@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     **{name: "hf" for name in (
         "AdapterConfig", "accelerate", "adapter_summary", "add_adapter", "delete_adapter", "list_adapters",
         "load_adapter", "per_sample_adapters", "save_adapter", "set_active_adapters", "train_adapter",
+        "ModelLayout", "SiteSpec", "register_model_layout", "unregister_model_layout",
     )},
 }
 
@@ -33,8 +34,9 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from .activations import ACTIVATIONS
     from .grouped import fused_adapter_grouped
-    from .hf import (AdapterConfig, accelerate, adapter_summary, add_adapter, delete_adapter, list_adapters,
-                     load_adapter, per_sample_adapters, save_adapter, set_active_adapters, train_adapter)
+    from .hf import (AdapterConfig, ModelLayout, SiteSpec, accelerate, adapter_summary, add_adapter, delete_adapter,
+                     list_adapters, load_adapter, per_sample_adapters, register_model_layout, save_adapter,
+                     set_active_adapters, train_adapter, unregister_model_layout)
     from .layer import FusedAdapter
     from .ops import fused_adapter
     from .reference import reference_adapter

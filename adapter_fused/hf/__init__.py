@@ -10,7 +10,13 @@ Nothing here imports ``transformers`` or ``adapters`` at import time.
 """
 
 from .adapterhub import AccelerateReport, accelerate
-from .architectures import SUPPORTED_MODEL_TYPES
+from .architectures import (
+    SUPPORTED_MODEL_TYPES,
+    ModelLayout,
+    SiteSpec,
+    register_model_layout,
+    unregister_model_layout,
+)
 from .bottleneck import BottleneckAdapter
 from .config import AdapterConfig, Placement
 from .io import load_adapter, save_adapter
@@ -34,7 +40,9 @@ __all__ = [
     "AdapterInfo",
     "AdapterSummary",
     "BottleneckAdapter",
+    "ModelLayout",
     "Placement",
+    "SiteSpec",
     "accelerate",
     "active_adapter",
     "adapter_summary",
@@ -43,7 +51,9 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "per_sample_adapters",
+    "register_model_layout",
     "save_adapter",
     "set_active_adapters",
     "train_adapter",
+    "unregister_model_layout",
 ]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .adapterhub import ADAPTERHUB_WEIGHTS, config_from_adapterhub, is_adapterhub_config, weights_from_adapterhub
-from .architectures import find_architecture, hidden_size
+from .architectures import adapterhub_weights_by_layer, find_architecture, hidden_size
 from .config import AdapterConfig
 from .model import (
     _check_name,
@@ -244,7 +244,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
         weights_path = next((root / f for f in ADAPTERHUB_WEIGHTS if (root / f).is_file()), None)
         if weights_path is None:
             raise FileNotFoundError(f"{root}: no AdapterHub weights ({' or '.join(ADAPTERHUB_WEIGHTS)})")
-        saved_name, weights = weights_from_adapterhub(_read_weights(weights_path), str(weights_path))
+        by_layer = adapterhub_weights_by_layer(model, _read_weights(weights_path), str(weights_path))
+        saved_name, weights = weights_from_adapterhub(by_layer, str(weights_path))
         saved_name = meta.get("name") or saved_name
     elif meta.get("format") == FORMAT:
         if meta.get("format_version") != FORMAT_VERSION:

@@ -18,6 +18,7 @@ hooks read the copy's adapters and layers.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import Architecture, SiteSpec, find_architecture, get_submodule, hidden_size
+from .architectures import (
+    Architecture,
+    SiteSpec,
+    find_architecture,
+    get_submodule,
+    hidden_size,
+    layer_widths,
+    model_layers,
+    resolve_layers,
+)
 from .bottleneck import site_adapter
 from .config import SITES, AdapterConfig, Placement, resolve_config
 from .invertible import NiceCoupling, embedding_module, hook_invertible
@@ -70,6 +80,16 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
     if x is None:
         raise RuntimeError("adapter_fused: the block residual of this site was not captured")
     return out - x
+
+
+def no_residual_placement(placement: Placement, where: str) -> Placement:
+    """The placement that computes ``placement`` at a site where the layer adds no block residual
+    (``SiteSpec.residual`` None: ``h + x`` is ``h``), as AdapterHub does; ValueError for a parallel
+    placement, whose adapter input would be the missing residual."""
+    if placement.parallel:
+        raise ValueError(f"adapter_fused: a parallel adapter reads the block residual, which {where} does not "
+                         f"have; use another placement (houlsby or pfeiffer) or leave that site out")
+    return dataclasses.replace(placement, original_ln_before=False)
 
 
 class _CallLocal(threading.local):
@@ -135,6 +155,14 @@ class _Site:
             residual = next((kwargs[k] for k in spec.residual_keywords if k in kwargs), None)
         call.residuals[self.key] = residual
 
+    def capture_plus(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook of ``spec.residual_plus``: add its output to the captured residual."""
+        call = self.state.call
+        x = call.residuals.get(self.key)
+        if x is None or self._adapter(call) is None:
+            return
+        call.residuals[self.key] = (output[0] if isinstance(output, tuple) else output) + x
+
     def apply(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         call = self.state.call
         found = self._adapter(call)
@@ -142,6 +170,8 @@ class _Site:
             return None
         adapter, placement = found
         x = call.residuals.pop(self.key, None)
+        if self.spec.residual is None:  # no residual at this site: h + x is h itself
+            placement = no_residual_placement(placement, f"the {self.name} site")
         norm = self._norm(call)
         h = output[0] if isinstance(output, tuple) else output
         new = site_forward(adapter, placement, h, x, norm)
@@ -168,12 +198,12 @@ def _hook_norms(state: _State) -> None:
     """Register ``_NormReplacement`` on every site's layer norm (once per model)."""
     if state.__dict__.get("norms_hooked"):
         return
-    for index, layer in enumerate(state.layers):
+    for layer in resolve_layers(state.arch, state.base):
         for site_name in SITES:
-            spec = state.arch.site(site_name)
-            norm = get_submodule(layer, spec.norm) if spec.norm else None
+            spec = layer.site(site_name)
+            norm = get_submodule(layer.module, spec.norm) if spec.norm else None
             if norm is not None:
-                state.handles.append(norm.register_forward_hook(_NormReplacement(state, (str(index), site_name))))
+                state.handles.append(norm.register_forward_hook(_NormReplacement(state, (str(layer.index), site_name))))
     state.__dict__["norms_hooked"] = True
 
 
@@ -199,17 +229,22 @@ class _State:
             base.register_forward_pre_hook(self.bind, prepend=True),
             base.register_forward_hook(self.unbind, always_call=True),
         ]
-        layers_path = next(name for name, module in base.named_modules() if module is layers)
-        for index, layer in enumerate(layers):
+        for layer in resolve_layers(arch, base):
             for site_name in SITES:
-                spec = arch.site(site_name)
-                norm = get_submodule(layer, spec.norm) if spec.norm else None
-                norm_path = ".".join(p for p in (layers_path, str(index), spec.norm) if p) if spec.norm else None
-                site = _Site(self, index, site_name, spec, norm, norm_path)
-                residual_module = get_submodule(layer, spec.residual)
-                output_module = get_submodule(layer, spec.output)
-                assert residual_module is not None and output_module is not None
-                self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
+                spec = layer.site(site_name)
+                norm = get_submodule(layer.module, spec.norm) if spec.norm else None
+                norm_path = f"{layer.path}.{spec.norm}" if spec.norm else None
+                site = _Site(self, layer.index, site_name, spec, norm, norm_path)
+                if spec.residual is not None:
+                    residual_module = get_submodule(layer.module, spec.residual)
+                    assert residual_module is not None
+                    self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
+                if spec.residual_plus is not None:  # after the hooks of earlier sites on the same module
+                    plus_module = get_submodule(layer.module, spec.residual_plus)
+                    assert plus_module is not None
+                    self.handles.append(plus_module.register_forward_hook(site.capture_plus))
+                output_module = get_submodule(layer.module, spec.output)
+                assert output_module is not None
                 self.handles.append(output_module.register_forward_hook(site.apply))
 
     def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -291,22 +326,28 @@ def _check_name(name: object) -> str:
 def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleDict:
     """Freshly initialised adapters for every layer (but those in ``config.leave_out``) and site of
     ``config``, each on the device and in the dtype of its layer and in the model's training mode:
-    ``{layer index: {site: module}}``,
-    the module a ``FusedAdapter(d, r)`` for plain configs and a ``BottleneckAdapter`` otherwise, r
-    the layer's width (see ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names
-    every layer or a per-layer ``reduction_factor`` has no value for a layer."""
-    arch, layers = find_architecture(model)
+    ``{layer index: {site: module}}``, the module a ``FusedAdapter(d, r)`` for plain configs and a
+    ``BottleneckAdapter`` otherwise, d the layer's width and r its bottleneck (see
+    ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names every layer, a per-layer
+    ``reduction_factor`` has no value for a layer, or a parallel placement meets a site without a
+    block residual."""
+    arch, layers = model_layers(model)
+    for site in config.layout.sites:
+        bare = next((layer for layer in layers if layer.site(site).residual is None), None)
+        if bare is not None:
+            no_residual_placement(config.layout, f"the {site} site of {type(bare.module).__name__}")
+    widths = layer_widths(model)
     d = hidden_size(model)
     out = nn.ModuleDict()
-    for index, layer in enumerate(layers):
-        if index in config.leave_out:
+    for layer, width in zip(layers, widths):
+        if layer.index in config.leave_out:
             continue
-        r = config.bottleneck_for(d, index)
-        reference = next(layer.parameters(), None)
+        r = config.bottleneck_for(width, layer.index)
+        reference = next(layer.module.parameters(), None)
         device = reference.device if reference is not None else None
         dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
-        out[str(index)] = nn.ModuleDict({
-            site: site_adapter(config, d, r, device=device, dtype=dtype) for site in config.layout.sites
+        out[str(layer.index)] = nn.ModuleDict({
+            site: site_adapter(config, width, r, device=device, dtype=dtype) for site in config.layout.sites
         })
     if not len(out):
         raise ValueError(f"adapter_fused: leave_out {list(config.leave_out)} leaves out every one of the model's "

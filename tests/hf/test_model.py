@@ -222,9 +222,9 @@ def test_errors() -> None:
 
 def test_unsupported_model_lists_supported_ones() -> None:
     transformers = pytest.importorskip("transformers")
-    model = transformers.T5Model(transformers.T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, d_kv=16,
-                                                       vocab_size=97))
-    with pytest.raises(ValueError, match=r"model type 't5' is not supported; supported model types: bert, .*gpt2"):
+    model = transformers.XLNetModel(transformers.XLNetConfig(d_model=32, n_layer=1, n_head=2, d_inner=64,
+                                                             vocab_size=97))
+    with pytest.raises(ValueError, match=r"model type 'xlnet' is not supported; supported model types: bert, .*gpt2"):
         add_adapter(model, "task", "pfeiffer")
     assert not hasattr(model, "fused_adapters")
     with pytest.raises(ValueError, match="not a transformers model"):

@@ -33,15 +33,14 @@ EXTRA: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "gemma": {"head_dim": 16},
-    "gemma2": {"head_dim": 16},
     "deepseek_v3": {"first_k_dense_replace": 1, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
                     "topk_group": 1, "moe_intermediate_size": 32, "q_lora_rank": None, "kv_lora_rank": 16,
                     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8},
 }
-MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite",
+MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "phi3", "olmo", "olmo2", "granite",
                "granitemoe", "smollm3", "stablelm", "starcoder2", "cohere", "glm", "deepseek_v3")
 # Layers that look llama-like at a glance but combine sub-block and residual differently.
-NOT_LLAMA_LIKE = {"gemma2": {}, "olmo2": {}, "cohere": {}, "granite": {"residual_multiplier": 0.5},
+NOT_LLAMA_LIKE = {"olmo2": {}, "cohere": {}, "granite": {"residual_multiplier": 0.5},
                   "stablelm": {"use_parallel_residual": True}}
 
 

@@ -1,0 +1,91 @@
+"""Every model type supported by type, on tiny random models: no active adapter computes the base model
+bit for bit, the adapters change every stack's output, each site's hook runs once per layer call, the
+layers are numbered across stacks, and the fused kernel runs."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from adapter_fused.hf import add_adapter, set_active_adapters
+from adapter_fused.hf import model as hf_model
+from adapter_fused.hf.architectures import model_layers
+
+from .families import MODEL_TYPES, build, inputs, outputs
+from .models import randomize
+
+# layers per model, across its stacks (ALBERT shares one layer between its 2 layer calls)
+LAYERS = {"albert": 1, "bart": 4, "plbart": 4, "mbart": 4, "whisper": 4, "t5": 4, "mt5": 4, "clip": 4,
+          "encoder-decoder": 4}
+
+
+@pytest.fixture(scope="module")
+def based() -> Callable[[str], tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]]:
+    """Each model type built once per module: (base model, inputs, base outputs)."""
+    cache: dict[str, tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]] = {}
+
+    def get(model_type: str) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+        if model_type not in cache:
+            model, batch = build(model_type), inputs(model_type)
+            with torch.no_grad():
+                cache[model_type] = (model, batch, outputs(model, batch))
+        return cache[model_type]
+    return get
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_family(model_type: str, placement: str, based: Callable, launches: Any,
+                monkeypatch: pytest.MonkeyPatch) -> None:
+    base, batch, plain = based(model_type)
+    model = copy.deepcopy(base)
+    if model_type == "phi" and placement == "parallel":
+        with pytest.raises(ValueError, match="parallel adapter reads the block residual, which the ffn site of "
+                                             "PhiDecoderLayer does not have"):
+            add_adapter(model, "a", placement)
+        assert not hasattr(model, "fused_adapters")
+        return
+    sites: Counter[tuple[str, str]] = Counter()
+    apply = hf_model._Site.apply
+
+    def counting(self: hf_model._Site, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        sites[self.key] += 1
+        return apply(self, module, args, output)
+
+    monkeypatch.setattr(hf_model._Site, "apply", counting)
+    add_adapter(model, "a", placement)
+    with torch.no_grad():
+        assert torch.equal(outputs(model, batch), plain)  # no active adapter: the base model, bit for bit
+    adapters = model.base_model.fused_adapters["a"]
+    _, layers = model_layers(model)
+    assert sorted(adapters, key=int) == [str(i) for i in range(LAYERS.get(model_type, 2))]
+    assert [layer.index for layer in layers] == list(range(len(adapters)))
+    for layer in layers:  # each stack's own width (CLIP's towers differ)
+        for adapter in adapters[str(layer.index)].values():
+            assert adapter.up.weight.shape[0] == layer.hidden_size
+    randomize(adapters.parameters())
+    set_active_adapters(model, "a")
+
+    calls: Counter[str] = Counter()
+    handles = [layer.module.register_forward_hook(lambda m, a, o, i=str(layer.index): calls.update([i]))
+               for layer in layers]
+    launches.clear()
+    sites.clear()
+    with torch.no_grad():
+        out = outputs(model, batch)
+    for handle in handles:
+        handle.remove()
+    used = hf_model.adapter_config(model, "a").layout.sites
+    # each site's hook once per layer call (both sites are hooked whatever the placement)
+    assert sites == Counter({(i, s): n for i, n in calls.items() for s in ("attention", "ffn")})
+    assert len(launches) >= sum(calls.values()) * len(used)  # the fused kernel ran at every site
+    assert (out - plain).abs().max() > 1e-2
+    set_active_adapters(model, None)
+    with torch.no_grad():
+        assert torch.equal(outputs(model, batch), plain)

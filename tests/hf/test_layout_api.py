@@ -1,0 +1,184 @@
+"""register_model_layout: adapters on a model the library does not know, described once by the user;
+outputs checked against the adapters added by hand in float64."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adapter_fused
+from adapter_fused import ACTIVATIONS, ModelLayout, SiteSpec, register_model_layout, unregister_model_layout
+from adapter_fused.hf import add_adapter, set_active_adapters
+from adapter_fused.hf.model import adapter_config
+
+from .models import randomize
+
+D = 16
+
+
+class Block(nn.Module):
+    """A pre-norm layer: x + attn(norm1(x)), then x + ff(norm2(x))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(D)
+        self.attn = nn.Linear(D, D)
+        self.norm2 = nn.LayerNorm(D)
+        self.ff = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class PostNormBlock(nn.Module):
+    """A post-norm layer: ln1(x + attn(x)), then ln2(x + ff(x))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(D, D)
+        self.ln1 = nn.LayerNorm(D)
+        self.ff = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.ln2 = nn.LayerNorm(D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.ff(x))
+
+
+class Tiny(nn.Module):
+    """Two pre-norm ``blocks``, then (``two_stacks``) two post-norm ``head_blocks``."""
+
+    def __init__(self, two_stacks: bool = False) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(model_type="tiny-test", hidden_size=D)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head_blocks = nn.ModuleList([PostNormBlock(), PostNormBlock()]) if two_stacks else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        for block in self.head_blocks or ():
+            x = block(x)
+        return x
+
+
+PRE_NORM = ModelLayout(layers="blocks", attention=SiteSpec("attn", residual="norm1", residual_keywords="input"),
+                       ffn=SiteSpec("ff", residual="norm2", residual_keywords="input"))
+POST_NORM = ModelLayout(layers="head_blocks", attention=SiteSpec("attn", residual="attn", norm="ln1"),
+                        ffn=SiteSpec("ff", residual="ff", norm="ln2"))
+
+
+@pytest.fixture
+def registered() -> Iterator[None]:
+    register_model_layout(Tiny, [PRE_NORM, POST_NORM])
+    yield
+    unregister_model_layout(Tiny)
+
+
+def hand(model: Tiny, x: torch.Tensor, placement: str) -> torch.Tensor:
+    """``model``'s forward in float64 with the adapters of ``"a"`` added by hand."""
+    weights = {k: v.detach().double() for k, v in model.fused_adapters["a"].state_dict().items()}
+    act = ACTIVATIONS[adapter_config(model, "a").resolved_activation]
+    ref = copy.deepcopy(model).double()
+    set_active_adapters(ref, None)  # the copy's own hooks stay out of the way
+
+    def f(index: int, site: str, z: torch.Tensor) -> torch.Tensor:
+        w = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"{index}.{site}.")}
+        return F.linear(act(F.linear(z, w["down.weight"], w["down.bias"])), w["up.weight"], w["up.bias"])
+
+    def site(index: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """The adapted sum that the layer normalizes (post-norm) or passes on (pre-norm)."""
+        if placement == "houlsby":
+            h = h + f(index, name, h)
+        elif placement == "pfeiffer" and name == "ffn":
+            h = h + f(index, name, norm(h + x) if norm is not None else h + x)
+        elif placement == "parallel" and name == "ffn":
+            h = h + f(index, name, x)
+        return h + x
+
+    x = x.double()
+    for i, block in enumerate(ref.blocks):
+        x = site(i, "attention", block.attn(block.norm1(x)), x, None)
+        x = site(i, "ffn", block.ff(block.norm2(x)), x, None)
+    for j, block in enumerate(ref.head_blocks or (), start=len(ref.blocks)):
+        x = block.ln1(site(j, "attention", block.attn(x), x, block.ln1))
+        x = block.ln2(site(j, "ffn", block.ff(x), x, block.ln2))
+    return x
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_registered_layout_matches_adapters_added_by_hand(registered: None, placement: str) -> None:
+    torch.manual_seed(0)
+    model = Tiny(two_stacks=True).eval()
+    x = torch.randn(2, 5, D)
+    base = model(x)
+    add_adapter(model, "a", placement)
+    assert sorted(model.fused_adapters["a"], key=int) == ["0", "1", "2", "3"]  # numbered across both stacks
+    assert torch.equal(model(x), base)
+    randomize(model.fused_adapters.parameters())
+    set_active_adapters(model, "a")
+    with torch.no_grad():
+        out = model(x)
+    assert (out - base).abs().max() > 1e-2
+    torch.testing.assert_close(out, hand(model, x, placement).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_layout_registered_by_model_type() -> None:
+    register_model_layout("tiny-test", PRE_NORM)
+    try:
+        model = Tiny().eval()
+        add_adapter(model, "a", "houlsby")
+        randomize(model.fused_adapters.parameters())
+        set_active_adapters(model, "a")
+        x = torch.randn(2, 5, D)
+        torch.testing.assert_close(model(x), hand(model, x, "houlsby").float(), rtol=1e-5, atol=1e-5)
+    finally:
+        unregister_model_layout("tiny-test")
+
+
+def test_unknown_model_points_to_the_layout_api() -> None:
+    model = Tiny()
+    with pytest.raises(ValueError, match=r"model type 'tiny-test' is not supported.*its layer class Block matches no "
+                                         r"known layout.*register_model_layout"):
+        add_adapter(model, "a", "houlsby")
+    assert not hasattr(model, "fused_adapters")
+    bare = nn.Module()
+    bare.config = SimpleNamespace(model_type="tiny-test", hidden_size=D)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"no non-empty layer list.*register_model_layout"):
+        add_adapter(bare, "a", "houlsby")
+
+
+def test_layout_naming_missing_modules_is_refused() -> None:
+    register_model_layout(Tiny, ModelLayout("blocks", SiteSpec("attn", "norm1"), SiteSpec("mlp", "norm2")))
+    try:
+        model = Tiny()
+        with pytest.raises(ValueError, match=r"Block \(at blocks.0\) lacks the modules mlp"):
+            add_adapter(model, "a", "pfeiffer")
+        assert not hasattr(model, "fused_adapters") and not model._forward_hooks
+    finally:
+        unregister_model_layout(Tiny)
+
+
+def test_bad_descriptions_are_refused() -> None:
+    with pytest.raises(ValueError, match="SiteSpec.output must be a dotted module path"):
+        SiteSpec("", "norm1")
+    with pytest.raises(ValueError, match="SiteSpec.residual_position must be a non-negative int"):
+        SiteSpec("attn", "norm1", residual_position=-1)
+    with pytest.raises(ValueError, match="without a residual module can have neither norm"):
+        SiteSpec("attn", None, norm="ln1")
+    with pytest.raises(ValueError, match="ModelLayout.layers must be a dotted module path"):
+        ModelLayout("blocks..x", SiteSpec("attn", "norm1"), SiteSpec("ff", "norm2"))
+    with pytest.raises(TypeError, match="ModelLayout.ffn must be a SiteSpec"):
+        ModelLayout("blocks", SiteSpec("attn", "norm1"), "ff")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="layout must be a ModelLayout"):
+        register_model_layout(Tiny, [])
+    with pytest.raises(KeyError, match="no layout registered"):
+        unregister_model_layout(Tiny)
+    assert adapter_fused.register_model_layout is register_model_layout
