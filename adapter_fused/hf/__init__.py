@@ -11,6 +11,7 @@ Nothing here imports ``transformers`` or ``adapters`` at import time.
 
 from .adapterhub import AccelerateReport, accelerate
 from .architectures import SUPPORTED_MODEL_TYPES
+from .composition import Average, BatchSplit, Composition, Parallel, Stack
 from .config import AdapterConfig, Placement
 from .io import load_adapter, save_adapter
 from .model import (
@@ -32,7 +33,12 @@ __all__ = [
     "AdapterConfig",
     "AdapterInfo",
     "AdapterSummary",
+    "Average",
+    "BatchSplit",
+    "Composition",
+    "Parallel",
     "Placement",
+    "Stack",
     "accelerate",
     "active_adapter",
     "adapter_summary",
