@@ -41,6 +41,7 @@ CONFIGS = {
     "g": AdapterConfig("pfeiffer", bottleneck=4, activation="gelu"),
     "x": AdapterConfig("parallel", bottleneck=4, scale=0.9),
     "y": AdapterConfig("parallel", bottleneck=2, scale=1.2),
+    "z": AdapterConfig("parallel", bottleneck=4, scale=0.6, activation="gelu"),
 }
 
 
@@ -118,10 +119,14 @@ def rows(names: list[str | None], sizes: list[int], parallel: bool = False) -> C
     return make
 
 
-def parallel_average(w: Weights) -> Site:
-    def site(layer: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
-        return h + (0.4 * adapter_fn(w, "x", layer, name)(x) + 0.6 * adapter_fn(w, "y", layer, name)(x)) / 2
-    return site
+def parallel_average(other: str, weights: tuple[float, float]) -> Callable[[Weights], Site]:
+    """Parallel-placement adapters: AdapterHub averages their outputs s_i f_i(x), then adds them to h."""
+    def make(w: Weights) -> Site:
+        def site(layer: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+            fx, fo = adapter_fn(w, "x", layer, name), adapter_fn(w, other, layer, name)
+            return h + (weights[0] * fx(x) + weights[1] * fo(x)) / 2
+        return site
+    return make
 
 
 B = 3
@@ -133,7 +138,11 @@ CASES: dict[str, tuple[str, object, int, int, Callable[[Weights], Site]]] = {
     "parallel": ("ab", Parallel("a", "b"), B, 2, rows(["a", "b"], [B, B])),
     "batch_split": ("ab", BatchSplit("a", "b", batch_sizes=[1, 2]), B, 1, rows(["a", "b"], [1, 2])),
     "batch_split_two_activations": ("ac", BatchSplit("c", "a", batch_sizes=[2, 1]), B, 1, rows(["c", "a"], [2, 1])),
-    "parallel_placement_average": ("xy", Average("x", "y", weights=[0.4, 0.6]), B, 1, parallel_average),
+    "parallel_placement_average": ("xy", Average("x", "y", weights=[0.4, 0.6]), B, 1, parallel_average("y", (0.4, 0.6))),
+    "parallel_placement_average_two_activations": ("xz", Average("x", "z", weights=[1, 2], normalize_weights=False), B,
+                                                   1, parallel_average("z", (1.0, 2.0))),
+    "parallel_placement_split_two_activations": ("xz", BatchSplit("z", "x", batch_sizes=[1, 2]), B, 1,
+                                                 rows(["z", "x"], [1, 2], parallel=True)),
     "parallel_placement_split": ("xy", BatchSplit("y", "x", batch_sizes=[2, 1]), B, 1,
                                  rows(["y", "x"], [2, 1], parallel=True)),
 }
@@ -154,8 +163,10 @@ def hand_composed(model: nn.Module, arch: str, site_fn: Site, w: Weights) -> lis
                 box["x"] = args[res_pos] if len(args) > res_pos else next(
                     v for k, v in kwargs.items() if k in ("hidden_states", "input_tensor", "input"))
 
+            layer_norm = layer.get_submodule(norm_path) if norm_path else None
+
             def post(module, args, output, box=box, index=index, site=site,  # type: ignore[no-untyped-def]
-                     norm=layer.get_submodule(norm_path) if norm_path else None):
+                     norm=layer_norm):
                 h = output[0] if isinstance(output, tuple) else output
                 new = site_fn(index, site, h, box.pop("x"), norm)
                 return (new, *output[1:]) if isinstance(output, tuple) else new
