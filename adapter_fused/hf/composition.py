@@ -304,6 +304,13 @@ class CompositionSite:
         names = [n for n in self.setup.flatten() if self.module(n) is not None]
         if not names:
             return False
+        for name in names:
+            p = self.placement(name)
+            known = Placement(attention=True, ffn=True, original_ln_before=p.original_ln_before,
+                              residual_before_ln=p.residual_before_ln, parallel=p.parallel)
+            if p != known:
+                raise ValueError(f"adapter_fused: composition {self.setup!r}: the placement of adapter {name!r} "
+                                 f"({self.configs[name].layout}) has options compositions do not run")
         kinds = {self.placement(n).parallel for n in names}
         if len(kinds) > 1:
             raise ValueError(f"adapter_fused: composition {self.setup!r} mixes parallel-placement and sequential "
