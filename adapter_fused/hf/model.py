@@ -26,8 +26,7 @@ from torch import nn
 
 from ..layer import FusedAdapter
 from .architectures import Architecture, SiteSpec, find_architecture, get_submodule, hidden_size
-from .composition import (RAW, Composition, active_names, check_setup, composition_site, install_replication,
-                          parse_setup)
+from .composition import RAW, Composition, active_names, check_setup, composition_site, install_replication, parse_setup
 from .config import SITES, AdapterConfig, Placement, resolve_config
 
 MODULE_NAME = "fused_adapters"
