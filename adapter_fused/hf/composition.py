@@ -544,8 +544,8 @@ class ReplicateInputs:
         bound.update(kwargs)
         cache = bound.get("past_key_values")
         if cache is not None and (cache.get_seq_length() > 0 if hasattr(cache, "get_seq_length") else len(cache) > 0):
-            raise ValueError(f"adapter_fused: {active!r} cannot continue from cached keys and values (they hold "
-                             "one copy of the batch); run it without a filled cache")
+            raise ValueError(f"adapter_fused: {active!r} replicates the batch at the model's input and cannot "
+                             "continue from a filled key/value cache; run it without one")
         lead = next((bound[k] for k in ("input_ids", "inputs_embeds") if isinstance(bound.get(k), torch.Tensor)), None)
         if lead is None:
             raise ValueError(f"adapter_fused: {active!r} needs input_ids or inputs_embeds to replicate the batch")

@@ -345,6 +345,9 @@ def test_parallel_copies_equal_each_adapter_alone() -> None:
         again = twin(**inputs).last_hidden_state
     torch.testing.assert_close(both, torch.cat([alone["a"], alone["b"]]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, both, rtol=0, atol=0)
+    cache = model(**inputs, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"Parallel\('a', Stack\('b'\)\) replicates the batch .* filled key/value"):
+        model(input_ids=inputs["input_ids"][:, :1], past_key_values=cache)
 
 
 # -- parity with AdapterHub's own compositions, on adapters it saved --
