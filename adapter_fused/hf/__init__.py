@@ -18,6 +18,7 @@ from .architectures import (
     unregister_model_layout,
 )
 from .bottleneck import BottleneckAdapter
+from .composition import Average, BatchSplit, Composition, Parallel, Stack
 from .config import AdapterConfig, Placement
 from .io import load_adapter, save_adapter
 from .model import (
@@ -39,10 +40,15 @@ __all__ = [
     "AdapterConfig",
     "AdapterInfo",
     "AdapterSummary",
+    "Average",
+    "BatchSplit",
     "BottleneckAdapter",
+    "Composition",
     "ModelLayout",
+    "Parallel",
     "Placement",
     "SiteSpec",
+    "Stack",
     "accelerate",
     "active_adapter",
     "adapter_summary",

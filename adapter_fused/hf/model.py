@@ -38,6 +38,7 @@ from .architectures import (
     resolve_layers,
 )
 from .bottleneck import site_adapter
+from .composition import RAW, Composition, active_names, check_setup, composition_site, install_replication, parse_setup
 from .config import SITES, AdapterConfig, Placement, resolve_config
 from .invertible import NiceCoupling, embedding_module, hook_invertible
 
@@ -132,6 +133,10 @@ class _Site:
         active = state.active
         if active is None:
             return None
+        if isinstance(active, Composition):  # called as site(x, residual=h): see composition.RAW
+            found = composition_site(active, state.adapters_of_call(call), state.configs, self.layer, self.name,
+                                     self._norm(call))
+            return None if found is None else (found, RAW)
         adapters = state.adapters_of_call(call)[active]
         layer = adapters[self.layer] if self.layer in adapters else None
         if layer is None or self.name not in layer:
@@ -220,8 +225,8 @@ class _State:
         self.layers = layers
         self.modules = modules
         self.configs: dict[str, AdapterConfig] = {}
-        self.active: str | None = None
-        self.training: str | None = None  # the adapter train_adapter last prepared, until it is deleted
+        self.active: str | Composition | None = None
+        self.training: str | Composition | None = None  # what train_adapter last prepared, until it is deleted
         self.call = _CallLocal()
         self.per_sample_blocks = 0  # per_sample_adapters blocks open in any thread
         self.lock = threading.Lock()
@@ -420,45 +425,43 @@ def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfei
     attach_adapter(model, name, config, build_adapter_modules(model, config))
 
 
-def _single_name(names: object) -> str | None:
-    """The one adapter name that ``set_active_adapters`` accepts in ``names``: a string, ``None``, a
-    list or tuple of one name, or an AdapterHub ``Stack`` of one name (which is that adapter)."""
-    if names is None or isinstance(names, str):
-        return names
-    if type(names).__module__.startswith("adapters.") and isinstance(getattr(names, "children", None), list):
-        children = names.children  # type: ignore[attr-defined]
-        if type(names).__name__ == "Stack" and len(children) == 1 and isinstance(children[0], str):
-            return children[0]
-        raise ValueError(f"adapter_fused: set_active_adapters runs one adapter at a time; AdapterHub compositions "
-                         f"such as {names!r} are not supported yet by this function")
-    if isinstance(names, (list, tuple)):
-        if len(names) == 1 and isinstance(names[0], str):
-            return names[0]
-        if not names:
-            raise ValueError("adapter_fused: set_active_adapters got an empty list; pass one adapter name, "
-                             "or None to run no adapter")
-        listed = ", ".join(repr(n) for n in names)
-        raise ValueError(f"adapter_fused: set_active_adapters runs one adapter at a time; compositions of several "
-                         f"adapters ({listed}) are not supported yet by this function")
-    raise TypeError(f"adapter_fused: set_active_adapters expects an adapter name, a list of one name or None, "
-                    f"got {type(names).__name__}")
+def _resolve_setup(model: nn.Module, setup: object) -> tuple[_State | None, str | Composition | None]:
+    """The model's state and ``setup`` parsed (see ``composition.parse_setup``), every adapter it
+    names checked to exist (KeyError) and a composition checked to run at every site (ValueError)."""
+    parsed = parse_setup(setup)
+    if parsed is None:
+        return _state(model), None
+    state = None
+    for name in active_names(parsed):
+        state = require_adapter(model, name)
+    assert state is not None
+    if isinstance(parsed, Composition):
+        check_setup(parsed, state.modules, state.configs, len(state.layers), SITES)
+    return state, parsed
 
 
-def set_active_adapters(model: nn.Module, name: str | list[str] | tuple[str, ...] | None) -> None:
-    """Make ``name`` the adapter that runs in the forward pass, or run none (``None``: the base model).
+def _activate(state: _State, setup: str | Composition) -> None:
+    if isinstance(setup, Composition) and setup.parallel_channels > 1:
+        install_replication(state)
+    state.active = setup
 
-    ``name`` may also be a list or tuple holding one name (``["task"]``, as AdapterHub accepts), or
-    an AdapterHub ``Stack`` of one adapter. Several names (a composition such as stacking or
-    fusing adapters) raise ValueError naming them: this function runs one adapter at a time (see
-    ``per_sample_adapters`` for a different adapter per sample). An unknown name raises KeyError.
+
+def set_active_adapters(model: nn.Module, name: str | Composition | list[Any] | tuple[Any, ...] | None) -> None:
+    """Make ``name`` what runs in the forward pass, or run none (``None``: the base model).
+
+    ``name`` is an adapter name or a composition of adapters: ``Stack``, ``Parallel``, ``Average``,
+    ``BatchSplit`` (see ``composition``; AdapterHub's own blocks are accepted too), or a list or
+    tuple of names, which is their Stack (as in AdapterHub; a list of one name is that adapter).
+    An unknown name raises KeyError; a composition that cannot run raises ValueError naming it.
+    On an error the previous setup stays active.
     """
-    name = _single_name(name)
-    if name is None:
-        state = _state(model)
+    state, setup = _resolve_setup(model, name)
+    if setup is None:
         if state is not None:
             state.active = None
         return
-    require_adapter(model, name).active = name
+    assert state is not None
+    _activate(state, setup)
 
 
 def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -481,24 +484,32 @@ def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield name, parameter
 
 
-def train_adapter(model: nn.Module, name: str, train_head: bool = True) -> None:
+def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[Any, ...],
+                  train_head: bool = True) -> None:
     """Prepare ``model`` to train adapter ``name``: the adapter's parameters get ``requires_grad=True``,
     and so does the model's task head when ``train_head`` (see ``head_parameters``: e.g. the
     ``classifier`` of a ``BertForSequenceClassification``, never embeddings tied to an output
     layer); every other parameter (base model, other adapters, the head when not ``train_head``)
     gets False. The adapter becomes active, the model is put in training mode, and adapters added
     afterwards start frozen. ``save_adapter(..., with_head=True)`` keeps the trained head.
+
+    ``name`` may be a composition (as for ``set_active_adapters``): every adapter in it trains, and
+    the composition becomes active.
     """
-    state = require_adapter(model, name)
+    state, setup = _resolve_setup(model, name)
+    if setup is None:
+        raise ValueError("adapter_fused: train_adapter needs an adapter name or a composition, got None")
+    assert state is not None
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if train_head:
         for _, parameter in head_parameters(model):
             parameter.requires_grad_(True)
-    for parameter in state.modules[name].parameters():
-        parameter.requires_grad_(True)
-    state.active = name
-    state.training = name
+    for adapter in active_names(setup):
+        for parameter in state.modules[adapter].parameters():
+            parameter.requires_grad_(True)
+    _activate(state, setup)
+    state.training = setup
     model.train()
 
 
@@ -507,9 +518,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state = require_adapter(model, name)
     del state.modules[name]
     del state.configs[name]
-    if state.active == name:
+    if name in active_names(state.active):
         state.active = None
-    if state.training == name:
+    if state.training is not None and not any(n in state.configs for n in active_names(state.training)):
         state.training = None
     if not state.configs:
         _remove_state(model, state)
@@ -521,8 +532,8 @@ def list_adapters(model: nn.Module) -> list[str]:
     return list(state.configs) if state is not None else []
 
 
-def active_adapter(model: nn.Module) -> str | None:
-    """The name of the active adapter, or None."""
+def active_adapter(model: nn.Module) -> str | Composition | None:
+    """The name of the active adapter, the active composition (e.g. ``Stack('lang', 'task')``), or None."""
     state = _state(model)
     return state.active if state is not None else None
 
@@ -587,6 +598,6 @@ def adapter_summary(model: nn.Module) -> AdapterSummary:
         widths = [site.down.out_features for key, layer in state.modules[name].items()  # type: ignore[union-attr]
                   if key != "invertible" for site in layer.values()]
         rows.append(AdapterInfo(name, placement, max(widths), config.resolved_activation,
-                                count, count / base if base else 0.0, state.active == name,  # type: ignore[union-attr]
+                                count, count / base if base else 0.0, name in active_names(state.active),  # type: ignore[union-attr]
                                 any(p.requires_grad for p in params), config.unfused_options))
     return AdapterSummary(tuple(rows), base)

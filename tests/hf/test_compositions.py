@@ -1,0 +1,395 @@
+"""Compositions of adapters (Stack, Parallel, Average, BatchSplit): outputs and gradients against the
+compositions written out by hand in float64, launches per site, training, errors, and parity with
+AdapterHub's own compositions on adapters it saved."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import LAYERS, make_inputs, make_model, randomize
+from .test_model import SITES, layers_of
+
+from adapter_fused import ACTIVATIONS, Average, BatchSplit, Parallel, Stack  # noqa: E402
+from adapter_fused.hf import (  # noqa: E402
+    AdapterConfig,
+    active_adapter,
+    adapter_summary,
+    add_adapter,
+    delete_adapter,
+    load_adapter,
+    per_sample_adapters,
+    set_active_adapters,
+    train_adapter,
+)
+
+Weights = dict[str, dict[str, dict[str, torch.Tensor]]]  # adapter -> "layer.site" -> parameter -> float64 tensor
+Site = Callable[[int, str, torch.Tensor, torch.Tensor, nn.Module | None], torch.Tensor]
+
+CONFIGS = {
+    "a": AdapterConfig("houlsby", bottleneck=4, scale=0.7),
+    "b": AdapterConfig("houlsby", bottleneck=6, scale=1.3),
+    "c": AdapterConfig("houlsby", bottleneck=4, activation="relu"),
+    "p": AdapterConfig("pfeiffer", bottleneck=4, scale=0.8),
+    "q": AdapterConfig("pfeiffer", bottleneck=8, scale=1.1),
+    "g": AdapterConfig("pfeiffer", bottleneck=4, activation="gelu"),
+    "x": AdapterConfig("parallel", bottleneck=4, scale=0.9),
+    "y": AdapterConfig("parallel", bottleneck=2, scale=1.2),
+    "z": AdapterConfig("parallel", bottleneck=4, scale=0.6, activation="gelu"),
+}
+
+
+def build(arch: str, names: str) -> nn.Module:
+    model = make_model(arch)
+    for name in names:
+        add_adapter(model, name, CONFIGS[name])
+    randomize(model.base_model.fused_adapters.parameters())
+    return model
+
+
+def weights_of(model: nn.Module) -> Weights:
+    out: Weights = {}
+    for name, layers in model.base_model.fused_adapters.items():
+        out[name] = {f"{layer}.{site}": {k: v.detach().double().requires_grad_(True)
+                                         for k, v in module.state_dict().items()}
+                     for layer, block in layers.items() for site, module in block.items()}
+    return out
+
+
+def adapter_fn(w: Weights, name: str, layer: int, site: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """s * up(act(down(z))) of adapter ``name`` at a site, in float64; None where it has no adapter."""
+    p = w[name].get(f"{layer}.{site}")
+    if p is None:
+        return None
+    config = CONFIGS[name]
+    act = ACTIVATIONS[config.resolved_activation]
+    return lambda z: config.scale * F.linear(act(F.linear(z, p["down.weight"], p["down.bias"])), p["up.weight"],
+                                             p["up.bias"])
+
+
+def ln_sum(h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    return norm(h + x) if norm is not None else h + x
+
+
+# Each case: adapters to add, the composition, the batch, and the site written out by hand.
+def stack_mixed(w: Weights) -> Site:
+    def site(layer: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        out = h + adapter_fn(w, "a", layer, name)(h)  # houlsby: both sites
+        if name == "ffn":  # pfeiffer "p" reads LN(out + x), adds to out
+            out = out + adapter_fn(w, "p", layer, name)(ln_sum(out, x, norm))
+        return out
+    return site
+
+
+def average_fused(w: Weights) -> Site:
+    def site(layer: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        z = ln_sum(h, x, norm)
+        wp, wq = 0.25, 0.75  # weights [1, 3] normalized; AdapterHub then takes the mean over the 2 adapters
+        return (wp * (h + adapter_fn(w, "p", layer, name)(z)) + wq * (h + adapter_fn(w, "q", layer, name)(z))) / 2
+    return site
+
+
+def madx_average(w: Weights) -> Site:
+    """Stack(p, Average(q, g)): g has another activation, so the average runs each adapter."""
+    def site(layer: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        out = h + adapter_fn(w, "p", layer, name)(ln_sum(h, x, norm))
+        z = ln_sum(out, x, norm)
+        return (0.5 * (out + adapter_fn(w, "q", layer, name)(z)) + 0.5 * (out + adapter_fn(w, "g", layer, name)(z))) / 2
+    return site
+
+
+def rows(names: list[str | None], sizes: list[int], parallel: bool = False) -> Callable[[Weights], Site]:
+    """Consecutive row slices, each through one houlsby adapter (or a parallel one, reading x)."""
+    def make(w: Weights) -> Site:
+        def site(layer: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+            pieces, start = [], 0
+            for adapter, size in zip(names, sizes):
+                hs, xs = h[start:start + size], x[start:start + size]
+                start += size
+                f = adapter_fn(w, adapter, layer, name) if adapter is not None else None
+                pieces.append(hs if f is None else hs + f(xs if parallel else hs))
+            return torch.cat(pieces)
+        return site
+    return make
+
+
+def parallel_average(other: str, weights: tuple[float, float]) -> Callable[[Weights], Site]:
+    """Parallel-placement adapters: AdapterHub averages their outputs s_i f_i(x), then adds them to h."""
+    def make(w: Weights) -> Site:
+        def site(layer: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+            fx, fo = adapter_fn(w, "x", layer, name), adapter_fn(w, other, layer, name)
+            return h + (weights[0] * fx(x) + weights[1] * fo(x)) / 2
+        return site
+    return make
+
+
+B = 3
+CASES: dict[str, tuple[str, object, int, int, Callable[[Weights], Site]]] = {
+    # name: (adapters, composition, batch in, copies out, hand-written site)
+    "stack_mixed_placements": ("ap", Stack("a", "p"), B, 1, stack_mixed),
+    "average_one_launch": ("pq", Average("p", "q", weights=[1, 3]), B, 1, average_fused),
+    "madx_stack_average": ("pqg", Stack("p", Average("q", "g")), B, 1, madx_average),
+    "parallel": ("ab", Parallel("a", "b"), B, 2, rows(["a", "b"], [B, B])),
+    "batch_split": ("ab", BatchSplit("a", "b", batch_sizes=[1, 2]), B, 1, rows(["a", "b"], [1, 2])),
+    "batch_split_two_activations": ("ac", BatchSplit("c", "a", batch_sizes=[2, 1]), B, 1, rows(["c", "a"], [2, 1])),
+    "parallel_placement_average": ("xy", Average("x", "y", weights=[0.4, 0.6]), B, 1, parallel_average("y", (0.4, 0.6))),
+    "parallel_placement_average_two_activations": ("xz", Average("x", "z", weights=[1, 2], normalize_weights=False), B,
+                                                   1, parallel_average("z", (1.0, 2.0))),
+    "parallel_placement_split_two_activations": ("xz", BatchSplit("z", "x", batch_sizes=[1, 2]), B, 1,
+                                                 rows(["z", "x"], [1, 2], parallel=True)),
+    "parallel_placement_split": ("xy", BatchSplit("y", "x", batch_sizes=[2, 1]), B, 1,
+                                 rows(["y", "x"], [2, 1], parallel=True)),
+}
+
+
+def hand_composed(model: nn.Module, arch: str, site_fn: Site, w: Weights) -> list:
+    """Hooks on ``model`` (a float64 copy of the base model) applying ``site_fn`` at every site
+    where one of the adapters of ``w`` is."""
+    handles = []
+    for index, layer in enumerate(layers_of(model)):
+        for site in ("attention", "ffn"):
+            if not any(f"{index}.{site}" in sites for sites in w.values()):
+                continue
+            out_path, res_path, res_pos, norm_path = SITES[arch][site]
+            box: dict = {}
+
+            def pre(module, args, kwargs, box=box, res_pos=res_pos):  # type: ignore[no-untyped-def]
+                box["x"] = args[res_pos] if len(args) > res_pos else next(
+                    v for k, v in kwargs.items() if k in ("hidden_states", "input_tensor", "input"))
+
+            layer_norm = layer.get_submodule(norm_path) if norm_path else None
+
+            def post(module, args, output, box=box, index=index, site=site,  # type: ignore[no-untyped-def]
+                     norm=layer_norm):
+                h = output[0] if isinstance(output, tuple) else output
+                new = site_fn(index, site, h, box.pop("x"), norm)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+
+            handles.append(layer.get_submodule(res_path).register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(layer.get_submodule(out_path).register_forward_hook(post))
+    return handles
+
+
+@pytest.mark.parametrize(("arch", "case"), [(arch, case) for arch in ("bert", "gpt2") for case in CASES] + [
+    ("llama", case) for case in ("madx_stack_average", "parallel", "parallel_placement_average")])
+def test_composition_matches_hand_written_float64(arch: str, case: str) -> None:
+    names, setup, batch, copies, make_site = CASES[case]
+    model = build(arch, names)
+    reference = copy.deepcopy(make_model(arch)).double()
+    w = weights_of(model)
+    train_adapter(model, setup)
+    model.eval()
+    ids = make_inputs(batch=batch, length=5)["input_ids"]
+    embed = model.get_input_embeddings()
+    x = embed(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=x).last_hidden_state
+    assert out.shape[0] == copies * batch
+    x64 = x.detach().double().requires_grad_(True)
+    handles = hand_composed(reference, arch, make_site(w), w)
+    expected = reference(inputs_embeds=torch.cat([x64] * copies)).last_hidden_state
+    for handle in handles:
+        handle.remove()
+    base = reference(inputs_embeds=torch.cat([x64] * copies)).last_hidden_state
+    assert (expected - base).abs().max() > 0.05  # the adapters matter
+    torch.testing.assert_close(out, expected.float(), rtol=2e-5, atol=2e-5)
+
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (out.double() * probe).sum().backward()
+    (expected * probe).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+    checked = 0
+    for name, layers in model.base_model.fused_adapters.items():
+        for layer, block in layers.items():
+            for site, module in block.items():
+                for key, parameter in module.named_parameters():
+                    truth = w[name][f"{layer}.{site}"][key].grad
+                    assert parameter.grad is not None and truth is not None, (name, layer, site, key)
+                    torch.testing.assert_close(parameter.grad, truth.float(), rtol=1e-4, atol=1e-5)
+                    checked += 1
+    assert checked == sum(1 for _ in model.base_model.fused_adapters.parameters())
+
+
+def count_launches(model: nn.Module, launches, batch: int = 2) -> list[str]:  # type: ignore[no-untyped-def]
+    launches.clear()
+    with torch.no_grad():
+        model(**make_inputs(batch=batch, length=4))
+    return list(launches.names)
+
+
+def test_average_is_one_launch_per_site_and_parallel_one_grouped_launch(launches) -> None:  # type: ignore[no-untyped-def]
+    model = build("bert", "ab")
+    sites = 2 * LAYERS
+    set_active_adapters(model, "a")
+    single = count_launches(model, launches)
+    assert len(single) == sites
+    set_active_adapters(model, Average("a", "b", weights=[2, 1]))
+    assert count_launches(model, launches) == single  # r_a + r_b wide, one launch
+    set_active_adapters(model, Stack("a", "b"))
+    assert len(count_launches(model, launches)) == 2 * sites
+    # the grouped kernel takes the launches of one adapter (as per_sample_adapters does)
+    set_active_adapters(model, None)
+    with per_sample_adapters(model, ["a", "a"]):
+        assert count_launches(model, launches) == single
+    set_active_adapters(model, Parallel("a", "b"))
+    assert count_launches(model, launches) == single
+    set_active_adapters(model, BatchSplit("b", "a", batch_sizes=[1, 1]))
+    assert count_launches(model, launches) == single
+
+
+def test_average_of_different_activations_runs_each_adapter(launches) -> None:  # type: ignore[no-untyped-def]
+    model = build("bert", "pqg")
+    set_active_adapters(model, Average("q", "g"))
+    assert len(count_launches(model, launches)) == 2 * LAYERS  # pfeiffer: one site per layer, two adapters
+    set_active_adapters(model, Average("q", "p"))
+    assert len(count_launches(model, launches)) == LAYERS
+
+
+def test_training_a_composition() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64, vocab_size=97,
+        num_labels=3)).eval()
+    for name in "apq":
+        add_adapter(model, name, CONFIGS[name])
+    train_adapter(model, Stack("a", Average("p", "q")))
+    assert model.training and active_adapter(model) == Stack("a", Average("p", "q"))
+    trainable = sorted({n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and "fused" in n})
+    assert trainable == ["a", "p", "q"] and model.classifier.weight.requires_grad
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    add_adapter(model, "b", CONFIGS["b"])  # adding an adapter does not change what trains
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == before
+    summary = {row.name: row for row in adapter_summary(model).adapters}
+    assert [summary[n].active for n in "apqb"] == [True, True, True, False]
+    assert [summary[n].trainable for n in "apqb"] == [True, True, True, False]
+    out = model(**make_inputs()).logits
+    out.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    # a failed train_adapter leaves everything as it was
+    with pytest.raises(ValueError, match=r"Average\('a', 'p'.*'p' has no adapter there"):
+        train_adapter(model, Average("a", "p"))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == before
+    assert active_adapter(model) == Stack("a", Average("p", "q"))
+    delete_adapter(model, "q")  # the composition cannot run any more
+    assert active_adapter(model) is None
+    add_adapter(model, "c", CONFIGS["a"])  # "a" and "p" still train: new adapters still start frozen
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".fused_adapters.c." in n)
+
+
+def test_setups_lists_and_adapterhub_blocks() -> None:
+    model = build("bert", "ab")
+    set_active_adapters(model, ["a", "b"])
+    assert active_adapter(model) == Stack("a", "b") and str(active_adapter(model)) == "Stack('a', 'b')"
+    set_active_adapters(model, Stack("b"))
+    assert active_adapter(model) == "b"
+    composition = pytest.importorskip("adapters.composition")
+    set_active_adapters(model, composition.Stack("a", composition.Average("a", "b", weights=[1, 3])))
+    assert active_adapter(model) == Stack("a", Average("a", "b", weights=[0.25, 0.75]))
+    set_active_adapters(model, composition.BatchSplit("a", "b", batch_sizes=2))
+    assert active_adapter(model) == BatchSplit("a", "b", batch_sizes=[2, 2])
+    for unsupported in (composition.Fuse("a", "b"), composition.Split("a", "b", splits=[2, 2])):
+        with pytest.raises(ValueError, match=rf"composition .*{type(unsupported).__name__}.* is not supported"):
+            set_active_adapters(model, unsupported)
+    assert active_adapter(model) == BatchSplit("a", "b", batch_sizes=[2, 2])
+
+
+def test_errors_name_the_composition_and_leave_the_model_alone() -> None:
+    model = build("bert", "apxy")
+    set_active_adapters(model, "a")
+    inputs = make_inputs()
+    expected = model(**inputs).last_hidden_state
+    bad = {
+        r"Parallel cannot be nested in Average": Average("a", Parallel("a", "p")),
+        r"nested too deeply": Parallel(BatchSplit("a", Average("a", "a"), batch_sizes=1), "a"),
+        r"differ in placement": BatchSplit("a", "p", batch_sizes=1),
+        r"mixes parallel-placement and sequential": Stack("p", "x"),
+        r"stacks several parallel-placement adapters": Stack("x", "y"),
+        r"2 Parallel blocks": Stack(Parallel("a", "p"), Parallel("a", "p")),
+    }
+    for message, setup in bad.items():
+        with pytest.raises(ValueError, match=message):
+            set_active_adapters(model, setup)
+    with pytest.raises(ValueError, match=r"cannot average at layer 0 attention: 'p' has no adapter"):
+        set_active_adapters(model, Average("a", "p"))
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        set_active_adapters(model, Stack("a", "nope"))
+    with pytest.raises(ValueError, match="needs 2 finite weights"):
+        Average("a", "p", weights=[1.0])
+    with pytest.raises(ValueError, match="needs 2 non-negative batch sizes"):
+        BatchSplit("a", "p", batch_sizes=[1])
+    assert active_adapter(model) == "a"
+    torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=0, atol=0)
+    set_active_adapters(model, BatchSplit("a", "a", batch_sizes=[1, 2]))
+    with pytest.raises(ValueError, match=r"BatchSplit\('a', 'a', batch_sizes=\[1, 2\]\) splits 3 rows but the batch"):
+        model(**inputs)
+
+
+def test_parallel_copies_equal_each_adapter_alone() -> None:
+    """Copy i of a Parallel output is child i run alone; a deep copy of the model runs it too."""
+    model = build("gpt2", "ab")
+    inputs = make_inputs(batch=2, length=5)
+    alone = {}
+    with torch.no_grad():
+        for name in "ab":
+            set_active_adapters(model, name)
+            alone[name] = model(**inputs).last_hidden_state
+        set_active_adapters(model, Parallel("a", Stack("b")))
+        both = model(**inputs).last_hidden_state
+        twin = copy.deepcopy(model)
+        again = twin(**inputs).last_hidden_state
+    torch.testing.assert_close(both, torch.cat([alone["a"], alone["b"]]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, both, rtol=0, atol=0)
+    cache = model(**inputs, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"Parallel\('a', Stack\('b'\)\) replicates the batch .* filled key/value"):
+        model(input_ids=inputs["input_ids"][:, :1], past_key_values=cache)
+
+
+# -- parity with AdapterHub's own compositions, on adapters it saved --
+
+HUB_SETUPS = ["Stack", "Parallel", "Average", "BatchSplit", "Stack(Average)", "Parallel(Stack)"]
+
+
+def hub_setup(composition, kind: str):  # type: ignore[no-untyped-def]
+    c = composition
+    return {
+        "Stack": c.Stack("a", "b"),
+        "Parallel": c.Parallel("a", "b"),
+        "Average": c.Average("a", "b", weights=[0.3, 0.9]),
+        "BatchSplit": c.BatchSplit("b", "a", batch_sizes=[1, 2]),
+        "Stack(Average)": c.Stack("a", c.Average("b", "a", weights=[2, 1])),
+        "Parallel(Stack)": c.Parallel(c.Stack("a", "b"), "b"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", HUB_SETUPS)
+@pytest.mark.parametrize(("arch", "config"), [("bert", "seq_bn"), ("bert", "double_seq_bn"), ("gpt2", "seq_bn"),
+                                              ("llama", "double_seq_bn")])
+def test_matches_adapterhub_compositions(tmp_path: Path, arch: str, config: str, kind: str) -> None:
+    adapters = pytest.importorskip("adapters")
+    composition = pytest.importorskip("adapters.composition")
+    hub = make_model(arch)
+    adapters.init(hub)
+    for name in "ab":
+        hub.add_adapter(name, config=config)
+    randomize([p for n, p in hub.named_parameters() if ".adapters." in n])
+    model = make_model(arch)
+    for name in "ab":
+        hub.save_adapter(str(tmp_path / name), name)
+        assert load_adapter(model, tmp_path / name) == name
+    setup = hub_setup(composition, kind)
+    hub.set_active_adapters(setup)
+    set_active_adapters(model, setup)
+    inputs = make_inputs(batch=3, length=5)
+    with torch.no_grad():
+        expected = hub(**inputs).last_hidden_state
+        out = model(**inputs).last_hidden_state
+        base = make_model(arch)(**inputs).last_hidden_state
+    assert out.shape == expected.shape
+    assert (expected - base.repeat(expected.shape[0] // base.shape[0], 1, 1)).abs().max() > 0.05
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
