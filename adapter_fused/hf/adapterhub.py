@@ -161,22 +161,23 @@ def _activation_name(module: nn.Module) -> str | None:
 
 
 def _uncovered(adapter: nn.Module) -> tuple[list[str], str | None]:
-    """Reasons an AdapterHub adapter module cannot run the fused kernel, and its activation."""
+    """Reasons an AdapterHub adapter module cannot run the fused kernel exactly, and its activation."""
+    from adapters.methods.modeling import Adapter, ParallelAdapter
+
     reasons = []
     down = getattr(adapter, "adapter_down", None)
     up = getattr(adapter, "adapter_up", None)
+    if type(adapter).forward not in (Adapter.forward, ParallelAdapter.forward):
+        reasons.append(f"a forward of its own ({type(adapter).__name__})")
     if getattr(adapter, "add_layer_norm_before", False):
         reasons.append("layer norm before the bottleneck")
     if getattr(adapter, "add_layer_norm_after", False):
         reasons.append("layer norm after the bottleneck")
     if getattr(adapter, "use_gating", False):
         reasons.append("gating")
-    scaling = getattr(adapter, "scaling", 1.0)
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        reasons.append("learned scaling")
     dropout = getattr(adapter, "dropout", None)
-    if isinstance(dropout, nn.Dropout) and dropout.p > 0:
-        reasons.append(f"dropout {dropout.p}")
+    if not isinstance(dropout, nn.Dropout) or dropout.p > 0:
+        reasons.append(f"dropout {getattr(dropout, 'p', dropout)}")
     if hasattr(adapter, "DropPath"):
         reasons.append("stochastic depth")
     activation = None
@@ -188,27 +189,68 @@ def _uncovered(adapter: nn.Module) -> tuple[list[str], str | None]:
         activation = _activation_name(down[1])
         if activation is None:
             reasons.append(f"activation {type(getattr(down[1], 'f', down[1])).__name__}")
+        scaling = getattr(adapter, "scaling", 1.0)
+        if isinstance(scaling, torch.Tensor):
+            if not (scaling.is_floating_point() and scaling.shape in ((1,), (up.out_features,))):
+                reasons.append(f"scaling of shape {tuple(scaling.shape)}")
+        elif isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            reasons.append(f"scaling {scaling!r}")
     return reasons, activation
 
 
 _ACTIVATION = "_adapter_fused_activation"  # canonical activation name: set on converted adapters only
 _PARALLEL = "_adapter_fused_parallel"  # whether a converted adapter is a ParallelAdapter
-_FUSION = "_adapter_fused_fusion"  # the adapter_fusion_layer ModuleDict of the adapter's layer (not a submodule)
+_LAYER = "_adapter_fused_layer"  # the BottleneckLayer holding a converted adapter (not a submodule)
+_WARNED = "_adapter_fused_warned"  # the reasons last given in a warning for an adapter left unconverted
 
 
-def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(down weight (r, d), down bias (r,), up weight (d, r), up bias (d,)) of an AdapterHub adapter, read now."""
+def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                                             float]:
+    """(down weight (r, d), down bias (r,), up weight (d, r), up bias (d,), scale) of an AdapterHub adapter,
+    read now. A learned scaling (a tensor of shape (1,) or (d,)) is folded into the up-projection,
+    ``s[:, None] * W_up`` and ``s * b_up``, with scale 1, so gradients reach it through that product."""
     down: nn.Linear = adapter.adapter_down[0]  # type: ignore[index]
     up: nn.Linear = adapter.adapter_up  # type: ignore[assignment]
-    return down.weight, down.bias, up.weight, up.bias
+    scaling = adapter.scaling
+    if isinstance(scaling, torch.Tensor):
+        up_bias = None if up.bias is None else scaling * up.bias
+        return down.weight, down.bias, scaling[:, None] * up.weight, up_bias, 1.0
+    return down.weight, down.bias, up.weight, up.bias, float(scaling)
 
 
 def _adapter_term(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``s * up(act(down(x)))`` for x (..., d), in one pass and without forming ``x + ...`` first: the
     kernel adds a residual of zeros that is never materialised (one element broadcast with stride 0)."""
+    *parameters, scale = _parameters(adapter)
     zero = x.new_zeros(()).expand_as(x)
-    return fused_adapter(x, *_parameters(adapter), adapter.__dict__[_ACTIVATION], float(adapter.scaling),
-                         residual=zero)
+    return fused_adapter(x, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=zero)
+
+
+def _reads_up(layer: nn.Module | None) -> bool:
+    """Whether AdapterHub's composition of the active setup at ``layer`` reads the adapters' up
+    outputs (the third item an adapter returns): a Fuse combines them, and Parallel, BatchSplit and
+    MultiTask concatenate them, which needs all or none of the adapters there to return one. A
+    single adapter or a Stack of adapters (the usual setups) reads none."""
+    from adapters.composition import AdapterCompositionBlock, BatchSplit, Fuse, MultiTask, Parallel, Stack
+
+    if layer is None:
+        return False
+    setup = layer.get_active_setup()  # type: ignore[operator]
+    if not isinstance(setup, AdapterCompositionBlock):
+        return False
+    if type(setup) is Stack and all(isinstance(child, str) for child in setup.children):
+        return False
+    blocks, pending = [], [setup]
+    while pending:
+        block = pending.pop()
+        blocks.append(block)
+        pending.extend(child for child in block.children if isinstance(child, AdapterCompositionBlock))
+    if any(isinstance(block, Fuse) for block in blocks):
+        return True
+    if not any(isinstance(block, (Parallel, BatchSplit, MultiTask)) for block in blocks):
+        return False
+    present = layer.adapters  # type: ignore[union-attr]
+    return any(name in present and _ACTIVATION not in present[name].__dict__ for name in setup.flatten())
 
 
 AdapterOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -219,20 +261,26 @@ def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: tor
                            output_gating: bool = False) -> AdapterOutput:
     """The forward of a converted AdapterHub adapter, bound to it as an instance attribute.
 
-    x, residual_input (..., d) -> (output (..., d), None, None): ``residual_input + s * f(x)`` for a
-    sequential adapter, ``s * f(x)`` for a parallel one. Everything (weights, scaling, activation,
-    the fusion layers of its layer) is read from ``self`` at call time, so a deep copy computes with
-    its own weights and dtype. While the layer has AdapterFusion layers, the class's own forward
-    runs (fusion needs the up-projection, which the fused pass does not return).
+    x, residual_input (..., d) -> (output (..., d), None, up): output is ``residual_input + s * f(x)``
+    for a sequential adapter, ``s * f(x)`` for a parallel one. ``up`` is ``s * f(x)`` when AdapterHub
+    reads it (gating scores requested: it records the last item for adapters without a gate; a Fuse;
+    Parallel/BatchSplit beside adapters left unconverted), computed by the kernel and the output formed
+    from it; otherwise None and the output comes from one pass. The bottleneck activation (second item)
+    is never read by AdapterHub's compositions and is None. Everything (weights, scaling, activation,
+    the layer's active setup) is read from ``self`` at call time, so a deep copy computes with its own
+    weights and dtype.
     """
-    fusion = self.__dict__.get(_FUSION)
-    if fusion is not None and len(fusion) > 0:
-        return type(self).forward(self, x, residual_input, output_gating)
+    if output_gating or _reads_up(self.__dict__.get(_LAYER)):
+        up = _adapter_term(self, x)
+        if self.__dict__[_PARALLEL]:
+            return up, None, up
+        return up + (x if residual_input is None else residual_input), None, up
+    *parameters, scale = _parameters(self)
     if self.__dict__[_PARALLEL]:
-        return _adapter_term(self, x), None, None
+        zero = x.new_zeros(()).expand_as(x)
+        return fused_adapter(x, *parameters, self.__dict__[_ACTIVATION], scale, residual=zero), None, None
     residual = None if residual_input is None or residual_input is x else residual_input
-    return fused_adapter(x, *_parameters(self), self.__dict__[_ACTIVATION], float(self.scaling),
-                         residual=residual), None, None
+    return fused_adapter(x, *parameters, self.__dict__[_ACTIVATION], scale, residual=residual), None, None
 
 
 def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
@@ -275,8 +323,8 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
     (residual_input,) = adjust_tensors_for_parallel(hidden_states, residual_input)
     (hidden_states,) = adjust_tensors_for_parallel(residual_input, hidden_states)
     assert residual_input is not None
-    output = fused_adapter(residual_input, *_parameters(adapter), adapter.__dict__[_ACTIVATION],
-                           float(adapter.scaling), residual=hidden_states)
+    *parameters, scale = _parameters(adapter)
+    output = fused_adapter(residual_input, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=hidden_states)
     if adapter.original_ln_after:
         output = layer_norm(output + residual_input) if layer_norm else output + residual_input
     return output
@@ -285,9 +333,14 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
 def accelerate(model: nn.Module) -> AccelerateReport:
     """Make every AdapterHub bottleneck adapter of ``model`` whose configuration the fused kernel
     covers run it, in place, with the same parameters (names and tensors unchanged), outputs and
-    gradients. Adapters it cannot cover (layer norms inside the adapter, gating, PHM, learned
-    scaling, dropout, other activations) keep their own forward and are listed in one warning.
-    Calling it again converts adapters added since. Raises ImportError without ``adapters``.
+    gradients, under every composition (Stack, Parallel, BatchSplit, Average, Split, Fuse) and with
+    gating scores or fusion attentions requested. Learned scaling (a scalar or one per channel) is
+    folded into the up-projection at each call. Adapters it cannot cover (layer norms inside the
+    adapter, gating, PHM, dropout, stochastic depth, other activations) keep their own forward.
+
+    Calling it again converts adapters added since. The report lists the adapters this call converted
+    and every adapter left on its own forward with the reason; the warning names only adapters not
+    named (for the same reason) by an earlier call. Raises ImportError without ``adapters``.
 
     A converted adapter reads its weights, scaling and activation from itself at every call, so a
     ``copy.deepcopy`` of an accelerated model computes with the copy's weights and follows the copy's
@@ -299,28 +352,32 @@ def accelerate(model: nn.Module) -> AccelerateReport:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("adapter_fused.accelerate needs the AdapterHub package: pip install adapters") from exc
 
-    converted, skipped = [], []
+    converted, skipped, new = [], [], []
     for layer_path, layer in model.named_modules():
         if not isinstance(layer, BottleneckLayer) or not hasattr(layer, "adapters"):
             continue
-        fusion_layers = getattr(layer, "adapter_fusion_layer", nn.ModuleDict())
         for name, adapter in layer.adapters.items():
             path = f"{layer_path}.adapters.{name}" if layer_path else f"adapters.{name}"
             if not isinstance(adapter, Adapter) or _ACTIVATION in adapter.__dict__:
                 continue
             reasons, activation = _uncovered(adapter)
             if reasons:
-                skipped.append((path, ", ".join(reasons)))
+                why = ", ".join(reasons)
+                skipped.append((path, why))
+                if adapter.__dict__.get(_WARNED) != why:
+                    new.append((path, why))
+                    adapter.__dict__[_WARNED] = why
                 continue
             assert activation is not None
             parallel = isinstance(adapter, ParallelAdapter)
-            adapter.__dict__.update({_ACTIVATION: activation, _PARALLEL: parallel, _FUSION: fusion_layers})
+            adapter.__dict__.pop(_WARNED, None)
+            adapter.__dict__.update({_ACTIVATION: activation, _PARALLEL: parallel, _LAYER: layer})
             adapter.forward = types.MethodType(_fused_adapter_forward, adapter)
             if parallel and "bottleneck_layer_forward" not in layer.__dict__:
                 layer.bottleneck_layer_forward = types.MethodType(_fused_layer_forward, layer)
             converted.append(path)
-    if skipped:
-        listing = "; ".join(f"{path} ({why})" for path, why in skipped)
-        warnings.warn(f"adapter_fused.accelerate left {len(skipped)} adapter(s) on their own forward: {listing}",
+    if new:
+        listing = "; ".join(f"{path} ({why})" for path, why in new)
+        warnings.warn(f"adapter_fused.accelerate left {len(new)} adapter(s) on their own forward: {listing}",
                       stacklevel=2)
     return AccelerateReport(tuple(converted), tuple(skipped))
