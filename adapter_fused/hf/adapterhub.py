@@ -12,6 +12,7 @@ outputs before adding ``h``) it computes ``s * up(act(down(x)))`` itself, never 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -209,13 +210,14 @@ def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, 
     """(down weight (r, d), down bias (r,), up weight (d, r), up bias (d,), scale) of an AdapterHub adapter,
     read now. A learned scaling (a tensor of shape (1,) or (d,)) is folded into the up-projection,
     ``s[:, None] * W_up`` and ``s * b_up``, with scale 1, so gradients reach it through that product."""
-    down: nn.Linear = adapter.adapter_down[0]  # type: ignore[index]
-    up: nn.Linear = adapter.adapter_up  # type: ignore[assignment]
+    modules = adapter._modules  # read directly: this runs on every call
+    down = modules["adapter_down"]._modules["0"]._parameters  # type: ignore[union-attr]
+    up = modules["adapter_up"]._parameters  # type: ignore[union-attr]
     scaling = adapter.scaling
     if isinstance(scaling, torch.Tensor):
-        up_bias = None if up.bias is None else scaling * up.bias
-        return down.weight, down.bias, scaling[:, None] * up.weight, up_bias, 1.0
-    return down.weight, down.bias, up.weight, up.bias, float(scaling)
+        up_bias = None if up["bias"] is None else scaling * up["bias"]
+        return down["weight"], down["bias"], scaling[:, None] * up["weight"], up_bias, 1.0  # type: ignore[index]
+    return down["weight"], down["bias"], up["weight"], up["bias"], float(scaling)  # type: ignore[return-value]
 
 
 def _adapter_term(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -226,28 +228,39 @@ def _adapter_term(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fused_adapter(x, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=zero)
 
 
+@functools.cache
+def _hub() -> types.SimpleNamespace:
+    """AdapterHub's composition blocks and contexts, imported once (read on every adapter call)."""
+    from adapters import composition
+    from adapters.context import AdapterSetup, ForwardContext
+
+    return types.SimpleNamespace(composition=composition, AdapterSetup=AdapterSetup, ForwardContext=ForwardContext,
+                                 concatenating=(composition.Parallel, composition.BatchSplit, composition.MultiTask))
+
+
 def _reads_up(layer: nn.Module | None) -> bool:
     """Whether AdapterHub's composition of the active setup at ``layer`` reads the adapters' up
     outputs (the third item an adapter returns): a Fuse combines them, and Parallel, BatchSplit and
     MultiTask concatenate them, which needs all or none of the adapters there to return one. A
     single adapter or a Stack of adapters (the usual setups) reads none."""
-    from adapters.composition import AdapterCompositionBlock, BatchSplit, Fuse, MultiTask, Parallel, Stack
-
     if layer is None:
         return False
-    setup = layer.get_active_setup()  # type: ignore[operator]
-    if not isinstance(setup, AdapterCompositionBlock):
+    hub = _hub()
+    blocks = hub.composition
+    context = hub.AdapterSetup.get_context()
+    setup = context.adapter_setup if context is not None else layer.adapters_config.active_setup
+    if type(setup) is blocks.Stack and all(type(child) is str for child in setup.children):
+        return False  # the usual setups, decided without walking the tree
+    if not isinstance(setup, blocks.AdapterCompositionBlock):
         return False
-    if type(setup) is Stack and all(isinstance(child, str) for child in setup.children):
-        return False
-    blocks, pending = [], [setup]
+    found, pending = [], [setup]
     while pending:
         block = pending.pop()
-        blocks.append(block)
-        pending.extend(child for child in block.children if isinstance(child, AdapterCompositionBlock))
-    if any(isinstance(block, Fuse) for block in blocks):
+        found.append(block)
+        pending.extend(child for child in block.children if isinstance(child, blocks.AdapterCompositionBlock))
+    if any(isinstance(block, blocks.Fuse) for block in found):
         return True
-    if not any(isinstance(block, (Parallel, BatchSplit, MultiTask)) for block in blocks):
+    if not any(isinstance(block, hub.concatenating) for block in found):
         return False
     present = layer.adapters  # type: ignore[union-attr]
     return any(name in present and _ACTIVATION not in present[name].__dict__ for name in setup.flatten())
@@ -286,11 +299,9 @@ def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: tor
 def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
     """The converted parallel adapter that is the whole active setup of ``layer`` (a Stack naming one
     of its adapters, others being absent from this layer), or None for any other setup."""
-    from adapters.composition import Stack
-    from adapters.context import ForwardContext
-
+    hub = _hub()
     setup = layer.get_active_setup()  # type: ignore[operator]
-    if type(setup) is not Stack or not all(isinstance(child, str) for child in setup):
+    if type(setup) is not hub.composition.Stack or not all(isinstance(child, str) for child in setup):
         return None
     present = [child for child in setup if child in layer.adapters]  # type: ignore[operator]
     if len(present) != 1:
@@ -298,7 +309,7 @@ def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
     adapter = layer.adapters[present[0]]  # type: ignore[index]
     if not adapter.__dict__.get(_PARALLEL):
         return None
-    context = ForwardContext.get_context()
+    context = hub.ForwardContext.get_context()
     if context is not None and getattr(context, "output_adapter_gating_scores", False):
         return None  # AdapterHub records per-adapter outputs then; leave it its own path
     return adapter

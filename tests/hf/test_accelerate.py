@@ -117,22 +117,24 @@ def test_gating_scores_with_converted_adapters(arch: str, launches) -> None:  # 
 
 @pytest.mark.parametrize("unconverted_first", [True, False])
 @pytest.mark.parametrize(("block", "kind"), [("parallel", "seq_bn"), ("batch_split", "seq_bn"),
-                                             ("batch_split", "par_bn")])  # AdapterHub runs no Parallel of par_bn
-def test_parallel_and_batch_split_mixing_converted_and_unconverted(block: str, kind: str,
-                                                                   unconverted_first: bool) -> None:
-    """AdapterHub concatenates the adapters' up-projections there: converted adapters return theirs
+                                             ("batch_split", "par_bn"),  # AdapterHub runs no Parallel of par_bn
+                                             ("multi_task", "seq_bn")])
+def test_concatenating_compositions_mixing_converted_and_unconverted(block: str, kind: str,
+                                                                     unconverted_first: bool) -> None:
+    """Parallel, BatchSplit and MultiTask: AdapterHub concatenates the adapters' up-projections there: converted adapters return theirs
     when an adapter of the composition was left on its own forward."""
     other = gated() if kind == "seq_bn" else adapters.ParBnConfig(ln_after=True)
     model = hub_model({"fast": kind, "slow": other})
     names = ("slow", "fast") if unconverted_first else ("fast", "slow")
-    setup = composition.Parallel(*names) if block == "parallel" else composition.BatchSplit(*names, batch_sizes=[1, 1])
+    setup = {"parallel": composition.Parallel(*names), "batch_split": composition.BatchSplit(*names, batch_sizes=[1, 1]),
+             "multi_task": composition.MultiTask(*names)}[block]
     model.set_active_adapters(setup)
     fast, report = accelerated(model)
     assert [p.split(".")[-1] for p in report.converted] == ["fast", "fast"]
     assert [p.split(".")[-1] for p, _ in report.skipped] == ["slow", "slow"]
-    assert_same(model, fast)
-    activate(composition.Stack("slow", composition.Parallel("fast", "slow")), model, fast)
-    if kind == "seq_bn":
+    assert_same(model, fast, **({"task_ids": torch.tensor([1, 0])} if block == "multi_task" else {}))
+    if kind == "seq_bn":  # nested, after an unconverted adapter
+        activate(composition.Stack("slow", composition.Parallel("fast", "slow")), model, fast)
         assert_same(model, fast)
 
 
