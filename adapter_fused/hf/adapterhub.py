@@ -170,26 +170,27 @@ def _uncovered(adapter: nn.Module) -> tuple[list[str], str | None]:
     up = getattr(adapter, "adapter_up", None)
     if type(adapter).forward not in (Adapter.forward, ParallelAdapter.forward):
         reasons.append(f"a forward of its own ({type(adapter).__name__})")
-    if getattr(adapter, "add_layer_norm_before", False):
-        reasons.append("layer norm before the bottleneck")
-    if getattr(adapter, "add_layer_norm_after", False):
-        reasons.append("layer norm after the bottleneck")
-    if getattr(adapter, "use_gating", False):
-        reasons.append("gating")
+    ln_before = bool(getattr(adapter, "add_layer_norm_before", False))
+    if getattr(adapter, "add_layer_norm_after", False) and type(getattr(adapter, "adapter_norm_after", None)) \
+            is not nn.LayerNorm:
+        reasons.append("a layer norm after the bottleneck that is not an nn.LayerNorm")
+    if getattr(adapter, "use_gating", False) and type(getattr(adapter, "gate", None)) is not nn.Linear:
+        reasons.append("a gate that is not an nn.Linear")
     dropout = getattr(adapter, "dropout", None)
     if not isinstance(dropout, nn.Dropout) or dropout.p > 0:
         reasons.append(f"dropout {getattr(dropout, 'p', dropout)}")
     if hasattr(adapter, "DropPath"):
         reasons.append("stochastic depth")
     activation = None
-    if not (isinstance(down, nn.Sequential) and len(down) == 2 and type(down[0]) is nn.Linear
-            and type(up) is nn.Linear):
-        if not any(r.startswith("layer norm") for r in reasons):
-            reasons.append("PHM or other non-linear projections")
+    core = list(down) if isinstance(down, nn.Sequential) else []
+    if ln_before and core and type(core[0]) is nn.LayerNorm:
+        core = core[1:]
+    if not (len(core) == 2 and type(core[0]) is nn.Linear and type(up) is nn.Linear):
+        reasons.append("PHM or other non-linear projections")
     else:
-        activation = _activation_name(down[1])
+        activation = _activation_name(core[1])
         if activation is None:
-            reasons.append(f"activation {type(getattr(down[1], 'f', down[1])).__name__}")
+            reasons.append(f"activation {type(getattr(core[1], 'f', core[1])).__name__}")
         scaling = getattr(adapter, "scaling", 1.0)
         if isinstance(scaling, torch.Tensor):
             if not (scaling.is_floating_point() and scaling.shape in ((1,), (up.out_features,))):
@@ -211,7 +212,7 @@ def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, 
     read now. A learned scaling (a tensor of shape (1,) or (d,)) is folded into the up-projection,
     ``s[:, None] * W_up`` and ``s * b_up``, with scale 1, so gradients reach it through that product."""
     modules = adapter._modules  # read directly: this runs on every call
-    down = modules["adapter_down"]._modules["0"]._parameters  # type: ignore[union-attr]
+    down = modules["adapter_down"]._modules["1" if adapter.add_layer_norm_before else "0"]._parameters  # type: ignore[union-attr]
     up = modules["adapter_up"]._parameters  # type: ignore[union-attr]
     scaling = adapter.scaling
     if isinstance(scaling, torch.Tensor):
@@ -221,8 +222,9 @@ def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, 
 
 
 def _adapter_term(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``s * up(act(down(x)))`` for x (..., d), in one pass and without forming ``x + ...`` first: the
-    kernel adds a residual of zeros that is never materialised (one element broadcast with stride 0)."""
+    """``s * up(act(down(x)))`` for x (..., d) (the adapter's input, after its own layer norm if any), in
+    one pass and without forming ``x + ...`` first: the kernel adds a residual of zeros that is never
+    materialised (one element broadcast with stride 0)."""
     *parameters, scale = _parameters(adapter)
     zero = x.new_zeros(()).expand_as(x)
     return fused_adapter(x, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=zero)
@@ -266,34 +268,49 @@ def _reads_up(layer: nn.Module | None) -> bool:
     return any(name in present and _ACTIVATION not in present[name].__dict__ for name in setup.flatten())
 
 
-AdapterOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-"""What an AdapterHub adapter's forward returns: (output, down-projection, up-projection)."""
-
-
 def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: torch.Tensor | None,
-                           output_gating: bool = False) -> AdapterOutput:
-    """The forward of a converted AdapterHub adapter, bound to it as an instance attribute.
+                           output_gating: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """The forward of a converted AdapterHub adapter, bound to it as an instance attribute, computing
+    what the class's forward does with the bottleneck ``s * f(z)`` from the kernel (``z`` is x, or
+    the adapter's own layer norm of x with ``ln_before``).
 
-    x, residual_input (..., d) -> (output (..., d), None, up): output is ``residual_input + s * f(x)``
-    for a sequential adapter, ``s * f(x)`` for a parallel one. ``up`` is ``s * f(x)`` when AdapterHub
-    reads it (gating scores requested: it records the last item for adapters without a gate; a Fuse;
-    Parallel/BatchSplit beside adapters left unconverted), computed by the kernel and the output formed
-    from it; otherwise None and the output comes from one pass. The bottleneck activation (second item)
-    is never read by AdapterHub's compositions and is None. Everything (weights, scaling, activation,
-    the layer's active setup) is read from ``self`` at call time, so a deep copy computes with its own
-    weights and dtype.
+    x, residual_input (..., d) -> (output (..., d), None, up (..., d) or None[, gate (b, 1, 1)]).
+    output: a sequential adapter's ``r + g * s * f(z)`` (r = residual_input; g = the gate, 1 without
+    gating), with ``ln_after`` the adapter's layer norm taken of that sum, or of ``g * s * f(z)``
+    before r is added when ``adapter_residual_before_ln`` is false; a parallel adapter's
+    ``g * s * f(z)``, normed with ``ln_after``. Without a gate or a layer norm after, or with the
+    latter applied to the kernel's sum, the kernel computes the output in one pass and ``up`` is None
+    unless AdapterHub reads it (gating scores requested: it records the last item for adapters without
+    a gate; a Fuse; Parallel/BatchSplit/MultiTask beside adapters left unconverted). Otherwise ``up`` is
+    ``s * f(z)`` from the kernel and the output is formed from it. The gate comes last when
+    ``output_gating``. The bottleneck activation (second item) is never read by AdapterHub's
+    compositions and is None. Everything is read from ``self`` at call time, so a deep copy computes
+    with its own weights and dtype.
     """
-    if output_gating or _reads_up(self.__dict__.get(_LAYER)):
-        up = _adapter_term(self, x)
-        if self.__dict__[_PARALLEL]:
-            return up, None, up
-        return up + (x if residual_input is None else residual_input), None, up
-    *parameters, scale = _parameters(self)
-    if self.__dict__[_PARALLEL]:
-        zero = x.new_zeros(()).expand_as(x)
-        return fused_adapter(x, *parameters, self.__dict__[_ACTIVATION], scale, residual=zero), None, None
-    residual = None if residual_input is None or residual_input is x else residual_input
-    return fused_adapter(x, *parameters, self.__dict__[_ACTIVATION], scale, residual=residual), None, None
+    parallel, ln_after, gating = self.__dict__[_PARALLEL], self.add_layer_norm_after, self.use_gating
+    z = self._modules["adapter_down"]._modules["0"](x) if self.add_layer_norm_before else x  # type: ignore[misc]
+    residual = x if residual_input is None else residual_input
+    one_pass = not gating and (parallel or not ln_after or self.adapter_residual_before_ln)
+    if one_pass and not output_gating and not _reads_up(self.__dict__.get(_LAYER)):
+        *parameters, scale = _parameters(self)
+        if parallel:
+            kernel_residual: torch.Tensor | None = z.new_zeros(()).expand_as(z)
+        else:
+            kernel_residual = None if residual is z else residual
+        out = fused_adapter(z, *parameters, self.__dict__[_ACTIVATION], scale, residual=kernel_residual)
+        return (self.adapter_norm_after(out) if ln_after else out), None, None
+    up = _adapter_term(self, z)
+    out, gate = up, None
+    if gating:
+        gate = torch.sigmoid(self.gate(x)).mean(dim=1).unsqueeze(-1)
+        out = out * gate
+    if parallel:
+        out = self.adapter_norm_after(out) if ln_after else out
+    elif ln_after and self.adapter_residual_before_ln:
+        out = self.adapter_norm_after(out + residual)
+    else:
+        out = (self.adapter_norm_after(out) if ln_after else out) + residual
+    return (out, None, up, gate) if gate is not None and output_gating else (out, None, up)
 
 
 def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
@@ -307,7 +324,7 @@ def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
     if len(present) != 1:
         return None
     adapter = layer.adapters[present[0]]  # type: ignore[index]
-    if not adapter.__dict__.get(_PARALLEL):
+    if not adapter.__dict__.get(_PARALLEL) or adapter.add_layer_norm_after or adapter.use_gating:
         return None
     context = hub.ForwardContext.get_context()
     if context is not None and getattr(context, "output_adapter_gating_scores", False):
@@ -335,7 +352,8 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
     (hidden_states,) = adjust_tensors_for_parallel(residual_input, hidden_states)
     assert residual_input is not None
     *parameters, scale = _parameters(adapter)
-    output = fused_adapter(residual_input, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=hidden_states)
+    z = adapter.adapter_down[0](residual_input) if adapter.add_layer_norm_before else residual_input
+    output = fused_adapter(z, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=hidden_states)
     if adapter.original_ln_after:
         output = layer_norm(output + residual_input) if layer_norm else output + residual_input
     return output

@@ -26,6 +26,11 @@ def gated() -> object:
     return adapters.SeqBnConfig(use_gating=True)
 
 
+def dropped(parallel: bool = False) -> object:
+    """A config accelerate leaves to AdapterHub (dropout inside the adapter; the tests run in eval mode)."""
+    return (adapters.ParBnConfig if parallel else adapters.SeqBnConfig)(dropout=0.1)
+
+
 def hub_model(configs: Mapping[str, object], arch: str = "bert", fusion: tuple[str, ...] = ()) -> torch.nn.Module:
     """A tiny model with AdapterHub adapters ``configs`` (name -> config), every adapter (and fusion)
     parameter random and trainable, in eval mode."""
@@ -99,12 +104,16 @@ def assert_nested_close(actual: object, expected: object) -> None:
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_gating_scores_with_converted_adapters(arch: str, launches) -> None:  # type: ignore[no-untyped-def]
     """output_adapter_gating_scores=True: AdapterHub records each adapter's last returned item (the
-    gate of a gated adapter, the scaled up-projection of one without); converted adapters return it."""
-    model = hub_model({"plain": "seq_bn", "par": "par_bn", "gate": gated()}, arch)
+    gate of a gated adapter, the scaled up-projection of one without); converted adapters return it,
+    gated ones computing the gate as AdapterHub does."""
+    configs = {"plain": "seq_bn", "par": "par_bn", "gate": gated(), "pgate": adapters.ParBnConfig(use_gating=True),
+               "drop": dropped()}
+    model = hub_model(configs, arch)
     model.set_active_adapters(composition.Stack("plain", "gate"))
     fast, report = accelerated(model)
-    assert len(report.converted) == 4 and {p.split(".")[-1] for p, _ in report.skipped} == {"gate"}
-    for setup in (composition.Stack("plain", "gate"), composition.Stack("par")):
+    assert len(report.converted) == 8 and {p.split(".")[-1] for p, _ in report.skipped} == {"drop"}
+    for setup in (composition.Stack("plain", "gate"), composition.Stack("par"), composition.Stack("pgate"),
+                  composition.Stack("drop", "gate")):
         activate(setup, model, fast)
         launches.clear()
         out, fast_out = assert_same(model, fast, arch, output_adapter_gating_scores=True)
@@ -123,8 +132,7 @@ def test_concatenating_compositions_mixing_converted_and_unconverted(block: str,
                                                                      unconverted_first: bool) -> None:
     """Parallel, BatchSplit and MultiTask: AdapterHub concatenates the adapters' up-projections there: converted adapters return theirs
     when an adapter of the composition was left on its own forward."""
-    other = gated() if kind == "seq_bn" else adapters.ParBnConfig(ln_after=True)
-    model = hub_model({"fast": kind, "slow": other})
+    model = hub_model({"fast": kind, "slow": dropped(kind == "par_bn")})
     names = ("slow", "fast") if unconverted_first else ("fast", "slow")
     setup = {"parallel": composition.Parallel(*names), "batch_split": composition.BatchSplit(*names, batch_sizes=[1, 1]),
              "multi_task": composition.MultiTask(*names)}[block]
@@ -138,15 +146,16 @@ def test_concatenating_compositions_mixing_converted_and_unconverted(block: str,
         assert_same(model, fast)
 
 
-@pytest.mark.parametrize("second", ["seq_bn", "gated"])
+@pytest.mark.parametrize("second", ["seq_bn", "gated", "dropped"])
 def test_fuse_with_converted_adapters(second: str, launches) -> None:  # type: ignore[no-untyped-def]
     """Fuse reads each adapter's scaled up-projection; converted adapters give it from the kernel,
     beside an adapter left unconverted too. Fusion attentions and the fusion's gradients agree."""
-    model = hub_model({"a": "seq_bn", "b": "seq_bn" if second == "seq_bn" else gated()}, fusion=("a", "b"))
+    model = hub_model({"a": "seq_bn", "b": {"seq_bn": "seq_bn", "gated": gated(), "dropped": dropped()}[second]},
+                      fusion=("a", "b"))
     fuse = composition.Fuse("a", "b")
     model.set_active_adapters(fuse)
     fast, report = accelerated(model)
-    assert len(report.converted) == (4 if second == "seq_bn" else 2)
+    assert len(report.converted) == (2 if second == "dropped" else 4)
     launches.clear()
     out, fast_out = assert_same(model, fast, output_adapter_fusion_attentions=True)
     assert launches
@@ -199,13 +208,21 @@ def test_learned_scaling_is_folded_into_the_up_projection(kind: str, scaling: st
     assert_same(model, fast)
 
 
-def test_every_option_is_converted_exactly_or_left_with_its_reason() -> None:
+def test_every_option_is_converted_exactly_or_left_with_its_reason(launches) -> None:  # type: ignore[no-untyped-def]
+    """Each AdapterHub option either runs the kernel with AdapterHub's outputs and gradients or is
+    left to AdapterHub's own forward with the reason reported."""
+    par = adapters.ParBnConfig
     configs = {
         "plain": "seq_bn",
         "ln_before": adapters.SeqBnConfig(ln_before=True),
         "ln_after": adapters.SeqBnConfig(ln_after=True),
+        "ln_after_then_add": adapters.SeqBnConfig(ln_after=True, adapter_residual_before_ln=False),
+        "ln_both_gated": adapters.SeqBnConfig(ln_before=True, ln_after=True, use_gating=True, scaling="channel"),
         "gating": gated(),
-        "dropout": adapters.SeqBnConfig(dropout=0.1),
+        "par_ln_after": par(ln_after=True),
+        "par_ln_before": par(ln_before=True, scaling="learned"),
+        "par_gated": par(use_gating=True, ln_after=True),
+        "dropout": dropped(),
         "phm": adapters.CompacterConfig(reduction_factor=8),
         "leave_out": adapters.SeqBnConfig(leave_out=[0]),
         "per_layer": adapters.SeqBnConfig(reduction_factor={"0": 4, "default": 8}),
@@ -219,28 +236,34 @@ def test_every_option_is_converted_exactly_or_left_with_its_reason() -> None:
     layer.adapters["plain"].DropPath = torch.nn.Identity()  # as AdapterHub's stochastic depth would add
     fast, report = accelerated(model)
     reasons = {path.split(".adapters.")[-1]: why for path, why in report.skipped}
-    assert reasons["ln_before"] == "layer norm before the bottleneck"
-    assert reasons["ln_after"] == "layer norm after the bottleneck"
-    assert reasons["gating"] == "gating"
-    assert reasons["dropout"] == "dropout 0.1"
-    assert reasons["phm"] == "PHM or other non-linear projections"
-    assert reasons["plain"] == "stochastic depth"
-    names = sorted({p.split(".adapters.")[-1] for p, _ in report.skipped})
-    assert names == ["dropout", "gating", "ln_after", "ln_before", "phm", "plain"]
+    assert reasons == {"dropout": "dropout 0.1", "phm": "PHM or other non-linear projections",
+                       "plain": "stochastic depth"}
+    assert "encoder.layer.1.output.adapters.plain" in dict(report.skipped)
     done = set(report.converted)
     assert "encoder.layer.0.output.adapters.leave_out" not in done
     assert "encoder.layer.1.output.adapters.leave_out" in done
     assert "encoder.layer.0.output.adapters.plain" in done
-    for name in ("per_layer", "gelu", "not_ln_before"):
-        assert f"encoder.layer.0.output.adapters.{name}" in done and f"encoder.layer.1.output.adapters.{name}" in done
-    assert sum(".post_add" in p for p in done) == 2 and sum(".houlsby" in p for p in done) == 4
+    for name in configs:
+        if name not in ("dropout", "phm", "plain", "leave_out", "houlsby"):
+            assert {f"encoder.layer.{i}.output.adapters.{name}" for i in range(2)} <= done, name
+    assert sum(".houlsby" in p for p in done) == 4
     for name in configs:
         activate(name, model, fast)
+        launches.clear()
         assert_same(model, fast)
+        assert bool(launches) == (name not in ("dropout", "phm")), name
+    activate(composition.Fuse("ln_both_gated", "par_gated"), model, fast)
+    model.add_adapter_fusion(composition.Fuse("ln_both_gated", "par_gated"))
+    fast.add_adapter_fusion(composition.Fuse("ln_both_gated", "par_gated"))
+    fast.load_state_dict(model.state_dict())
+    assert_same(model, fast)
+    activate(composition.Stack("ln_both_gated", "par_gated"), model, fast)
+    out, fast_out = assert_same(model, fast, output_adapter_gating_scores=True)
+    assert_nested_close(fast_out.adapter_gating_scores, out.adapter_gating_scores)
 
 
 def test_repeated_accelerate_warns_once_per_adapter_and_converts_adapters_added_since() -> None:
-    model = hub_model({"plain": "seq_bn", "gate": gated()})
+    model = hub_model({"plain": "seq_bn", "gate": dropped()})
     twin = copy.deepcopy(model)
 
     def call() -> tuple[object, list[str]]:
@@ -250,17 +273,17 @@ def test_repeated_accelerate_warns_once_per_adapter_and_converts_adapters_added_
         return report, [str(w.message) for w in record if "adapter_fused.accelerate" in str(w.message)]
 
     first, messages = call()
-    assert len(messages) == 1 and "left 2 adapter(s)" in messages[0] and ".gate (gating)" in messages[0]
+    assert len(messages) == 1 and "left 2 adapter(s)" in messages[0] and ".gate (dropout 0.1)" in messages[0]
     assert len(first.converted) == 2 and [p.split(".")[-1] for p, _ in first.skipped] == ["gate", "gate"]
     second, messages = call()
     assert messages == [] and second.converted == () and second.skipped == first.skipped
-    for i, (name, config) in enumerate((("late", "par_bn"), ("normed", adapters.SeqBnConfig(ln_before=True)))):
+    for i, (name, config) in enumerate((("late", "par_bn"), ("normed", dropped()))):
         for m in (model, twin):
             m.add_adapter(name, config=config)
             randomize([p for n, p in m.named_parameters() if f"adapters.{name}." in n], seed=40 + i)
     third, messages = call()
     assert len(messages) == 1 and "left 2 adapter(s)" in messages[0]
-    assert ".normed (layer norm before the bottleneck)" in messages[0] and ".gate" not in messages[0]
+    assert ".normed (dropout 0.1)" in messages[0] and ".gate" not in messages[0]
     assert [p.split(".")[-1] for p in third.converted] == ["late", "late"]
     assert len(third.skipped) == 4
     assert call()[1] == []
