@@ -135,7 +135,8 @@ def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> t
 
 @dataclass(frozen=True)
 class AccelerateReport:
-    """What ``accelerate`` did: module paths converted, and those left as they were with the reason."""
+    """What ``accelerate`` did: the module paths of the adapters this call converted, and of every
+    adapter left on its own forward, with the reason."""
 
     converted: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]
@@ -212,7 +213,8 @@ def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, 
     read now. A learned scaling (a tensor of shape (1,) or (d,)) is folded into the up-projection,
     ``s[:, None] * W_up`` and ``s * b_up``, with scale 1, so gradients reach it through that product."""
     modules = adapter._modules  # read directly: this runs on every call
-    down = modules["adapter_down"]._modules["1" if adapter.add_layer_norm_before else "0"]._parameters  # type: ignore[union-attr]
+    linear = "1" if adapter.add_layer_norm_before else "0"  # after the adapter's own layer norm, if any
+    down = modules["adapter_down"]._modules[linear]._parameters  # type: ignore[union-attr]
     up = modules["adapter_up"]._parameters  # type: ignore[union-attr]
     scaling = adapter.scaling
     if isinstance(scaling, torch.Tensor):
@@ -338,8 +340,9 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
     to the layer as an instance attribute. hidden_states (the sub-block output h) and residual_input
     (the block input x), both (..., d) -> (..., d).
 
-    When the active setup is that one parallel adapter, its output is added to h inside the kernel,
-    ``h + s * f(x)`` in one pass, followed by the layer's own residual and norm as AdapterHub's
+    When the active setup is that one parallel adapter (without a gate or a layer norm after), its
+    output is added to h inside the kernel, ``h + s * f(z)`` in one pass (z: x, or the adapter's own
+    layer norm of x), followed by the layer's own residual and norm as AdapterHub's
     ``post_forward`` would; any other setup runs the class's own method.
     """
     adapter = _sole_parallel_adapter(self) if residual_input is not None else None
@@ -362,10 +365,12 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
 def accelerate(model: nn.Module) -> AccelerateReport:
     """Make every AdapterHub bottleneck adapter of ``model`` whose configuration the fused kernel
     covers run it, in place, with the same parameters (names and tensors unchanged), outputs and
-    gradients, under every composition (Stack, Parallel, BatchSplit, Average, Split, Fuse) and with
-    gating scores or fusion attentions requested. Learned scaling (a scalar or one per channel) is
-    folded into the up-projection at each call. Adapters it cannot cover (layer norms inside the
-    adapter, gating, PHM, dropout, stochastic depth, other activations) keep their own forward.
+    gradients, under every composition (Stack, Parallel, BatchSplit, MultiTask, Average, Split, Fuse)
+    and with gating scores or fusion attentions requested. The adapter's own layer norms
+    (``ln_before``, ``ln_after``) and gate run as AdapterHub's forward runs them around the kernel;
+    learned scaling (a scalar or one per channel) is folded into the up-projection at each call.
+    Adapters it cannot cover (PHM, dropout or stochastic depth inside the adapter, other activations,
+    subclasses with their own forward) keep their own forward.
 
     Calling it again converts adapters added since. The report lists the adapters this call converted
     and every adapter left on its own forward with the reason; the warning names only adapters not

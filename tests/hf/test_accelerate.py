@@ -130,11 +130,12 @@ def test_gating_scores_with_converted_adapters(arch: str, launches) -> None:  # 
                                              ("multi_task", "seq_bn")])
 def test_concatenating_compositions_mixing_converted_and_unconverted(block: str, kind: str,
                                                                      unconverted_first: bool) -> None:
-    """Parallel, BatchSplit and MultiTask: AdapterHub concatenates the adapters' up-projections there: converted adapters return theirs
-    when an adapter of the composition was left on its own forward."""
+    """Parallel, BatchSplit and MultiTask: AdapterHub concatenates the adapters' up-projections there,
+    so converted adapters return theirs when an adapter of the composition was left on its own forward."""
     model = hub_model({"fast": kind, "slow": dropped(kind == "par_bn")})
     names = ("slow", "fast") if unconverted_first else ("fast", "slow")
-    setup = {"parallel": composition.Parallel(*names), "batch_split": composition.BatchSplit(*names, batch_sizes=[1, 1]),
+    setup = {"parallel": composition.Parallel(*names),
+             "batch_split": composition.BatchSplit(*names, batch_sizes=[1, 1]),
              "multi_task": composition.MultiTask(*names)}[block]
     model.set_active_adapters(setup)
     fast, report = accelerated(model)
@@ -193,7 +194,8 @@ def test_stack_average_split_of_converted_adapters(setup: str, kind: str) -> Non
 
 @pytest.mark.parametrize("scaling", ["learned", "channel"])
 @pytest.mark.parametrize("kind", ["seq", "par"])
-def test_learned_scaling_is_folded_into_the_up_projection(kind: str, scaling: str, launches) -> None:  # type: ignore[no-untyped-def]
+def test_learned_scaling_is_folded_into_the_up_projection(  # type: ignore[no-untyped-def]
+        kind: str, scaling: str, launches) -> None:
     config = (adapters.SeqBnConfig if kind == "seq" else adapters.ParBnConfig)(scaling=scaling)
     model = hub_model({"a": config, "b": "seq_bn"}, fusion=("a", "b"))
     model.set_active_adapters("a")
