@@ -12,6 +12,7 @@ outputs before adding ``h``) it computes ``s * up(act(down(x)))`` itself, never 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -172,7 +173,8 @@ def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> t
 
 @dataclass(frozen=True)
 class AccelerateReport:
-    """What ``accelerate`` did: module paths converted, and those left as they were with the reason."""
+    """What ``accelerate`` did: the module paths of the adapters this call converted, and of every
+    adapter left on its own forward, with the reason."""
 
     converted: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]
@@ -199,96 +201,172 @@ def _activation_name(module: nn.Module) -> str | None:
 
 
 def _uncovered(adapter: nn.Module) -> tuple[list[str], str | None]:
-    """Reasons an AdapterHub adapter module cannot run the fused kernel, and its activation."""
+    """Reasons an AdapterHub adapter module cannot run the fused kernel exactly, and its activation."""
+    from adapters.methods.modeling import Adapter, ParallelAdapter
+
     reasons = []
     down = getattr(adapter, "adapter_down", None)
     up = getattr(adapter, "adapter_up", None)
-    if getattr(adapter, "add_layer_norm_before", False):
-        reasons.append("layer norm before the bottleneck")
-    if getattr(adapter, "add_layer_norm_after", False):
-        reasons.append("layer norm after the bottleneck")
-    if getattr(adapter, "use_gating", False):
-        reasons.append("gating")
-    scaling = getattr(adapter, "scaling", 1.0)
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        reasons.append("learned scaling")
+    if type(adapter).forward not in (Adapter.forward, ParallelAdapter.forward):
+        reasons.append(f"a forward of its own ({type(adapter).__name__})")
+    ln_before = bool(getattr(adapter, "add_layer_norm_before", False))
+    if getattr(adapter, "add_layer_norm_after", False) and type(getattr(adapter, "adapter_norm_after", None)) \
+            is not nn.LayerNorm:
+        reasons.append("a layer norm after the bottleneck that is not an nn.LayerNorm")
+    if getattr(adapter, "use_gating", False) and type(getattr(adapter, "gate", None)) is not nn.Linear:
+        reasons.append("a gate that is not an nn.Linear")
     dropout = getattr(adapter, "dropout", None)
-    if isinstance(dropout, nn.Dropout) and dropout.p > 0:
-        reasons.append(f"dropout {dropout.p}")
+    if not isinstance(dropout, nn.Dropout) or dropout.p > 0:
+        reasons.append(f"dropout {getattr(dropout, 'p', dropout)}")
     if hasattr(adapter, "DropPath"):
         reasons.append("stochastic depth")
     activation = None
-    if not (isinstance(down, nn.Sequential) and len(down) == 2 and type(down[0]) is nn.Linear
-            and type(up) is nn.Linear):
-        if not any(r.startswith("layer norm") for r in reasons):
-            reasons.append("PHM or other non-linear projections")
+    core = list(down) if isinstance(down, nn.Sequential) else []
+    if ln_before and core and type(core[0]) is nn.LayerNorm:
+        core = core[1:]
+    if not (len(core) == 2 and type(core[0]) is nn.Linear and type(up) is nn.Linear):
+        reasons.append("PHM or other non-linear projections")
     else:
-        activation = _activation_name(down[1])
+        activation = _activation_name(core[1])
         if activation is None:
-            reasons.append(f"activation {type(getattr(down[1], 'f', down[1])).__name__}")
+            reasons.append(f"activation {type(getattr(core[1], 'f', core[1])).__name__}")
+        scaling = getattr(adapter, "scaling", 1.0)
+        if isinstance(scaling, torch.Tensor):
+            if not (scaling.is_floating_point() and scaling.shape in ((1,), (up.out_features,))):
+                reasons.append(f"scaling of shape {tuple(scaling.shape)}")
+        elif isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            reasons.append(f"scaling {scaling!r}")
     return reasons, activation
 
 
 _ACTIVATION = "_adapter_fused_activation"  # canonical activation name: set on converted adapters only
 _PARALLEL = "_adapter_fused_parallel"  # whether a converted adapter is a ParallelAdapter
-_FUSION = "_adapter_fused_fusion"  # the adapter_fusion_layer ModuleDict of the adapter's layer (not a submodule)
+_LAYER = "_adapter_fused_layer"  # the BottleneckLayer holding a converted adapter (not a submodule)
+_WARNED = "_adapter_fused_warned"  # the reasons last given in a warning for an adapter left unconverted
 
 
-def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(down weight (r, d), down bias (r,), up weight (d, r), up bias (d,)) of an AdapterHub adapter, read now."""
-    down: nn.Linear = adapter.adapter_down[0]  # type: ignore[index]
-    up: nn.Linear = adapter.adapter_up  # type: ignore[assignment]
-    return down.weight, down.bias, up.weight, up.bias
+def _parameters(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                                             float]:
+    """(down weight (r, d), down bias (r,), up weight (d, r), up bias (d,), scale) of an AdapterHub adapter,
+    read now. A learned scaling (a tensor of shape (1,) or (d,)) is folded into the up-projection,
+    ``s[:, None] * W_up`` and ``s * b_up``, with scale 1, so gradients reach it through that product."""
+    modules = adapter._modules  # read directly: this runs on every call
+    linear = "1" if adapter.add_layer_norm_before else "0"  # after the adapter's own layer norm, if any
+    down = modules["adapter_down"]._modules[linear]._parameters  # type: ignore[union-attr]
+    up = modules["adapter_up"]._parameters  # type: ignore[union-attr]
+    scaling = adapter.scaling
+    if isinstance(scaling, torch.Tensor):
+        up_bias = None if up["bias"] is None else scaling * up["bias"]
+        return down["weight"], down["bias"], scaling[:, None] * up["weight"], up_bias, 1.0  # type: ignore[index]
+    return down["weight"], down["bias"], up["weight"], up["bias"], float(scaling)  # type: ignore[return-value]
 
 
 def _adapter_term(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``s * up(act(down(x)))`` for x (..., d), in one pass and without forming ``x + ...`` first: the
-    kernel adds a residual of zeros that is never materialised (one element broadcast with stride 0)."""
+    """``s * up(act(down(x)))`` for x (..., d) (the adapter's input, after its own layer norm if any), in
+    one pass and without forming ``x + ...`` first: the kernel adds a residual of zeros that is never
+    materialised (one element broadcast with stride 0)."""
+    *parameters, scale = _parameters(adapter)
     zero = x.new_zeros(()).expand_as(x)
-    return fused_adapter(x, *_parameters(adapter), adapter.__dict__[_ACTIVATION], float(adapter.scaling),
-                         residual=zero)
+    return fused_adapter(x, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=zero)
 
 
-AdapterOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-"""What an AdapterHub adapter's forward returns: (output, down-projection, up-projection)."""
+@functools.cache
+def _hub() -> types.SimpleNamespace:
+    """AdapterHub's composition blocks and contexts, imported once (read on every adapter call)."""
+    from adapters import composition
+    from adapters.context import AdapterSetup, ForwardContext
+
+    return types.SimpleNamespace(composition=composition, AdapterSetup=AdapterSetup, ForwardContext=ForwardContext,
+                                 concatenating=(composition.Parallel, composition.BatchSplit, composition.MultiTask))
+
+
+def _reads_up(layer: nn.Module | None) -> bool:
+    """Whether AdapterHub's composition of the active setup at ``layer`` reads the adapters' up
+    outputs (the third item an adapter returns): a Fuse combines them, and Parallel, BatchSplit and
+    MultiTask concatenate them, which needs all or none of the adapters there to return one. A
+    single adapter or a Stack of adapters (the usual setups) reads none."""
+    if layer is None:
+        return False
+    hub = _hub()
+    blocks = hub.composition
+    context = hub.AdapterSetup.get_context()
+    setup = context.adapter_setup if context is not None else layer.adapters_config.active_setup
+    if type(setup) is blocks.Stack and all(type(child) is str for child in setup.children):
+        return False  # the usual setups, decided without walking the tree
+    if not isinstance(setup, blocks.AdapterCompositionBlock):
+        return False
+    found, pending = [], [setup]
+    while pending:
+        block = pending.pop()
+        found.append(block)
+        pending.extend(child for child in block.children if isinstance(child, blocks.AdapterCompositionBlock))
+    if any(isinstance(block, blocks.Fuse) for block in found):
+        return True
+    if not any(isinstance(block, hub.concatenating) for block in found):
+        return False
+    present = layer.adapters  # type: ignore[union-attr]
+    return any(name in present and _ACTIVATION not in present[name].__dict__ for name in setup.flatten())
 
 
 def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: torch.Tensor | None,
-                           output_gating: bool = False) -> AdapterOutput:
-    """The forward of a converted AdapterHub adapter, bound to it as an instance attribute.
+                           output_gating: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """The forward of a converted AdapterHub adapter, bound to it as an instance attribute, computing
+    what the class's forward does with the bottleneck ``s * f(z)`` from the kernel (``z`` is x, or
+    the adapter's own layer norm of x with ``ln_before``).
 
-    x, residual_input (..., d) -> (output (..., d), None, None): ``residual_input + s * f(x)`` for a
-    sequential adapter, ``s * f(x)`` for a parallel one. Everything (weights, scaling, activation,
-    the fusion layers of its layer) is read from ``self`` at call time, so a deep copy computes with
-    its own weights and dtype. While the layer has AdapterFusion layers, the class's own forward
-    runs (fusion needs the up-projection, which the fused pass does not return).
+    x, residual_input (..., d) -> (output (..., d), None, up (..., d) or None[, gate (b, 1, 1)]).
+    output: a sequential adapter's ``r + g * s * f(z)`` (r = residual_input; g = the gate, 1 without
+    gating), with ``ln_after`` the adapter's layer norm taken of that sum, or of ``g * s * f(z)``
+    before r is added when ``adapter_residual_before_ln`` is false; a parallel adapter's
+    ``g * s * f(z)``, normed with ``ln_after``. Without a gate or a layer norm after, or with the
+    latter applied to the kernel's sum, the kernel computes the output in one pass and ``up`` is None
+    unless AdapterHub reads it (gating scores requested: it records the last item for adapters without
+    a gate; a Fuse; Parallel/BatchSplit/MultiTask beside adapters left unconverted). Otherwise ``up`` is
+    ``s * f(z)`` from the kernel and the output is formed from it. The gate comes last when
+    ``output_gating``. The bottleneck activation (second item) is never read by AdapterHub's
+    compositions and is None. Everything is read from ``self`` at call time, so a deep copy computes
+    with its own weights and dtype.
     """
-    fusion = self.__dict__.get(_FUSION)
-    if fusion is not None and len(fusion) > 0:
-        return type(self).forward(self, x, residual_input, output_gating)
-    if self.__dict__[_PARALLEL]:
-        return _adapter_term(self, x), None, None
-    residual = None if residual_input is None or residual_input is x else residual_input
-    return fused_adapter(x, *_parameters(self), self.__dict__[_ACTIVATION], float(self.scaling),
-                         residual=residual), None, None
+    parallel, ln_after, gating = self.__dict__[_PARALLEL], self.add_layer_norm_after, self.use_gating
+    z = self._modules["adapter_down"]._modules["0"](x) if self.add_layer_norm_before else x  # type: ignore[misc]
+    residual = x if residual_input is None else residual_input
+    one_pass = not gating and (parallel or not ln_after or self.adapter_residual_before_ln)
+    if one_pass and not output_gating and not _reads_up(self.__dict__.get(_LAYER)):
+        *parameters, scale = _parameters(self)
+        if parallel:
+            kernel_residual: torch.Tensor | None = z.new_zeros(()).expand_as(z)
+        else:
+            kernel_residual = None if residual is z else residual
+        out = fused_adapter(z, *parameters, self.__dict__[_ACTIVATION], scale, residual=kernel_residual)
+        return (self.adapter_norm_after(out) if ln_after else out), None, None
+    up = _adapter_term(self, z)
+    out, gate = up, None
+    if gating:
+        gate = torch.sigmoid(self.gate(x)).mean(dim=1).unsqueeze(-1)
+        out = out * gate
+    if parallel:
+        out = self.adapter_norm_after(out) if ln_after else out
+    elif ln_after and self.adapter_residual_before_ln:
+        out = self.adapter_norm_after(out + residual)
+    else:
+        out = (self.adapter_norm_after(out) if ln_after else out) + residual
+    return (out, None, up, gate) if gate is not None and output_gating else (out, None, up)
 
 
 def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
     """The converted parallel adapter that is the whole active setup of ``layer`` (a Stack naming one
     of its adapters, others being absent from this layer), or None for any other setup."""
-    from adapters.composition import Stack
-    from adapters.context import ForwardContext
-
+    hub = _hub()
     setup = layer.get_active_setup()  # type: ignore[operator]
-    if type(setup) is not Stack or not all(isinstance(child, str) for child in setup):
+    if type(setup) is not hub.composition.Stack or not all(isinstance(child, str) for child in setup):
         return None
     present = [child for child in setup if child in layer.adapters]  # type: ignore[operator]
     if len(present) != 1:
         return None
     adapter = layer.adapters[present[0]]  # type: ignore[index]
-    if not adapter.__dict__.get(_PARALLEL):
+    if not adapter.__dict__.get(_PARALLEL) or adapter.add_layer_norm_after or adapter.use_gating:
         return None
-    context = ForwardContext.get_context()
+    context = hub.ForwardContext.get_context()
     if context is not None and getattr(context, "output_adapter_gating_scores", False):
         return None  # AdapterHub records per-adapter outputs then; leave it its own path
     return adapter
@@ -300,8 +378,9 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
     to the layer as an instance attribute. hidden_states (the sub-block output h) and residual_input
     (the block input x), both (..., d) -> (..., d).
 
-    When the active setup is that one parallel adapter, its output is added to h inside the kernel,
-    ``h + s * f(x)`` in one pass, followed by the layer's own residual and norm as AdapterHub's
+    When the active setup is that one parallel adapter (without a gate or a layer norm after), its
+    output is added to h inside the kernel, ``h + s * f(z)`` in one pass (z: x, or the adapter's own
+    layer norm of x), followed by the layer's own residual and norm as AdapterHub's
     ``post_forward`` would; any other setup runs the class's own method.
     """
     adapter = _sole_parallel_adapter(self) if residual_input is not None else None
@@ -313,8 +392,9 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
     (residual_input,) = adjust_tensors_for_parallel(hidden_states, residual_input)
     (hidden_states,) = adjust_tensors_for_parallel(residual_input, hidden_states)
     assert residual_input is not None
-    output = fused_adapter(residual_input, *_parameters(adapter), adapter.__dict__[_ACTIVATION],
-                           float(adapter.scaling), residual=hidden_states)
+    *parameters, scale = _parameters(adapter)
+    z = adapter.adapter_down[0](residual_input) if adapter.add_layer_norm_before else residual_input
+    output = fused_adapter(z, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=hidden_states)
     if adapter.original_ln_after:
         output = layer_norm(output + residual_input) if layer_norm else output + residual_input
     return output
@@ -323,9 +403,16 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
 def accelerate(model: nn.Module) -> AccelerateReport:
     """Make every AdapterHub bottleneck adapter of ``model`` whose configuration the fused kernel
     covers run it, in place, with the same parameters (names and tensors unchanged), outputs and
-    gradients. Adapters it cannot cover (layer norms inside the adapter, gating, PHM, learned
-    scaling, dropout, other activations) keep their own forward and are listed in one warning.
-    Calling it again converts adapters added since. Raises ImportError without ``adapters``.
+    gradients, under every composition (Stack, Parallel, BatchSplit, MultiTask, Average, Split, Fuse)
+    and with gating scores or fusion attentions requested. The adapter's own layer norms
+    (``ln_before``, ``ln_after``) and gate run as AdapterHub's forward runs them around the kernel;
+    learned scaling (a scalar or one per channel) is folded into the up-projection at each call.
+    Adapters it cannot cover (PHM, dropout or stochastic depth inside the adapter, other activations,
+    subclasses with their own forward) keep their own forward.
+
+    Calling it again converts adapters added since. The report lists the adapters this call converted
+    and every adapter left on its own forward with the reason; the warning names only adapters not
+    named (for the same reason) by an earlier call. Raises ImportError without ``adapters``.
 
     A converted adapter reads its weights, scaling and activation from itself at every call, so a
     ``copy.deepcopy`` of an accelerated model computes with the copy's weights and follows the copy's
@@ -337,28 +424,32 @@ def accelerate(model: nn.Module) -> AccelerateReport:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("adapter_fused.accelerate needs the AdapterHub package: pip install adapters") from exc
 
-    converted, skipped = [], []
+    converted, skipped, new = [], [], []
     for layer_path, layer in model.named_modules():
         if not isinstance(layer, BottleneckLayer) or not hasattr(layer, "adapters"):
             continue
-        fusion_layers = getattr(layer, "adapter_fusion_layer", nn.ModuleDict())
         for name, adapter in layer.adapters.items():
             path = f"{layer_path}.adapters.{name}" if layer_path else f"adapters.{name}"
             if not isinstance(adapter, Adapter) or _ACTIVATION in adapter.__dict__:
                 continue
             reasons, activation = _uncovered(adapter)
             if reasons:
-                skipped.append((path, ", ".join(reasons)))
+                why = ", ".join(reasons)
+                skipped.append((path, why))
+                if adapter.__dict__.get(_WARNED) != why:
+                    new.append((path, why))
+                    adapter.__dict__[_WARNED] = why
                 continue
             assert activation is not None
             parallel = isinstance(adapter, ParallelAdapter)
-            adapter.__dict__.update({_ACTIVATION: activation, _PARALLEL: parallel, _FUSION: fusion_layers})
+            adapter.__dict__.pop(_WARNED, None)
+            adapter.__dict__.update({_ACTIVATION: activation, _PARALLEL: parallel, _LAYER: layer})
             adapter.forward = types.MethodType(_fused_adapter_forward, adapter)
             if parallel and "bottleneck_layer_forward" not in layer.__dict__:
                 layer.bottleneck_layer_forward = types.MethodType(_fused_layer_forward, layer)
             converted.append(path)
-    if skipped:
-        listing = "; ".join(f"{path} ({why})" for path, why in skipped)
-        warnings.warn(f"adapter_fused.accelerate left {len(skipped)} adapter(s) on their own forward: {listing}",
+    if new:
+        listing = "; ".join(f"{path} ({why})" for path, why in new)
+        warnings.warn(f"adapter_fused.accelerate left {len(new)} adapter(s) on their own forward: {listing}",
                       stacklevel=2)
     return AccelerateReport(tuple(converted), tuple(skipped))

@@ -1,0 +1,296 @@
+"""accelerate() under AdapterHub's compositions and options: converted adapters (alone or beside
+adapters left on their own forward) give the outputs, gradients, gating scores and fusion attentions of
+the same model left unaccelerated."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+import torch
+
+from adapter_fused.hf import accelerate
+
+from .models import make_inputs, make_model, randomize
+
+adapters = pytest.importorskip("adapters")
+composition = pytest.importorskip("adapters.composition")
+
+TOL = {"rtol": 2e-5, "atol": 2e-5}
+
+
+def gated() -> object:
+    return adapters.SeqBnConfig(use_gating=True)
+
+
+def dropped(parallel: bool = False) -> object:
+    """A config accelerate leaves to AdapterHub (dropout inside the adapter; the tests run in eval mode)."""
+    return (adapters.ParBnConfig if parallel else adapters.SeqBnConfig)(dropout=0.1)
+
+
+def hub_model(configs: Mapping[str, object], arch: str = "bert", fusion: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A tiny model with AdapterHub adapters ``configs`` (name -> config), every adapter (and fusion)
+    parameter random and trainable, in eval mode."""
+    model = make_model(arch)
+    adapters.init(model)
+    for i, (name, config) in enumerate(configs.items()):
+        model.add_adapter(name, config=config)
+        randomize([p for n, p in model.named_parameters() if f"adapters.{name}." in n], seed=20 + i)
+    if fusion:
+        model.add_adapter_fusion(composition.Fuse(*fusion))
+        randomize([p for n, p in model.named_parameters() if "adapter_fusion_layer" in n], seed=9, std=0.1)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("adapters." in name or "adapter_fusion_layer" in name)
+    return model.eval()
+
+
+def activate(setup: object, *models: torch.nn.Module) -> None:
+    for model in models:
+        model.set_active_adapters(setup)
+
+
+def accelerated(model: torch.nn.Module) -> tuple[torch.nn.Module, object]:
+    """A deep copy of ``model`` passed through accelerate (warnings silenced), and the report."""
+    fast = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fast, accelerate(fast)
+
+
+def run(model: torch.nn.Module, **kwargs: object) -> tuple[object, torch.Tensor, dict[str, torch.Tensor]]:
+    """Model output, its last hidden state and the gradients of a fixed random projection of it."""
+    model.zero_grad(set_to_none=True)
+    out = model(**make_inputs(), **kwargs)
+    hidden = out.last_hidden_state
+    probe = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(5))
+    (hidden * probe).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out, hidden.detach(), grads
+
+
+def assert_same(model: torch.nn.Module, fast: torch.nn.Module, arch: str = "bert",
+                **kwargs: object) -> tuple[object, object]:
+    """Outputs and every trainable parameter's gradient of ``fast`` equal ``model``'s."""
+    out, hidden, grads = run(model, **kwargs)
+    fast_out, fast_hidden, fast_grads = run(fast, **kwargs)
+    with torch.no_grad():
+        base = make_model(arch)(**make_inputs()).last_hidden_state
+    if base.shape == hidden.shape:
+        assert (hidden - base).abs().max() > 0.05  # the adapters matter
+    torch.testing.assert_close(fast_hidden, hidden, **TOL)
+    assert grads and fast_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        if grad is None:
+            assert fast_grads[name] is None, name
+        else:
+            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    return out, fast_out
+
+
+def assert_nested_close(actual: object, expected: object) -> None:
+    """Equal nested dicts of arrays / tensors (gating scores, fusion attentions)."""
+    if isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping) and actual.keys() == expected.keys()
+        for key in expected:
+            assert_nested_close(actual[key], expected[key])
+    else:
+        np.testing.assert_allclose(np.asarray(torch.as_tensor(actual).detach()),
+                                   np.asarray(torch.as_tensor(expected).detach()), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_gating_scores_with_converted_adapters(arch: str, launches) -> None:  # type: ignore[no-untyped-def]
+    """output_adapter_gating_scores=True: AdapterHub records each adapter's last returned item (the
+    gate of a gated adapter, the scaled up-projection of one without); converted adapters return it,
+    gated ones computing the gate as AdapterHub does."""
+    configs = {"plain": "seq_bn", "par": "par_bn", "gate": gated(), "pgate": adapters.ParBnConfig(use_gating=True),
+               "drop": dropped()}
+    model = hub_model(configs, arch)
+    model.set_active_adapters(composition.Stack("plain", "gate"))
+    fast, report = accelerated(model)
+    assert len(report.converted) == 8 and {p.split(".")[-1] for p, _ in report.skipped} == {"drop"}
+    for setup in (composition.Stack("plain", "gate"), composition.Stack("par"), composition.Stack("pgate"),
+                  composition.Stack("drop", "gate")):
+        activate(setup, model, fast)
+        launches.clear()
+        out, fast_out = assert_same(model, fast, arch, output_adapter_gating_scores=True)
+        assert launches  # the converted adapters ran the kernel
+        scores = out.adapter_gating_scores
+        assert set(scores) >= set(setup.flatten()) and all(scores[name] for name in setup.flatten())
+        assert_nested_close(fast_out.adapter_gating_scores, scores)
+        assert_same(model, fast, arch)  # and without scores, the usual path
+
+
+@pytest.mark.parametrize("unconverted_first", [True, False])
+@pytest.mark.parametrize(("block", "kind"), [("parallel", "seq_bn"), ("batch_split", "seq_bn"),
+                                             ("batch_split", "par_bn"),  # AdapterHub runs no Parallel of par_bn
+                                             ("multi_task", "seq_bn")])
+def test_concatenating_compositions_mixing_converted_and_unconverted(block: str, kind: str,
+                                                                     unconverted_first: bool) -> None:
+    """Parallel, BatchSplit and MultiTask: AdapterHub concatenates the adapters' up-projections there,
+    so converted adapters return theirs when an adapter of the composition was left on its own forward."""
+    model = hub_model({"fast": kind, "slow": dropped(kind == "par_bn")})
+    names = ("slow", "fast") if unconverted_first else ("fast", "slow")
+    setup = {"parallel": composition.Parallel(*names),
+             "batch_split": composition.BatchSplit(*names, batch_sizes=[1, 1]),
+             "multi_task": composition.MultiTask(*names)}[block]
+    model.set_active_adapters(setup)
+    fast, report = accelerated(model)
+    assert [p.split(".")[-1] for p in report.converted] == ["fast", "fast"]
+    assert [p.split(".")[-1] for p, _ in report.skipped] == ["slow", "slow"]
+    assert_same(model, fast, **({"task_ids": torch.tensor([1, 0])} if block == "multi_task" else {}))
+    if kind == "seq_bn":  # nested, after an unconverted adapter
+        activate(composition.Stack("slow", composition.Parallel("fast", "slow")), model, fast)
+        assert_same(model, fast)
+
+
+@pytest.mark.parametrize("second", ["seq_bn", "gated", "dropped"])
+def test_fuse_with_converted_adapters(second: str, launches) -> None:  # type: ignore[no-untyped-def]
+    """Fuse reads each adapter's scaled up-projection; converted adapters give it from the kernel,
+    beside an adapter left unconverted too. Fusion attentions and the fusion's gradients agree."""
+    model = hub_model({"a": "seq_bn", "b": {"seq_bn": "seq_bn", "gated": gated(), "dropped": dropped()}[second]},
+                      fusion=("a", "b"))
+    fuse = composition.Fuse("a", "b")
+    model.set_active_adapters(fuse)
+    fast, report = accelerated(model)
+    assert len(report.converted) == (2 if second == "dropped" else 4)
+    launches.clear()
+    out, fast_out = assert_same(model, fast, output_adapter_fusion_attentions=True)
+    assert launches
+    assert_nested_close(fast_out.adapter_fusion_attentions, out.adapter_fusion_attentions)
+    assert any("adapter_fusion_layer" in n for n, p in fast.named_parameters() if p.grad is not None)
+    activate(composition.Stack(fuse), model, fast)
+    assert_same(model, fast)
+    activate("a", model, fast)  # a fusion layer present but not active: the one-pass path
+    launches.clear()
+    assert_same(model, fast)
+    assert launches
+
+
+def test_fuse_of_parallel_adapters() -> None:
+    model = hub_model({"a": "par_bn", "b": "par_bn"}, fusion=("a", "b"))
+    model.set_active_adapters(composition.Fuse("a", "b"))
+    fast, report = accelerated(model)
+    assert len(report.converted) == 4
+    assert_same(model, fast)
+
+
+@pytest.mark.parametrize("setup", ["stack", "average", "split", "stack_average"])
+@pytest.mark.parametrize("kind", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_stack_average_split_of_converted_adapters(setup: str, kind: str) -> None:
+    model = hub_model({"a": kind, "b": kind, "c": kind})
+    chosen = {"stack": composition.Stack("a", "b"),
+              "average": composition.Average("a", "b", weights=[0.25, 0.75]),
+              "split": composition.Split("a", "b", splits=[3, 4]),
+              "stack_average": composition.Stack("c", composition.Average("a", "b"))}[setup]
+    model.set_active_adapters(chosen)
+    fast, report = accelerated(model)
+    assert report.skipped == () and len(report.converted) == 3 * 2 * (2 if kind == "double_seq_bn" else 1)
+    assert_same(model, fast)
+
+
+@pytest.mark.parametrize("scaling", ["learned", "channel"])
+@pytest.mark.parametrize("kind", ["seq", "par"])
+def test_learned_scaling_is_folded_into_the_up_projection(  # type: ignore[no-untyped-def]
+        kind: str, scaling: str, launches) -> None:
+    config = (adapters.SeqBnConfig if kind == "seq" else adapters.ParBnConfig)(scaling=scaling)
+    model = hub_model({"a": config, "b": "seq_bn"}, fusion=("a", "b"))
+    model.set_active_adapters("a")
+    fast, report = accelerated(model)
+    assert len(report.converted) == 4 and report.skipped == ()
+    launches.clear()
+    assert_same(model, fast)
+    assert launches
+    grads = {n: p.grad for n, p in fast.named_parameters() if n.endswith("adapters.a.scaling")}
+    assert len(grads) == 2 and all(g is not None and g.abs().max() > 0 for g in grads.values())
+    activate(composition.Fuse("a", "b"), model, fast)
+    assert_same(model, fast)
+
+
+def test_every_option_is_converted_exactly_or_left_with_its_reason(launches) -> None:  # type: ignore[no-untyped-def]
+    """Each AdapterHub option either runs the kernel with AdapterHub's outputs and gradients or is
+    left to AdapterHub's own forward with the reason reported."""
+    par = adapters.ParBnConfig
+    configs = {
+        "plain": "seq_bn",
+        "ln_before": adapters.SeqBnConfig(ln_before=True),
+        "ln_after": adapters.SeqBnConfig(ln_after=True),
+        "ln_after_then_add": adapters.SeqBnConfig(ln_after=True, adapter_residual_before_ln=False),
+        "ln_both_gated": adapters.SeqBnConfig(ln_before=True, ln_after=True, use_gating=True, scaling="channel"),
+        "gating": gated(),
+        "par_ln_after": par(ln_after=True),
+        "par_ln_before": par(ln_before=True, scaling="learned"),
+        "par_gated": par(use_gating=True, ln_after=True),
+        "dropout": dropped(),
+        "phm": adapters.CompacterConfig(reduction_factor=8),
+        "leave_out": adapters.SeqBnConfig(leave_out=[0]),
+        "per_layer": adapters.SeqBnConfig(reduction_factor={"0": 4, "default": 8}),
+        "gelu": adapters.SeqBnConfig(non_linearity="gelu"),
+        "not_ln_before": adapters.SeqBnConfig(original_ln_before=False, residual_before_ln=False),
+        "post_add": adapters.SeqBnConfig(residual_before_ln="post_add", scaling=0.5),
+        "houlsby": adapters.DoubleSeqBnConfig(non_linearity="relu"),
+    }
+    model = hub_model(configs)
+    layer = model.encoder.layer[1].output
+    layer.adapters["plain"].DropPath = torch.nn.Identity()  # as AdapterHub's stochastic depth would add
+    fast, report = accelerated(model)
+    reasons = {path.split(".adapters.")[-1]: why for path, why in report.skipped}
+    assert reasons == {"dropout": "dropout 0.1", "phm": "PHM or other non-linear projections",
+                       "plain": "stochastic depth"}
+    assert "encoder.layer.1.output.adapters.plain" in dict(report.skipped)
+    done = set(report.converted)
+    assert "encoder.layer.0.output.adapters.leave_out" not in done
+    assert "encoder.layer.1.output.adapters.leave_out" in done
+    assert "encoder.layer.0.output.adapters.plain" in done
+    for name in configs:
+        if name not in ("dropout", "phm", "plain", "leave_out", "houlsby"):
+            assert {f"encoder.layer.{i}.output.adapters.{name}" for i in range(2)} <= done, name
+    assert sum(".houlsby" in p for p in done) == 4
+    for name in configs:
+        activate(name, model, fast)
+        launches.clear()
+        assert_same(model, fast)
+        assert bool(launches) == (name not in ("dropout", "phm")), name
+    activate(composition.Fuse("ln_both_gated", "par_gated"), model, fast)
+    model.add_adapter_fusion(composition.Fuse("ln_both_gated", "par_gated"))
+    fast.add_adapter_fusion(composition.Fuse("ln_both_gated", "par_gated"))
+    fast.load_state_dict(model.state_dict())
+    assert_same(model, fast)
+    activate(composition.Stack("ln_both_gated", "par_gated"), model, fast)
+    out, fast_out = assert_same(model, fast, output_adapter_gating_scores=True)
+    assert_nested_close(fast_out.adapter_gating_scores, out.adapter_gating_scores)
+
+
+def test_repeated_accelerate_warns_once_per_adapter_and_converts_adapters_added_since() -> None:
+    model = hub_model({"plain": "seq_bn", "gate": dropped()})
+    twin = copy.deepcopy(model)
+
+    def call() -> tuple[object, list[str]]:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            report = accelerate(model)
+        return report, [str(w.message) for w in record if "adapter_fused.accelerate" in str(w.message)]
+
+    first, messages = call()
+    assert len(messages) == 1 and "left 2 adapter(s)" in messages[0] and ".gate (dropout 0.1)" in messages[0]
+    assert len(first.converted) == 2 and [p.split(".")[-1] for p, _ in first.skipped] == ["gate", "gate"]
+    second, messages = call()
+    assert messages == [] and second.converted == () and second.skipped == first.skipped
+    for i, (name, config) in enumerate((("late", "par_bn"), ("normed", dropped()))):
+        for m in (model, twin):
+            m.add_adapter(name, config=config)
+            randomize([p for n, p in m.named_parameters() if f"adapters.{name}." in n], seed=40 + i)
+    third, messages = call()
+    assert len(messages) == 1 and "left 2 adapter(s)" in messages[0]
+    assert ".normed (dropout 0.1)" in messages[0] and ".gate" not in messages[0]
+    assert [p.split(".")[-1] for p in third.converted] == ["late", "late"]
+    assert len(third.skipped) == 4
+    assert call()[1] == []
+    for name in ("plain", "gate", "late", "normed"):
+        activate(name, model, twin)
+        assert_same(twin, model)
+    activate(composition.Parallel("late", "normed", "gate"), model, twin)
+    assert_same(twin, model)
