@@ -23,8 +23,9 @@ _EXPORTS: dict[str, str] = {
     "fused_adapter_grouped": "grouped",
     "reference_adapter": "reference",
     **{name: "hf" for name in (
-        "AdapterConfig", "accelerate", "adapter_summary", "add_adapter", "delete_adapter", "list_adapters",
-        "load_adapter", "per_sample_adapters", "save_adapter", "set_active_adapters", "train_adapter",
+        "AdapterConfig", "AutoAdapterModel", "accelerate", "adapter_summary", "add_adapter", "delete_adapter", "init",
+        "list_adapters", "load_adapter", "per_sample_adapters", "restore_adapters", "save_adapter",
+        "set_active_adapters", "train_adapter",
     )},
 }
 
@@ -33,8 +34,9 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from .activations import ACTIVATIONS
     from .grouped import fused_adapter_grouped
-    from .hf import (AdapterConfig, accelerate, adapter_summary, add_adapter, delete_adapter, list_adapters,
-                     load_adapter, per_sample_adapters, save_adapter, set_active_adapters, train_adapter)
+    from .hf import (AdapterConfig, AutoAdapterModel, accelerate, adapter_summary, add_adapter, delete_adapter, init,
+                     list_adapters, load_adapter, per_sample_adapters, restore_adapters, save_adapter,
+                     set_active_adapters, train_adapter)
     from .layer import FusedAdapter
     from .ops import fused_adapter
     from .reference import reference_adapter

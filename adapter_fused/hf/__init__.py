@@ -11,14 +11,17 @@ Nothing here imports ``transformers`` or ``adapters`` at import time.
 
 from .adapterhub import AccelerateReport, accelerate
 from .architectures import SUPPORTED_MODEL_TYPES
+from .checkpoints import restore_adapters
 from .config import AdapterConfig, Placement
+from .heads import AutoAdapterModel
 from .io import load_adapter, save_adapter
+from .methods import init
 from .model import (
     AdapterInfo,
     AdapterSummary,
     active_adapter,
-    add_adapter,
     adapter_summary,
+    add_adapter,
     delete_adapter,
     list_adapters,
     set_active_adapters,
@@ -32,15 +35,18 @@ __all__ = [
     "AdapterConfig",
     "AdapterInfo",
     "AdapterSummary",
+    "AutoAdapterModel",
     "Placement",
     "accelerate",
     "active_adapter",
     "adapter_summary",
     "add_adapter",
     "delete_adapter",
+    "init",
     "list_adapters",
     "load_adapter",
     "per_sample_adapters",
+    "restore_adapters",
     "save_adapter",
     "set_active_adapters",
     "train_adapter",
