@@ -256,8 +256,6 @@ class CausalLMHead(PredictionHead):
 
     def _build(self, model: nn.Module, d: int, layers: int) -> None:
         vocab = _check_count(getattr(model.config, "vocab_size", None), "the model's vocab_size", self.name)
-        eps = float(getattr(model.config, "layer_norm_eps", None) or getattr(model.config, "layer_norm_epsilon", None)
-                    or getattr(model.config, "rms_norm_eps", None) or 1e-12)
         modules: list[nn.Module] = []
         for _ in range(layers - 1):
             modules.append(nn.Linear(d, d))
@@ -265,7 +263,7 @@ class CausalLMHead(PredictionHead):
             if act is not None:
                 modules.append(act)
             if self.config.get("layer_norm", True):
-                modules.append(nn.LayerNorm(d, eps=eps))
+                modules.append(nn.LayerNorm(d, eps=1e-12))  # as AdapterHub's LM heads
         modules.append(nn.Linear(d, vocab, bias=self.config.get("bias", True)))
         for index, module in enumerate(modules):
             self.add_module(str(index), module)

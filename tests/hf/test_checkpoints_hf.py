@@ -18,9 +18,9 @@ from .models import HIDDEN, LAYERS, VOCAB, make_inputs, randomize
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from adapter_fused import AutoAdapterModel, init, restore_adapters  # noqa: E402
-from adapter_fused.hf import list_adapters  # noqa: E402
-from adapter_fused.hf.checkpoints import SETUP_FILE  # noqa: E402
+from adapter_fused import AutoAdapterModel, init, restore_adapters
+from adapter_fused.hf import list_adapters
+from adapter_fused.hf.checkpoints import SETUP_FILE
 
 LABELS = 3
 
