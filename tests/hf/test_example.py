@@ -20,8 +20,8 @@ def test_train_adapter_example(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--steps", "2", "--hidden", "32", "--train-size", "8", "--test-size", "8", "--batch-size", "4",
-                          "--output-dir", str(tmp_path)])
+    result = module.main(["--steps", "2", "--hidden", "32", "--train-size", "8", "--test-size", "8",
+                          "--batch-size", "4", "--output-dir", str(tmp_path)])
     assert math.isfinite(result["training_loss"]) and 0.0 < result["training_loss"] < 5.0
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["logit_difference"] == 0.0
