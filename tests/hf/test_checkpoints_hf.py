@@ -81,8 +81,7 @@ def test_save_pretrained_then_restore_into_plain_model(tmp_path: Path) -> None:
     assert meta["adapters_module"] == "bert.fused_adapters"
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
 
-    transformers.logging.enable_propagation()
-    logger = logging.getLogger("transformers.modeling_utils")
+    logger = logging.getLogger("transformers")  # the package's loggers report to it
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
@@ -91,9 +90,10 @@ def test_save_pretrained_then_restore_into_plain_model(tmp_path: Path) -> None:
         plain = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
     finally:
         logger.removeHandler(handler)
-        transformers.logging.disable_propagation()
-    # transformers itself reports the adapter weights it did not load
-    assert any("bert.fused_adapters.a.0.attention.down.weight" in r.getMessage() for r in records)
+    # transformers itself reports the adapter weights it did not load (4.57 lists the keys; 5.x groups
+    # the layer indices)
+    warned = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert any("bert.fused_adapters.a." in m and "attention.down.weight" in m for m in warned)
     assert list_adapters(plain) == []
     assert not torch.equal(logits(plain), expected)
 
