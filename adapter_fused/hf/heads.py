@@ -317,6 +317,17 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
 
     accepts_loss_kwargs = False  # the heads average their loss themselves
 
+    @classmethod
+    def _prepare_subclass(cls, subclass: type) -> None:
+        """Give the subclass a ``forward`` that runs the heads, with the base forward's parameters
+        plus the label inputs in its signature (read by transformers' Trainer)."""
+        def forward(self: FlexibleHeadsMixin, *args: Any, **kwargs: Any) -> Any:
+            return self._heads_forward(*args, **kwargs)
+
+        forward.__doc__ = cls._heads_forward.__doc__
+        forward.__signature__ = _forward_signature(subclass._fused_base_class)  # type: ignore[attr-defined]
+        subclass.forward = forward  # type: ignore[attr-defined]
+
     heads: nn.ModuleDict
 
     @property
@@ -553,15 +564,7 @@ def _forward_signature(base: type) -> inspect.Signature:
 
 def flexible_class(base: type) -> type:
     """The subclass of the base model class ``base`` with adapter methods and flexible heads."""
-    cls = subclass_for(base, FlexibleHeadsMixin)
-    if "forward" not in cls.__dict__:
-        def forward(self: FlexibleHeadsMixin, *args: Any, **kwargs: Any) -> Any:
-            return self._heads_forward(*args, **kwargs)
-
-        forward.__doc__ = FlexibleHeadsMixin._heads_forward.__doc__
-        forward.__signature__ = _forward_signature(cls._fused_base_class)  # type: ignore[attr-defined]
-        cls.forward = forward  # type: ignore[attr-defined]
-    return cls
+    return subclass_for(base, FlexibleHeadsMixin)
 
 
 def with_flexible_heads(model: nn.Module) -> nn.Module:

@@ -76,6 +76,7 @@ def subclass_for(base: type, mixin: type) -> type:
             "_keys_to_ignore_on_load_unexpected": [*ignore, *IGNORE_ON_LOAD],
         }
         cls = type(base.__name__, (mixin, base), namespace)
+        mixin._prepare_subclass(cls)
         _SUBCLASSES[key] = cls
     return cls
 
@@ -85,6 +86,10 @@ class AdapterMethodsMixin:
 
     _fused_base_class: type
     _fused_mixin: type
+
+    @classmethod
+    def _prepare_subclass(cls, subclass: type) -> None:
+        """Complete a subclass made by ``subclass_for`` (also when one is rebuilt by unpickling)."""
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         state = self.__getstate__()  # type: ignore[misc]

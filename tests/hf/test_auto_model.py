@@ -358,3 +358,21 @@ def test_trainer_trains_adapter_and_head(tmp_path: Path) -> None:
                if not torch.equal(p, before[n])}
     assert changed == {"fused_adapters.a", "heads.a"}
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
+def test_copies_keep_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+    import pickle
+
+    from adapter_fused.hf import methods
+
+    model = two_headed()
+    model.set_active_adapters("a")
+    expected = model(**make_inputs()).logits
+    data = pickle.dumps(model)
+    monkeypatch.setattr(methods, "_SUBCLASSES", {})  # as in a new process: the class is rebuilt
+    for copied in (pickle.loads(data), copy.deepcopy(model)):
+        assert copied.active_head == "a" and list(copied.heads) == ["a", "b"]
+        assert torch.equal(copied(**make_inputs()).logits, expected)
+    with torch.no_grad():
+        assert torch.equal(nn.DataParallel(model)(**make_inputs()).logits, expected)
