@@ -14,7 +14,8 @@ setup is active) ``save_pretrained`` of a model given the methods by ``adapter_f
 
 ``AutoAdapterModel.from_pretrained(directory)`` restores all of it; for any other model loaded from
 the directory (``AutoModelForSequenceClassification.from_pretrained(directory)``, which logs that the
-``fused_adapters`` weights were not used), ``restore_adapters(model, directory)`` does.
+``fused_adapters`` weights were not used), ``restore_adapters(model, directory)`` does. Once this
+module is imported (by ``adapter_fused.hf``), that transformers warning ends with a line saying so.
 ``Trainer(...).train(resume_from_checkpoint=...)`` needs nothing from here: the model it resumes
 already has its adapters, and the checkpoint's weights load into them.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,39 @@ from .config import AdapterConfig
 from .io import _fill, _read_json, _read_weights, _write_atomic
 
 SETUP_FILE = "adapter_fused_setup.json"
+DROPPED_HINT = ("adapter_fused: the fused_adapters weights named above are adapters; load the directory with "
+                "adapter_fused.AutoAdapterModel.from_pretrained(path), or call adapter_fused.restore_adapters(model, "
+                "path) on this model to bring them back with their configs and active setup")
 SETUP_FORMAT = "adapter_fused_setup"
 SETUP_FORMAT_VERSION = 1
 _BLOCK_OPTIONS = ("batch_sizes", "weights", "normalize_weights")
+
+
+class _DroppedAdaptersHint(logging.Filter):
+    """Adds ``DROPPED_HINT`` to transformers' warning about unused checkpoint weights when those
+    include fused adapters (a plain ``from_pretrained`` of a checkpoint with adapters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a record this filter cannot render is left alone
+            return True
+        if "fused_adapters." in message and DROPPED_HINT not in message:
+            record.msg, record.args = f"{message}\n{DROPPED_HINT}", ()
+        return True
+
+
+def install_dropped_adapters_hint() -> None:
+    """Attach the hint to the loggers transformers reports unused weights on (4.57 and 5.x); once."""
+    for name in ("transformers.modeling_utils", "transformers.utils.loading_report"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DroppedAdaptersHint) for f in logger.filters):
+            logger.addFilter(_DroppedAdaptersHint())
+
+
+install_dropped_adapters_hint()
 
 
 def _encode(setup: Any) -> Any:
