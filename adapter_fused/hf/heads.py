@@ -504,28 +504,90 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
         from .io import _read_json, _read_weights
 
         root = Path(directory)
-        config_path, weights_path = root / HEAD_CONFIG_FILE, root / HEAD_WEIGHTS_FILE
-        if not config_path.exists() and not weights_path.exists():
+        config_path = root / HEAD_CONFIG_FILE
+        hub_weights = [root / f for f in ADAPTERHUB_HEAD_WEIGHTS if (root / f).is_file()]
+        if not config_path.exists():
+            if (root / HEAD_WEIGHTS_FILE).exists() or hub_weights:
+                raise FileNotFoundError(f"{config_path}: head config not found (the directory has head weights)")
             return None
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path}: head weights not found (the directory has {HEAD_CONFIG_FILE})")
         meta = _read_json(config_path)
-        if meta.get("format") != HEAD_FORMAT or meta.get("format_version") != HEAD_FORMAT_VERSION:
-            raise ValueError(f"{config_path}: not an adapter_fused prediction head (format {meta.get('format')!r}, "
-                             f"format_version {meta.get('format_version')!r})")
         if meta.get("hidden_size") not in (None, hidden_size(self)):  # type: ignore[arg-type]
             raise ValueError(f"{config_path}: head was saved for hidden size {meta['hidden_size']}, the model has "
                              f"{hidden_size(self)}")  # type: ignore[arg-type]
+        name = str(meta.get("name") or "head")
+        if meta.get("format") == HEAD_FORMAT and meta.get("format_version") == HEAD_FORMAT_VERSION:
+            weights_path = root / HEAD_WEIGHTS_FILE
+            config = meta.get("config")
+            prefix = ""
+        elif "format" not in meta and isinstance(meta.get("config"), dict) and "head_type" in meta["config"]:
+            if not hub_weights:
+                raise FileNotFoundError(f"{root}: no AdapterHub head weights ({' or '.join(ADAPTERHUB_HEAD_WEIGHTS)})")
+            weights_path = hub_weights[0]
+            config = _config_from_adapterhub(meta["config"], self, str(config_path))  # type: ignore[arg-type]
+            prefix = f"heads.{name}."
+        else:
+            raise ValueError(f"{config_path}: neither an adapter_fused nor an AdapterHub prediction head config "
+                             f"(format {meta.get('format')!r}, format_version {meta.get('format_version')!r})")
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path}: head weights not found (the directory has {HEAD_CONFIG_FILE})")
         try:
-            head = build_head(self, str(meta.get("name") or "head"), meta.get("config"))  # type: ignore[arg-type]
+            head = build_head(self, name, config)  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{config_path}: invalid head config ({exc})") from exc
-        load_head_weights(head, _read_weights(weights_path), str(weights_path))
+        tensors = _read_weights(weights_path)
+        if prefix:
+            tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+        load_head_weights(head, tensors, str(weights_path))
         return head
 
     def _install_head(self, name: str, head: PredictionHead) -> None:
         head.name = name
         self.add_prediction_head(head, overwrite_ok=True, set_active=True)
+
+
+ADAPTERHUB_HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
+"""The weight files of a head saved by AdapterHub beside its ``head_config.json``."""
+
+_ADAPTERHUB_HEAD_OPTIONS: dict[str, set[str]] = {
+    "classification": {"num_labels", "layers", "activation_function", "use_pooler", "bias", "dropout_prob"},
+    "multilabel_classification": {"num_labels", "layers", "activation_function", "use_pooler", "bias",
+                                  "dropout_prob"},
+    "tagging": {"num_labels", "layers", "activation_function", "bias", "dropout_prob"},
+    "question_answering": {"num_labels", "layers", "activation_function", "bias", "dropout_prob"},
+    "multiple_choice": {"num_choices", "layers", "activation_function", "use_pooler", "bias", "dropout_prob"},
+    "causal_lm": {"layers", "activation_function", "layer_norm", "bias", "dropout_prob", "shift_labels",
+                  "vocab_size", "embedding_size"},
+}
+
+
+def _config_from_adapterhub(config: dict[str, Any], model: nn.Module, source: str) -> dict[str, Any]:
+    """Our head config for a head config saved by AdapterHub (same layout of layers); options this
+    package does not implement raise ValueError naming them."""
+    head_type = config.get("head_type")
+    allowed = _ADAPTERHUB_HEAD_OPTIONS.get(head_type)  # type: ignore[arg-type]
+    if allowed is None:
+        raise ValueError(f"{source}: AdapterHub head type {head_type!r} is not supported (supported: "
+                         f"{', '.join(_ADAPTERHUB_HEAD_OPTIONS)})")
+    unknown = sorted(set(config) - allowed - {"head_type", "label2id"})
+    if unknown:
+        raise ValueError(f"{source}: AdapterHub head options not supported: {', '.join(unknown)}")
+    out = {k: v for k, v in config.items() if k in allowed and k not in ("shift_labels", "vocab_size",
+                                                                         "embedding_size")}
+    if head_type == "multilabel_classification":
+        out["head_type"], out["multilabel"] = "classification", True
+    else:
+        out["head_type"] = head_type
+    if head_type == "causal_lm":
+        if config.get("shift_labels", True) is not True:
+            raise ValueError(f"{source}: causal LM head with shift_labels={config['shift_labels']!r} is not supported")
+        for key, expected in (("vocab_size", getattr(model.config, "vocab_size", None)),
+                              ("embedding_size", hidden_size(model))):
+            if config.get(key) not in (None, expected):
+                raise ValueError(f"{source}: head {key} {config[key]} does not match the model's {expected}")
+    label2id = config.get("label2id")
+    if isinstance(label2id, dict):
+        out["id2label"] = {str(v): str(k) for k, v in label2id.items()}
+    return out
 
 
 def load_head_weights(head: PredictionHead, tensors: dict[str, torch.Tensor], source: str) -> None:

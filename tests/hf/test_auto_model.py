@@ -376,3 +376,35 @@ def test_copies_keep_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(copied(**make_inputs()).logits, expected)
     with torch.no_grad():
         assert torch.equal(nn.DataParallel(model)(**make_inputs()).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["classification", "tagging"])
+def test_loads_an_adapterhub_adapter_with_its_head(tmp_path: Path, kind: str) -> None:
+    """save_adapter of AdapterHub's AutoAdapterModel writes the adapter and its head; our
+    load_adapter reads both and computes AdapterHub's logits."""
+    theirs, ours = adapterhub_pair(bert_config)
+    theirs.add_adapter("t", config="seq_bn")
+    if kind == "classification":
+        theirs.add_classification_head("t", num_labels=3)
+    else:
+        theirs.add_tagging_head("t", num_labels=4)
+    randomize([p for n, p in theirs.named_parameters() if "adapters.t." in n or n.startswith("heads.t.")],
+              seed=8, std=0.1)
+    theirs.set_active_adapters("t")
+    theirs.save_adapter(str(tmp_path), "t")
+    assert (tmp_path / "pytorch_model_head.bin").is_file()
+    inputs = make_inputs(batch=3)
+    with torch.no_grad():
+        expected = theirs(**inputs).logits
+        assert ours.load_adapter(tmp_path, set_active=True) == "t"
+        assert ours.active_head == "t"
+        torch.testing.assert_close(ours(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    if kind == "classification":  # an option this package does not implement is refused, nothing changes
+        import json
+
+        meta = json.loads((tmp_path / "head_config.json").read_text())
+        meta["config"]["layer_norm_after"] = True
+        (tmp_path / "head_config.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="not supported: layer_norm_after"):
+            ours.load_adapter(tmp_path, load_as="u")
+        assert list_adapters(ours) == ["t"] and list(ours.heads) == ["t"]
