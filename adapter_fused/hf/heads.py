@@ -143,8 +143,10 @@ def _pooled(model: nn.Module, head: PredictionHead, outputs: Any, attention_mask
                              f"output")
         return pooled
     hidden = outputs.last_hidden_state
-    arch, _ = find_architecture(model)
-    if arch.attention.norm is not None:
+    encoder = model.__dict__.get("_fused_post_ln")
+    if encoder is None:
+        encoder = model.__dict__["_fused_post_ln"] = find_architecture(model)[0].attention.norm is not None
+    if encoder:
         return hidden[:, 0]
     if attention_mask is None:
         return hidden[:, -1]
@@ -324,9 +326,14 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
         def forward(self: FlexibleHeadsMixin, *args: Any, **kwargs: Any) -> Any:
             return self._heads_forward(*args, **kwargs)
 
+        base = subclass._fused_base_class  # type: ignore[attr-defined]
         forward.__doc__ = cls._heads_forward.__doc__
-        forward.__signature__ = _forward_signature(subclass._fused_base_class)  # type: ignore[attr-defined]
+        forward.__signature__ = _forward_signature(base)  # type: ignore[attr-defined]
         subclass.forward = forward  # type: ignore[attr-defined]
+        params = list(inspect.signature(base.forward).parameters.values())[1:]
+        subclass._fused_positional = tuple(  # type: ignore[attr-defined]
+            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        subclass._fused_takes_return_dict = any(p.name == "return_dict" for p in params)  # type: ignore[attr-defined]
 
     heads: nn.ModuleDict
 
@@ -409,9 +416,9 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
         """The base model's forward, then the active head (or ``head=``) with its loss."""
         head_name = kwargs.pop("head", None)
         targets = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
-        base_forward = type(self)._fused_base_class.forward
-        params = [p for p in inspect.signature(base_forward).parameters.values()][1:]
-        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        cls = type(self)
+        base_forward = cls._fused_base_class.forward
+        positional = cls._fused_positional  # type: ignore[attr-defined]
         if len(args) > len(positional):
             raise TypeError(f"forward() takes at most {len(positional)} positional arguments ({len(args)} given)")
         for key, value in zip(positional, args):
@@ -432,7 +439,7 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "use_return_dict", True)  # type: ignore[attr-defined]
-        if any(p.name == "return_dict" for p in params):
+        if cls._fused_takes_return_dict:  # type: ignore[attr-defined]
             kwargs["return_dict"] = True
         inputs = dict(kwargs)
         if isinstance(head, MultipleChoiceHead):

@@ -103,16 +103,19 @@ class AdapterMethodsMixin:
 
         config: a preset name (``"seq_bn"`` / ``"pfeiffer"``, ``"double_seq_bn"`` / ``"houlsby"``,
         ``"par_bn"`` / ``"parallel"``) or an ``AdapterConfig``; None means ``"seq_bn"``.
-        overwrite_ok: replace an adapter of the same name (otherwise ValueError).
+        overwrite_ok: replace an adapter of the same name (otherwise ValueError); a replaced active
+        adapter stays active.
         set_active: activate the new adapter (``set_active_adapters``).
         """
         model: nn.Module = self  # type: ignore[assignment]
         config = DEFAULT_CONFIG if config is None else config
+        was_active = False
         if overwrite_ok and adapter_name in _model.list_adapters(model):
             resolve_config(config)  # a bad config raises before the old adapter goes
+            was_active = _model.active_adapter(model) == adapter_name
             _model.delete_adapter(model, adapter_name)
         _model.add_adapter(model, adapter_name, config)
-        if set_active:
+        if set_active or was_active:
             self.set_active_adapters(adapter_name)
 
     def train_adapter(self, adapter_setup: Any, train_embeddings: bool = False, train_head: bool = True) -> None:

@@ -107,6 +107,7 @@ def test_add_adapter_options() -> None:
         model.add_adapter("a")
     model.add_adapter("a", config=AdapterConfig("pfeiffer", bottleneck=4), overwrite_ok=True)
     assert adapter_summary(model).adapters[0].bottleneck == 4
+    assert model.active_adapters == "a"  # the replaced adapter was active, the new one is
     with pytest.raises(ValueError, match="unknown placement"):
         model.add_adapter("a", config="nonsense", overwrite_ok=True)
     assert adapter_summary(model).adapters[0].bottleneck == 4  # the failed overwrite kept the adapter
