@@ -749,6 +749,7 @@ class AutoAdapterModel:
                                ", ".join(STATIC_HEADS))
             model = flexible_class(base_class).from_pretrained(pretrained_model_name_or_path, *model_args,
                                                                config=config, **kwargs)
+            find_architecture(model)  # ValueError for a model the adapters do not support
             model.add_module(HEADS_MODULE, nn.ModuleDict())
             model.__dict__["_active_head"] = None
         if (Path(pretrained_model_name_or_path) / SETUP_FILE).is_file():
