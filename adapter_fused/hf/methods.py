@@ -225,15 +225,17 @@ class AdapterMethodsMixin:
             name = _peek_name(adapter_name_or_path)
         else:
             name = load_as
-        if name is not None and name in _model.list_adapters(model):
-            name = _overwrite_adapter(model, adapter_name_or_path, name, with_head)
-        else:
+        created = not (name is not None and name in _model.list_adapters(model))
+        if created:
             name = _io.load_adapter(model, adapter_name_or_path, load_as, with_head=with_head)
+        else:
+            name = _overwrite_adapter(model, adapter_name_or_path, name, with_head)  # type: ignore[arg-type]
         if head is not None:
             try:
                 self._install_head(name, head)
             except BaseException:
-                _model.delete_adapter(model, name)
+                if created:
+                    _model.delete_adapter(model, name)
                 raise
         if set_active:
             self.set_active_adapters(name)
