@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
         "load_adapter", "per_sample_adapters", "save_adapter", "set_active_adapters", "train_adapter",
         "ModelLayout", "SiteSpec", "register_model_layout", "unregister_model_layout",
         "Average", "BatchSplit", "Parallel", "Stack",
+        "AutoAdapterModel", "init", "restore_adapters",
     )},
 }
 
@@ -35,9 +36,10 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from .activations import ACTIVATIONS
     from .grouped import fused_adapter_grouped
-    from .hf import (AdapterConfig, Average, BatchSplit, ModelLayout, Parallel, SiteSpec, Stack, accelerate,
-                     adapter_summary, add_adapter, delete_adapter, list_adapters, load_adapter, per_sample_adapters,
-                     register_model_layout, save_adapter, set_active_adapters, train_adapter, unregister_model_layout)
+    from .hf import (AdapterConfig, AutoAdapterModel, Average, BatchSplit, ModelLayout, Parallel, SiteSpec, Stack,
+                     accelerate, adapter_summary, add_adapter, delete_adapter, init, list_adapters, load_adapter,
+                     per_sample_adapters, register_model_layout, restore_adapters, save_adapter, set_active_adapters,
+                     train_adapter, unregister_model_layout)
     from .layer import FusedAdapter
     from .ops import fused_adapter
     from .reference import reference_adapter

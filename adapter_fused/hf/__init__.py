@@ -18,15 +18,18 @@ from .architectures import (
     unregister_model_layout,
 )
 from .bottleneck import BottleneckAdapter
+from .checkpoints import restore_adapters
 from .composition import Average, BatchSplit, Composition, Parallel, Stack
 from .config import AdapterConfig, Placement
+from .heads import AutoAdapterModel
 from .io import load_adapter, save_adapter
+from .methods import init
 from .model import (
     AdapterInfo,
     AdapterSummary,
     active_adapter,
-    add_adapter,
     adapter_summary,
+    add_adapter,
     delete_adapter,
     list_adapters,
     set_active_adapters,
@@ -40,6 +43,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterInfo",
     "AdapterSummary",
+    "AutoAdapterModel",
     "Average",
     "BatchSplit",
     "BottleneckAdapter",
@@ -54,10 +58,12 @@ __all__ = [
     "adapter_summary",
     "add_adapter",
     "delete_adapter",
+    "init",
     "list_adapters",
     "load_adapter",
     "per_sample_adapters",
     "register_model_layout",
+    "restore_adapters",
     "save_adapter",
     "set_active_adapters",
     "train_adapter",
