@@ -147,6 +147,9 @@ class Architecture:
     ``layers``, ``attention``, ``ffn`` and ``hidden_size`` describe the first layer stack,
     ``more_stacks`` the others (a decoder, a second tower). ``submodels`` instead names child models
     (``"encoder"``, ``"decoder"`` of an ``EncoderDecoderModel``) whose own architectures give the stacks.
+    ``hub_layers`` is the path under which AdapterHub (on transformers 4) names the layers of a model
+    type whose layer list transformers has since moved (ViT's ``encoder.layer``, now ``layers``). A model
+    type may have several entries, one per transformers layout; the first whose layers exist is used.
     """
 
     name: str
@@ -157,6 +160,7 @@ class Architecture:
     more_stacks: tuple[ModelLayout, ...] = ()
     hidden_size: str | None = None
     submodels: tuple[str, ...] = ()
+    hub_layers: str | None = None  # AdapterHub's path of the layer list, where it differs from ``layers``
 
     def site(self, name: str) -> SiteSpec:
         """The SiteSpec of ``"attention"`` or ``"ffn"`` in the first stack."""
@@ -295,6 +299,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
         attention=_site("attention", "layernorm_before", 0, ("input",), None, "attention_adapters"),
         ffn=_site("output.dropout", "output", 1, ("input_tensor",), None, "output.output_adapters"),
     ),
+    Architecture(  # transformers 5: pre-norm layers at ``layers``, each with its own ``mlp``
+        "vit", ("vit",),
+        layers=("layers",),
+        attention=_site("attention", "layernorm_before", 0, ("input",), None, "attention_adapters"),
+        ffn=_site("mlp", "layernorm_after", 0, ("input",), None, "output.output_adapters"),
+        hub_layers="encoder.layer",
+    ),
     Architecture.from_layouts("clip", ("clip", "clip_text_model", "clip_vision_model"), (
         ModelLayout("text_model.encoder.layers", *_CLIP_SITES, hidden_size="text_config.hidden_size"),
         ModelLayout("vision_model.encoder.layers", *_CLIP_SITES, hidden_size="vision_config.hidden_size"),
@@ -311,7 +322,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
                  submodels=("encoder", "decoder")),
 )
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for arch in ARCHITECTURES for t in arch.model_types)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for arch in ARCHITECTURES for t in arch.model_types))
 """The model types recognized by name. Other model types whose layers match one of
 ``STRUCTURAL_LAYOUTS`` are recognized too; see ``STRUCTURALLY_TESTED_MODEL_TYPES``."""
 
@@ -494,9 +505,10 @@ def _lookup(model: nn.Module, base: nn.Module) -> Architecture:
     arch = _registered(model, base, model_type)
     if arch is not None:
         return arch
-    arch = next((a for a in ARCHITECTURES if model_type in a.model_types), None)
-    if arch is not None:
-        return arch
+    candidates = [a for a in ARCHITECTURES if model_type in a.model_types]
+    if candidates:  # the entry for this transformers version's layout, else the first (for its error)
+        config = getattr(model, "config", None)
+        return next((a for a in candidates if resolve_layers(a, base, config)), candidates[0])
     return _find_by_structure(model, base, model_type)
 
 
@@ -620,6 +632,9 @@ def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], sourc
             if location is None:
                 return weights
             table[f"{layer.path}.{location}"] = (layer.index, "attention" if name == "attention" else "output")
+            if arch.hub_layers is not None:
+                position = layer.path.rsplit(".", 1)[-1]
+                table[f"{arch.hub_layers}.{position}.{location}"] = table[f"{layer.path}.{location}"]
     out: dict[str, Any] = {}
     for key, value in weights.items():
         head, sep, tail = key.partition(".adapters.")

@@ -89,3 +89,43 @@ def test_family(model_type: str, placement: str, based: Callable, launches: Any,
     set_active_adapters(model, None)
     with torch.no_grad():
         assert torch.equal(outputs(model, batch), plain)
+
+
+def test_vit_sites_match_a_hand_written_adapter_on_this_transformers() -> None:
+    """ViT's layers moved between transformers 4 (``encoder.layer``, post-sub-block ``output`` module) and 5
+    (pre-norm ``layers`` with an ``mlp``): on either, houlsby adapters equal ones added by hand in float64
+    after the attention block and after the feed-forward block, and AdapterHub's weight names (which
+    follow transformers 4) reach the same layers."""
+    from adapter_fused import ACTIVATIONS
+    from adapter_fused.hf.architectures import adapterhub_weights_by_layer
+
+    model, batch = build("vit"), inputs("vit")
+    reference = copy.deepcopy(model).double()
+    add_adapter(model, "a", "houlsby")
+    randomize(model.base_model.fused_adapters.parameters())
+    set_active_adapters(model, "a")
+    config = hf_model.adapter_config(model, "a")
+    ref_layers = reference.base_model.layers if hasattr(reference.base_model, "layers") else \
+        reference.base_model.encoder.layer
+    for index, layer in enumerate(ref_layers):
+        for site, path in (("attention", "attention"), ("ffn", "mlp" if hasattr(layer, "mlp") else "output.dropout")):
+            w = {k: v.detach().double() for k, v in model.base_model.fused_adapters["a"][str(index)][site]
+                 .state_dict().items()}
+
+            def hook(module: nn.Module, args: Any, out: Any, w: dict[str, torch.Tensor] = w) -> Any:
+                h = out[0] if isinstance(out, tuple) else out
+                down = ACTIVATIONS[config.resolved_activation](torch.nn.functional.linear(h, w["down.weight"],
+                                                                                         w["down.bias"]))
+                new = h + config.scale * torch.nn.functional.linear(down, w["up.weight"], w["up.bias"])
+                return (new, *out[1:]) if isinstance(out, tuple) else new
+            layer.get_submodule(path).register_forward_hook(hook)
+    with torch.no_grad():
+        out = outputs(model, batch)
+        expected = outputs(reference, {k: v.double() for k, v in batch.items()})
+    torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
+
+    weight = torch.zeros(3)
+    names = {"vit.encoder.layer.1.output.output_adapters.adapters.a.adapter_up.weight": weight,
+             "vit.encoder.layer.0.attention_adapters.adapters.a.adapter_down.0.weight": weight}
+    assert adapterhub_weights_by_layer(model, names, "test") == {
+        "1.output.adapters.a.adapter_up.weight": weight, "0.attention.adapters.a.adapter_down.0.weight": weight}
