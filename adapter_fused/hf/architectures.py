@@ -23,18 +23,13 @@ Cross-attention gets no adapter.
 
 Models are recognized in three ways, in this order. A layout registered with
 ``register_model_layout`` for the model's class or type. A model type listed in ``ARCHITECTURES``.
-Any other model by the structure of its first layer (see ``STRUCTURAL_LAYOUTS``): a pre-norm decoder
-layer laid out like Llama's, with ``input_layernorm`` and ``self_attn``, then
-``post_attention_layernorm`` and a feed-forward block ``mlp`` (or a mixture of experts
-``block_sparse_moe``), gets the Llama sites. The forward pass itself cannot be checked without running
-it, so this rests on an assumption: the layer computes ``x = x + self_attn(input_layernorm(x))`` and
-then ``x = x + mlp(post_attention_layernorm(x))``. Layers that visibly differ are refused: an extra
-layer norm directly in the layer (sub-block outputs normalized before the residual add, as in Gemma 2
-or OLMo 2), a ``residual_multiplier`` other than 1 (Granite) or ``use_parallel_residual`` (StableLM's
-parallel variant). At run time, a site whose placement needs the residual ``x`` and whose residual
-module did not run before its output module in the same call raises RuntimeError rather than compute
-wrong numbers. Dropout applied by the layer to a sub-block output (Phi-3, StableLM, BART) acts on the
-adapted output, which changes nothing in evaluation mode.
+Any other model by the structure of its layers (``adapter_fused.hf.structure``): the first candidate
+layout whose modules the first layer has and whose sums a forward pass on a dummy batch confirms
+(pre-norm, parallel-block, sandwich-norm and post-norm layers under several naming schemes). At run
+time, a site whose placement needs the residual ``x`` and whose residual module did not run before its
+output module in the same call raises RuntimeError rather than compute wrong numbers. Dropout applied by
+the layer to a sub-block output (Phi-3, StableLM, BART) acts on the adapted output, which changes
+nothing in evaluation mode.
 """
 
 from __future__ import annotations
@@ -324,28 +319,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for arch in ARCHITECTURES for t in arch.model_types))
 """The model types recognized by name. Other model types whose layers match one of
-``STRUCTURAL_LAYOUTS`` are recognized too; see ``STRUCTURALLY_TESTED_MODEL_TYPES``."""
-
-_STRUCTURAL_LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks")
-
-STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
-    Architecture("llama-like pre-norm decoder", (), _STRUCTURAL_LAYERS,
-                 _LLAMA_LIKE["attention"], _LLAMA_LIKE["ffn"]),  # type: ignore[arg-type]
-    Architecture("llama-like pre-norm decoder with block_sparse_moe", (), _STRUCTURAL_LAYERS,
-                 _LLAMA_LIKE["attention"],  # type: ignore[arg-type]
-                 SiteSpec("block_sparse_moe", "post_attention_layernorm", 0, ("hidden_states",), None)),
-)
-"""Layer layouts recognized by structure for model types not in ``ARCHITECTURES``: a layer with
-``input_layernorm`` + ``self_attn`` and ``post_attention_layernorm`` + ``mlp`` (or ``block_sparse_moe``),
-with no other layer norm directly in the layer. The feed-forward adapter rewrites the first item when
-the block returns a tuple (a mixture of experts' ``(hidden, router_logits)``)."""
-
-STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
-    "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "phi3", "olmo", "granite", "granitemoe", "smollm3",
-    "stablelm", "starcoder2", "glm", "deepseek_v3",
-)
-"""Model types recognized by structure whose tiny random models the tests check (granite and
-granitemoe only with ``residual_multiplier=1``)."""
+``adapter_fused.hf.structure.STRUCTURAL_LAYOUTS`` are recognized too; see
+``adapter_fused.hf.structure.STRUCTURALLY_TESTED_MODEL_TYPES``."""
 
 _REGISTERED: dict[str | type, Architecture] = {}
 
@@ -388,28 +363,6 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 def get_submodule(module: nn.Module, path: str) -> nn.Module | None:
     """``module.<path>`` or None where any part is missing."""
     return _get(module, path)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` looks like a layer norm (LayerNorm, RMSNorm or a model's own ``*Norm`` class)."""
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.lower().endswith("norm")
-
-
-def _structural_mismatch(layer: nn.Module, arch: Architecture) -> str | None:
-    """Why ``layer`` does not follow ``arch`` (a structural layout), or None when it does."""
-    expected = [p for s in (arch.attention, arch.ffn) for p in s.paths]
-    missing = [p for p in expected if not isinstance(_get(layer, p), nn.Module)]
-    if missing:
-        return f"lacks {', '.join(missing)}"
-    extra = [name for name, child in layer.named_children() if name not in expected and _is_norm(child)]
-    if extra:
-        return f"has layer norms besides input_layernorm and post_attention_layernorm ({', '.join(extra)})"
-    multiplier = getattr(layer, "residual_multiplier", 1)
-    if not isinstance(multiplier, (int, float)) or multiplier != 1:
-        return f"scales its sub-block outputs before the residual add (residual_multiplier={multiplier!r})"
-    if getattr(layer, "use_parallel_residual", False):
-        return "runs attention and feed-forward in parallel (use_parallel_residual)"
-    return None
 
 
 def _expand(base: nn.Module, path: str) -> list[tuple[str, nn.ModuleList]]:
@@ -482,11 +435,8 @@ def resolve_layers(arch: Architecture, base: nn.Module, config: object = None) -
 
 
 def _recognized() -> str:
-    layouts = "; ".join(
-        f"{a.name} (layers with {a.attention.residual} + {a.attention.output} and {a.ffn.residual} + {a.ffn.output})"
-        for a in STRUCTURAL_LAYOUTS)
-    return f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}, and any model whose layers are laid out " \
-           f"as one of: {layouts}"
+    return f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}, and models whose layers match a layout " \
+           f"recognized by structure (adapter_fused.hf.structure.STRUCTURAL_LAYOUTS)"
 
 
 _REGISTER_HINT = "describe its layers with adapter_fused.register_model_layout (see README, 'Other models')"
@@ -545,7 +495,7 @@ def find_architecture(model: nn.Module) -> tuple[Architecture, nn.ModuleList]:
 
     A layout registered with ``register_model_layout`` for the model's class or type comes first; a
     model type in ``ARCHITECTURES`` uses its entry; any other model is matched by the structure of
-    its first layer against ``STRUCTURAL_LAYOUTS`` (see the module docstring for what that assumes)
+    its layers against ``adapter_fused.hf.structure.STRUCTURAL_LAYOUTS`` (checked on a dummy forward pass)
     and gets an Architecture named after the layout whose ``model_types`` is the model's type.
     The layers are the model's own ``nn.ModuleList`` when it has one stack, else a new ModuleList
     holding the layers of every stack in numbering order (see ``model_layers`` for their paths).
@@ -563,23 +513,12 @@ def find_architecture(model: nn.Module) -> tuple[Architecture, nn.ModuleList]:
 
 
 def _find_by_structure(model: nn.Module, base: nn.Module, model_type: object) -> Architecture:
-    """``_lookup`` for a model type not in ``ARCHITECTURES``."""
+    """``_lookup`` for a model type not in ``ARCHITECTURES``: see ``adapter_fused.hf.structure``."""
+    from .structure import find_by_structure
+
     what = f"model type {model_type!r}" if model_type else f"{type(model).__name__} (not a transformers model)"
-    lists = _find_layers(base, _STRUCTURAL_LAYERS)
-    if not lists:
-        raise ValueError(f"adapter_fused: {what} is not supported; {_recognized()}. Such a model is not "
-                         f"recognized: it has no non-empty layer list at {', '.join(_STRUCTURAL_LAYERS)}; "
-                         f"{_REGISTER_HINT}")
-    first = lists[0][1][0]
-    reasons = []
-    for layout in STRUCTURAL_LAYOUTS:
-        reason = _structural_mismatch(first, layout)
-        if reason is None:
-            return replace(layout, model_types=(str(model_type),) if model_type else ())
-        reasons.append(f"as a {layout.name} it {reason}")
-    raise ValueError(f"adapter_fused: {what} is not supported; {_recognized()}. Such a model is not recognized: "
-                     f"its layer class {type(first).__name__} matches no known layout ({'; '.join(reasons)}); "
-                     f"{_REGISTER_HINT}")
+    return find_by_structure(model, base, model_type, f"adapter_fused: {what} is not supported; {_recognized()}",
+                             _REGISTER_HINT)
 
 
 def hidden_size(model: nn.Module) -> int:

@@ -145,8 +145,9 @@ def test_layout_registered_by_model_type() -> None:
 
 def test_unknown_model_points_to_the_layout_api() -> None:
     model = Tiny()
-    with pytest.raises(ValueError, match=r"model type 'tiny-test' is not supported.*its layer class Block matches no "
-                                         r"known layout.*register_model_layout"):
+    with pytest.raises(ValueError, match=r"model type 'tiny-test' is not supported.*its layer class Block has the "
+                                         r"modules of no known layout; describe its layers with "
+                                         r"adapter_fused.register_model_layout"):
         add_adapter(model, "a", "houlsby")
     assert not hasattr(model, "fused_adapters")
     bare = nn.Module()

@@ -16,8 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapter_fused import ACTIVATIONS
-from adapter_fused.hf import add_adapter, set_active_adapters
+from adapter_fused.hf import (
+    ModelLayout,
+    SiteSpec,
+    add_adapter,
+    register_model_layout,
+    set_active_adapters,
+    unregister_model_layout,
+)
 from adapter_fused.hf import model as hf_model
+from adapter_fused.hf.architectures import model_layers
+from adapter_fused.hf.structure import STRUCTURALLY_TESTED_MODEL_TYPES
 
 from .models import randomize
 
@@ -26,22 +35,62 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 101
 COMMON = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
           "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 64, "pad_token_id": 0}
+GPT = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64}
 EXTRA: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
     "gemma": {"head_dim": 16},
     "deepseek_v3": {"first_k_dense_replace": 1, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
                     "topk_group": 1, "moe_intermediate_size": 32, "q_lora_rank": None, "kv_lora_rank": 16,
                     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": 2},
+    "gpt_bigcode": GPT,
+    "codegen": {**GPT, "rotary_dim": 8},
+    "bloom": {"n_layer": 2, "n_head": 4},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
 }
-MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "phi3", "olmo", "olmo2", "granite",
-               "granitemoe", "smollm3", "stablelm", "starcoder2", "cohere", "glm", "deepseek_v3")
-# Layers that look llama-like at a glance but combine sub-block and residual differently.
-NOT_LLAMA_LIKE = {"olmo2": {}, "cohere": {}, "granite": {"residual_multiplier": 0.5},
-                  "stablelm": {"use_parallel_residual": True}}
+PRE = "pre-norm layer (input_layernorm, self_attn; post_attention_layernorm, mlp)"
+MOE = "pre-norm layer (input_layernorm, self_attn; post_attention_layernorm, block_sparse_moe)"
+# The layout each type must get, decided by reading its layer's forward pass.
+EXPECTED = {
+    "qwen3": PRE, "qwen3_moe": PRE, "qwen2_moe": PRE, "gemma": PRE, "phi3": PRE, "olmo": PRE, "olmoe": PRE,
+    "granite": PRE, "smollm3": PRE, "stablelm": PRE, "starcoder2": PRE, "glm": PRE, "deepseek_v3": PRE,
+    "mixtral": MOE, "granitemoe": MOE,
+    "olmo2": "sandwich-norm layer (self_attn, post_attention_layernorm; mlp, post_feedforward_layernorm)",
+    "glm4": "sandwich-norm layer (input_layernorm, self_attn, post_self_attn_layernorm; post_attention_layernorm, "
+            "mlp, post_mlp_layernorm)",
+    "cohere": "parallel block (input_layernorm, self_attn and mlp)",
+    "gpt_neox": "parallel block (input_layernorm, attention and mlp)",
+    "falcon": "parallel block (input_layernorm, self_attention and mlp)",
+    "codegen": "parallel block (ln_1, attn and mlp)",
+    "gpt_neo": "pre-norm layer (ln_1, attn; ln_2, mlp)",
+    "gpt_bigcode": "pre-norm layer (ln_1, attn; ln_2, mlp)",
+    "opt": "pre-norm layer (self_attn_layer_norm, self_attn; final_layer_norm, fc1 ... fc2)",
+    "bloom": "pre-norm layer adding the residual inside its sub-blocks (input_layernorm, self_attention.dense; "
+             "post_attention_layernorm, mlp.dense_4h_to_h)",
+    "camembert": "post-norm BERT-like layer (attention.output: dense, dropout, LayerNorm; output: dense, dropout, "
+                 "LayerNorm)",
+}
+MODEL_TYPES = tuple(EXPECTED)
+# Variants selected by config flags: the layout found changes with them.
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "stablelm-parallel": ("stablelm", {"use_parallel_residual": True},
+                          "parallel block (input_layernorm, self_attn and mlp)"),
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False},
+                            "pre-norm layer (input_layernorm, attention; post_attention_layernorm, mlp)"),
+    "falcon-new-architecture": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 4},
+                                "parallel block (ln_attn, self_attention; ln_mlp, mlp)"),
+    "falcon-sequential": ("falcon", {"parallel_attn": False},
+                          "pre-norm layer (input_layernorm, self_attention; post_attention_layernorm, mlp)"),
+    "opt-post-norm": ("opt", {"do_layer_norm_before": False},
+                      "post-norm layer (self_attn, self_attn_layer_norm; fc1 ... fc2, final_layer_norm)"),
+}
+# Layers whose sub-block outputs and residual combine in a way no layout describes.
+REFUSED = {"granite": {"residual_multiplier": 0.5}, "bloom": {"pretraining_tp": 2, "slow_but_exact": True}}
 
 
 def build(model_type: str, **overrides: Any) -> nn.Module:
@@ -61,16 +110,6 @@ def inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def layers_of(model: nn.Module) -> nn.ModuleList:
-    layers = model.base_model.layers
-    assert isinstance(layers, nn.ModuleList)
-    return layers
-
-
-def ffn_name(layer: nn.Module) -> str:
-    return "mlp" if isinstance(getattr(layer, "mlp", None), nn.Module) else "block_sparse_moe"
-
-
 def float64_if_it_runs(model: nn.Module, x: dict[str, torch.Tensor]) -> nn.Module:
     """A float64 copy of ``model``, or a float32 one where its forward does not run in float64 (some
     mixtures of experts mix dtypes or use float32-only grouped matrix products)."""
@@ -83,55 +122,60 @@ def float64_if_it_runs(model: nn.Module, x: dict[str, torch.Tensor]) -> nn.Modul
     return reference
 
 
-def hand_adapted(reference: nn.Module, placement: str, weights: dict[str, dict[str, torch.Tensor]], act: str,
-                 scale: float) -> None:
-    """Replace the ``forward`` of the sub-blocks of ``reference`` (a float64 copy of the base model, whose
-    dtype the adapter ``weights`` take)
-    by ones that add the adapters by hand: ``h + s f(h)`` (houlsby, both sites) or ``h + s f(h + x)``
-    (pfeiffer, feed-forward site), ``x`` being the input of ``post_attention_layernorm``."""
+def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weights: dict[str, dict[str, torch.Tensor]],
+                 act: str, scale: float) -> None:
+    """Patch the modules of ``reference`` (a float64 copy of the base model, whose dtype the adapter
+    ``weights`` take) at the sites of ``layers`` (``ModelLayer`` items: paths and SiteSpecs) so that they
+    add the adapters by hand. houlsby, both sites: the output module returns ``h + s f(h)``. pfeiffer,
+    feed-forward site, with ``x`` the residual module's input (plus the ``residual_plus`` module's
+    output): pre-norm, ``h + s f(h + x)``; post-norm, the norm returns ``LN(h + x + s f(LN(h + x)))``,
+    as AdapterHub's ``seq_bn`` does."""
     dtype = next(reference.parameters()).dtype
     weights = {site: {k: v.to(dtype) for k, v in w.items()} for site, w in weights.items()}
+    base = reference.base_model
 
     def f(z: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.linear(ACTIVATIONS[act](F.linear(z, w["down.weight"], w["down.bias"])), w["up.weight"], w["up.bias"])
 
-    def adapted(module: nn.Module, w: dict[str, torch.Tensor], box: dict[str, torch.Tensor] | None) -> Callable:
-        original = module.forward
+    def first(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple) else out
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-            new = h + scale * f(h if box is None else h + box.pop("x"), w)
-            return (new, *out[1:]) if isinstance(out, tuple) else new
-        return forward
+    def rewrite(out: Any, new: torch.Tensor) -> Any:
+        return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    def stashing(module: nn.Module, box: dict[str, torch.Tensor]) -> Callable:
-        original = module.forward
-
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            box["x"] = x
-            return original(x, *args, **kwargs)
-        return forward
-
-    for index, layer in enumerate(layers_of(reference)):
-        ffn = getattr(layer, ffn_name(layer))
+    for layer in layers:
+        module = base.get_submodule(layer.path)
         if placement == "houlsby":
-            layer.self_attn.forward = adapted(layer.self_attn, weights[f"{index}.attention"], None)
-            ffn.forward = adapted(ffn, weights[f"{index}.ffn"], None)
+            for site in ("attention", "ffn"):
+                w = weights[f"{layer.index}.{site}"]
+                module.get_submodule(layer.site(site).output).register_forward_hook(
+                    lambda m, a, out, w=w: rewrite(out, first(out) + scale * f(first(out), w)))
+            continue
+        spec, w, box = layer.ffn, weights[f"{layer.index}.ffn"], {}
+
+        def stash(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], spec: Any = spec, box: dict = box) -> None:
+            box["x"] = args[spec.residual_position] if len(args) > spec.residual_position else \
+                next(kwargs[k] for k in spec.residual_keywords if k in kwargs)
+        module.get_submodule(spec.residual).register_forward_pre_hook(stash, with_kwargs=True)
+        if spec.residual_plus:
+            module.get_submodule(spec.residual_plus).register_forward_hook(
+                lambda m, a, out, box=box: box.update(x=box["x"] + first(out)))
+        if spec.norm is None:
+            module.get_submodule(spec.output).register_forward_hook(
+                lambda m, a, out, w=w, box=box: rewrite(out, first(out) + scale * f(first(out) + box["x"], w)))
         else:
-            box: dict[str, torch.Tensor] = {}
-            layer.post_attention_layernorm.forward = stashing(layer.post_attention_layernorm, box)
-            ffn.forward = adapted(ffn, weights[f"{index}.ffn"], box)
+            norm = module.get_submodule(spec.norm)
+
+            def normed(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, w: dict = w) -> Any:
+                total = args[0]  # h + x; out = LN(h + x)
+                return F.layer_norm(total + scale * f(out, w), m.normalized_shape, m.weight, m.bias, m.eps)
+            norm.register_forward_hook(normed)
 
 
-@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_llama_like_layers_are_recognized(model_type: str, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = build(model_type)
-    if model_type in NOT_LLAMA_LIKE and not NOT_LLAMA_LIKE[model_type]:
-        with pytest.raises(ValueError, match="not recognized"):
-            add_adapter(model, "a", placement)
-        pytest.skip(f"{model_type}: {type(layers_of(model)[0]).__name__} is not laid out like Llama's")
+def check_against_hand(model: nn.Module, placement: str, expected_layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(1) no active adapter computes the base model bit for bit; (2) the adapters change the output;
+    (3) one hook call per layer and site; (4) parity with adapters added by hand in float64 at the sites
+    of ``expected_layout``, the layout the model must be recognized as."""
     calls: Counter[tuple[str, str]] = Counter()
     apply = hf_model._Site.apply
 
@@ -145,44 +189,80 @@ def test_llama_like_layers_are_recognized(model_type: str, placement: str, monke
     with torch.no_grad():
         base = model(**x).last_hidden_state
         add_adapter(model, "a", placement)
-        assert torch.equal(model(**x).last_hidden_state, base)  # (1) no active adapter: the base model, bit for bit
+        arch, layers = model_layers(model)
+        assert arch.name == expected_layout
+        assert torch.equal(model(**x).last_hidden_state, base)  # (1)
         randomize(model.base_model.fused_adapters.parameters())
         set_active_adapters(model, "a")
         calls.clear()
         out = model(**x).last_hidden_state
-    # (3) one call per layer and site
-    assert calls == Counter({(str(i), s): 1 for i in range(2) for s in ("attention", "ffn")})
-    # (2) the adapters change the output
-    assert (out - base).abs().max() > 1e-2
-    # (4) parity with adapters added by hand in float64
+    assert calls == Counter({(str(i), s): 1 for i in range(2) for s in ("attention", "ffn")})  # (3)
+    assert (out - base).abs().max() > 1e-2  # (2)
     config = hf_model.adapter_config(model, "a")
     weights = {f"{layer}.{site}": {k: v.detach().double() for k, v in module.state_dict().items()}
                for layer, block in model.base_model.fused_adapters["a"].items() for site, module in block.items()}
     assert sorted(weights) == sorted(f"{i}.{s}" for i in range(2) for s in config.layout.sites)
-    hand_adapted(reference, placement, weights, config.resolved_activation, config.scale)
+    hand_adapted(reference, layers, placement, weights, config.resolved_activation, config.scale)
     with torch.no_grad():
         expected = reference(**x).last_hidden_state
-    torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)  # (4)
 
 
-@pytest.mark.parametrize("model_type", list(NOT_LLAMA_LIKE))
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_layers_are_recognized_by_structure(model_type: str, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, expected = build(model_type), EXPECTED[model_type]
+    if expected == MOE and not hasattr(model.base_model.layers[0], "block_sparse_moe"):
+        expected = PRE  # transformers 5 names the mixture of experts mlp
+    check_against_hand(model, placement, expected, monkeypatch)
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants_get_their_own_layout(variant: str, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_type, overrides, layout = VARIANTS[variant]
+    check_against_hand(build(model_type, **overrides), placement, layout, monkeypatch)
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
 def test_layers_combined_differently_are_refused(model_type: str) -> None:
-    model = build(model_type, **NOT_LLAMA_LIKE[model_type])
-    layer = type(layers_of(model)[0]).__name__
+    model = build(model_type, **REFUSED[model_type])
+    _, layers = model_layers(build(model_type))
+    layer = type(layers[0].module).__name__
     with pytest.raises(ValueError, match=rf"model type '{model_type}' is not supported; supported model types: .*"
                                          rf"Such a model is not recognized: its layer class {layer} matches no known "
-                                         rf"layout"):
+                                         rf"layout on a forward pass \(as a .*\)"):
         add_adapter(model, "a", "pfeiffer")
     assert not hasattr(model.base_model, "fused_adapters")
+
+
+def test_recognition_runs_once_per_model_and_survives_copies() -> None:
+    model = build("qwen3")
+    forwards: list[int] = []
+    model.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    add_adapter(model, "a", "pfeiffer")
+    add_adapter(model, "b", "houlsby")
+    assert len(forwards) == 1  # the check's dummy batch, once
+    assert model.training is False
+    copied = copy.deepcopy(model)
+    forwards.clear()
+    add_adapter(copied, "c", "houlsby")
+    assert forwards == []
+
+
+def test_tested_types_are_listed() -> None:
+    assert set(STRUCTURALLY_TESTED_MODEL_TYPES) == set(MODEL_TYPES)
 
 
 class _Mystery(nn.Module):
     def __init__(self, layer: Callable[[], nn.Module]) -> None:
         super().__init__()
-        self.config = SimpleNamespace(model_type="mystery", hidden_size=8)
+        self.config = SimpleNamespace(model_type="mystery", hidden_size=8, vocab_size=16)
+        self.embed = nn.Embedding(16, 8)
         self.layers = nn.ModuleList([layer(), layer()])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids) if x is None else x
         for layer in self.layers:
             x = layer(x)
         return x
@@ -191,14 +271,16 @@ class _Mystery(nn.Module):
 def test_unrecognized_layer_is_refused() -> None:
     model = _Mystery(lambda: nn.Linear(8, 8))
     with pytest.raises(ValueError, match=r"model type 'mystery' is not supported; supported model types: .*"
-                                         r"Such a model is not recognized: its layer class Linear matches no known layout .*lacks self_attn, input_layernorm"):
+                                         r"Such a model is not recognized: its layer class Linear has the modules of "
+                                         r"no known layout; describe its layers with "
+                                         r"adapter_fused.register_model_layout"):
         add_adapter(model, "a", "pfeiffer")
     assert not hasattr(model, "fused_adapters")
 
 
 class _SkipsNorm(nn.Module):
     """Llama's modules, but the feed-forward block reads the attention output without running
-    ``post_attention_layernorm``: the feed-forward residual is never captured."""
+    ``post_attention_layernorm``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -212,17 +294,76 @@ class _SkipsNorm(nn.Module):
         return x + self.mlp(x)
 
 
-def test_uncaptured_residual_raises_instead_of_computing_wrong_numbers() -> None:
+class _ScalesMlp(_SkipsNorm):
+    """Llama's modules and order, but the feed-forward output is halved before the residual add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + 0.5 * self.mlp(self.post_attention_layernorm(x))
+
+
+def test_layer_that_combines_differently_is_refused_on_the_forward_pass() -> None:
+    model = _Mystery(_ScalesMlp)
+    with pytest.raises(ValueError, match=r"its layer class _ScalesMlp matches no known layout on a forward pass "
+                                         r"\(as a pre-norm layer \(input_layernorm, self_attn; post_attention_layernorm, "
+                                         r"mlp\): the layer output is not mlp output \+ residual \(off by .*; as a "
+                                         r"parallel block"):
+        add_adapter(model, "a", "pfeiffer")
+    assert not hasattr(model, "fused_adapters")
+
+
+def test_layer_whose_residual_sums_fit_a_parallel_block_gets_its_sites() -> None:
+    """``x = x + attn(n1(x)); x + mlp(x)`` never runs ``post_attention_layernorm``, so the sequential layout
+    fails; the single-norm parallel layout's sums (feed-forward residual = input + attention output) hold,
+    and are the right ones for this layer."""
     model = _Mystery(_SkipsNorm)
-    x = torch.randn(2, 3, 8)
-    add_adapter(model, "a", "pfeiffer")  # reads the residual x at the feed-forward site
-    add_adapter(model, "b", "houlsby")  # needs no residual
-    randomize(model.fused_adapters.parameters())
-    base = model(x)
-    set_active_adapters(model, "b")
-    assert (model(x) - base).abs().max() > 1e-2
-    set_active_adapters(model, "a")
-    with pytest.raises(RuntimeError, match="residual of this site was not captured"):
-        model(x)
-    set_active_adapters(model, None)
-    assert torch.equal(model(x), base)
+    reference = copy.deepcopy(model).double()
+    add_adapter(model, "a", "pfeiffer")
+    arch, _ = model_layers(model)
+    assert arch.name == "parallel block (input_layernorm, self_attn and mlp)"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        base = model(ids)
+        randomize(model.fused_adapters.parameters())
+        set_active_adapters(model, "a")
+        out = model(ids)
+        config = hf_model.adapter_config(model, "a")
+        x = reference.embed(ids)
+        for index, ref in enumerate(reference.layers):
+            w = {k: v.double() for k, v in model.fused_adapters["a"][str(index)]["ffn"].state_dict().items()}
+            x = x + ref.self_attn(ref.input_layernorm(x))
+            h = ref.mlp(x)
+            z = h + x
+            f = F.linear(ACTIVATIONS[config.resolved_activation](F.linear(z, w["down.weight"], w["down.bias"])),
+                         w["up.weight"], w["up.bias"])
+            x = x + h + config.scale * f
+    assert (out - base).abs().max() > 1e-2
+    torch.testing.assert_close(out, x.float(), rtol=1e-4, atol=1e-4)
+
+
+class _Registered(_Mystery):
+    pass
+
+
+def test_uncaptured_residual_raises_instead_of_computing_wrong_numbers() -> None:
+    """A described (registered) layout is not checked on a forward pass; a site whose residual module
+    did not run raises at the call instead."""
+    register_model_layout(_Registered, ModelLayout(
+        "layers", SiteSpec("self_attn", "input_layernorm", 0, ("input",)),
+        SiteSpec("mlp", "post_attention_layernorm", 0, ("input",))))
+    try:
+        model = _Registered(_SkipsNorm)
+        x = torch.randn(2, 3, 8)
+        add_adapter(model, "a", "pfeiffer")  # reads the residual x at the feed-forward site
+        add_adapter(model, "b", "houlsby")  # needs no residual
+        randomize(model.fused_adapters.parameters())
+        base = model(x=x)
+        set_active_adapters(model, "b")
+        assert (model(x=x) - base).abs().max() > 1e-2
+        set_active_adapters(model, "a")
+        with pytest.raises(RuntimeError, match="residual of this site was not captured"):
+            model(x=x)
+        set_active_adapters(model, None)
+        assert torch.equal(model(x=x), base)
+    finally:
+        unregister_model_layout(_Registered)

@@ -1,0 +1,322 @@
+"""Recognizing a model's layer layout by structure, for model types not listed by name.
+
+A candidate layout (``STRUCTURAL_LAYOUTS``) names modules of a layer; every candidate whose modules
+the model's first layer has is then checked on a forward pass of the base model over a small dummy
+batch (one token sequence, evaluation mode, no gradients), before any adapter is attached:
+
+- in every layer, each site's output module runs once per call of the layer and its residual module
+  at least once;
+- in the first layer, the recorded tensors add up the way the layout says: the attention site's
+  residual is the layer input ``x``; the attention block's combination ``h_a + x`` (normalized, for a
+  post-norm layout, by the layout's norm, whose input must be that sum) is what the feed-forward
+  site's residual plus its ``residual_plus`` module's output equals; and the layer output equals the
+  feed-forward combination ``h_f + r_f (+ p_f)``, normalized the same way for post-norm layouts.
+
+The first candidate that passes is used. These are sums of recorded tensors, so a layer that scales
+a sub-block output, normalizes it after the module the layout names, runs attention and feed-forward
+side by side where the layout says one after the other (or the reverse), or puts another block between
+the two sites (cross-attention) fails the check, and is refused with the reason for each candidate.
+Comparisons use the L2 norm, relative to the summed terms' norms, with a tolerance of four units of
+rounding of the recorded dtype (at least 1e-6): far below the size of any sub-block output that a wrong
+layout would leave out or add twice.
+
+A model whose parameters are on the meta device cannot be checked; it gets the first candidate whose
+modules exist, with a warning. The chosen layout is kept on the base model (also through
+``copy.deepcopy``), so the check runs once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import Architecture, SiteSpec, _find_layers, _get
+
+LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer")
+"""Where, from the base model, a layer list is looked for (the first path present is used)."""
+
+_NORM_INPUT = ("hidden_states", "input", "x")
+_ATTENTIONS = ("self_attn", "self_attention", "attention", "attn")
+
+
+def _layout(name: str, attention: SiteSpec, ffn: SiteSpec) -> Architecture:
+    return Architecture(name, (), LAYERS, attention, ffn)
+
+
+def _pre(norm: str, output: str, plus: str | None = None) -> SiteSpec:
+    """A pre-norm site: ``x + output(norm(x))`` (``+ plus(...)`` in a parallel block)."""
+    return SiteSpec(output, norm, 0, _NORM_INPUT, None, plus)
+
+
+STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
+    # x = x + attn(n1(x)); x = x + ffn(n2(x))
+    *(_layout(f"pre-norm layer (input_layernorm, {attn}; post_attention_layernorm, {ffn})",
+              _pre("input_layernorm", attn), _pre("post_attention_layernorm", ffn))
+      for attn in _ATTENTIONS[:3] for ffn in ("mlp", "block_sparse_moe", "feed_forward")),
+    _layout("pre-norm layer (ln_1, attn; ln_2, mlp)", _pre("ln_1", "attn"), _pre("ln_2", "mlp")),
+    _layout("pre-norm layer (self_attn_layer_norm, self_attn; final_layer_norm, fc1 ... fc2)",
+            _pre("self_attn_layer_norm", "self_attn"), _pre("final_layer_norm", "fc2")),
+    # the residual added inside each sub-block (BLOOM): the sites are the sub-blocks' last projections
+    _layout("pre-norm layer adding the residual inside its sub-blocks (input_layernorm, self_attention.dense; "
+            "post_attention_layernorm, mlp.dense_4h_to_h)",
+            _pre("input_layernorm", "self_attention.dense"), _pre("post_attention_layernorm", "mlp.dense_4h_to_h")),
+    # x = x + attn(n(x)) + mlp(n(x)): the feed-forward site's residual is x plus the attention output
+    *(_layout(f"parallel block ({norm}, {attn} and mlp)", _pre(norm, attn), _pre(norm, "mlp", plus=attn))
+      for norm in ("input_layernorm", "ln_1") for attn in _ATTENTIONS),
+    # x = x + attn(n1(x)) + mlp(n2(x))
+    *(_layout(f"parallel block ({n1}, {attn}; {n2}, mlp)", _pre(n1, attn), _pre(n2, "mlp", plus=attn))
+      for n1, n2 in (("input_layernorm", "post_attention_layernorm"), ("ln_attn", "ln_mlp"), ("ln_1", "ln_2"))
+      for attn in _ATTENTIONS),
+    # sub-block outputs normalized before the residual add: the sites are those norms
+    _layout("sandwich-norm layer (self_attn, post_attention_layernorm; mlp, post_feedforward_layernorm)",
+            SiteSpec("post_attention_layernorm", "self_attn", 0, ("hidden_states",)),
+            SiteSpec("post_feedforward_layernorm", "mlp", 0, _NORM_INPUT)),
+    _layout("sandwich-norm layer (input_layernorm, self_attn, post_self_attn_layernorm; post_attention_layernorm, "
+            "mlp, post_mlp_layernorm)",
+            _pre("input_layernorm", "post_self_attn_layernorm"), _pre("post_attention_layernorm", "post_mlp_layernorm")),
+    _layout("sandwich-norm layer (input_layernorm, self_attn, post_attention_layernorm; pre_feedforward_layernorm, "
+            "mlp, post_feedforward_layernorm)",
+            _pre("input_layernorm", "post_attention_layernorm"),
+            _pre("pre_feedforward_layernorm", "post_feedforward_layernorm")),
+    # x = n1(x + attn(x)); x = n2(x + fc2(act(fc1(x))))
+    _layout("post-norm layer (self_attn, self_attn_layer_norm; fc1 ... fc2, final_layer_norm)",
+            SiteSpec("self_attn", "self_attn", 0, ("hidden_states",), "self_attn_layer_norm"),
+            SiteSpec("fc2", "fc1", 0, ("input",), "final_layer_norm")),
+    _layout("post-norm BERT-like layer (attention.output: dense, dropout, LayerNorm; output: dense, dropout, "
+            "LayerNorm)",
+            SiteSpec("attention.output.dropout", "attention.output", 1, ("input_tensor",), "attention.output.LayerNorm"),
+            SiteSpec("output.dropout", "output", 1, ("input_tensor",), "output.LayerNorm")),
+)
+"""The candidate layouts, in the order they are tried (see the module docstring)."""
+
+STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
+    "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "phi3", "olmo", "olmo2", "olmoe", "granite",
+    "granitemoe", "smollm3", "stablelm", "starcoder2", "cohere", "glm", "glm4", "deepseek_v3", "gpt_neox",
+    "gpt_neo", "gpt_bigcode", "falcon", "opt", "bloom", "codegen", "camembert",
+)
+"""Model types recognized by structure whose tiny random models the tests check against adapters
+added by hand in float64."""
+
+_ATTRIBUTE = "_adapter_fused_structure"
+
+
+def describe() -> str:
+    """The recognized layouts, for error messages."""
+    return "; ".join(layout.name for layout in STRUCTURAL_LAYOUTS)
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (tuple, list)) and value else value
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keywords: tuple[str, ...]) -> Any:
+    if len(args) > position:
+        return args[position]
+    return next((kwargs[k] for k in keywords if k in kwargs), None)
+
+
+class _Recording:
+    """Hooks on a candidate's modules: calls counted in every layer, tensors kept from the first."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[int] = Counter()
+        self.inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self.outputs: dict[int, Any] = {}
+        self.handles: list[Any] = []
+        self.hooked: set[int] = set()
+
+    @staticmethod
+    def _keep(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, (tuple, list)):
+            return type(value)(_Recording._keep(v) for v in value) if isinstance(value, tuple) else \
+                [_Recording._keep(v) for v in value]
+        return value
+
+    def watch(self, module: nn.Module, keep: bool) -> None:
+        key = id(module)
+        if key in self.hooked:
+            return
+        self.hooked.add(key)
+
+        def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.calls[key] += 1
+            if keep:
+                self.inputs[key] = (self._keep(args), {k: self._keep(v) for k, v in kwargs.items()})
+
+        def after(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if keep:
+                self.outputs[key] = self._keep(_first(output))
+
+        self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(after))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _tolerance(*tensors: torch.Tensor) -> float:
+    eps = max((torch.finfo(t.dtype).eps for t in tensors if t.is_floating_point()), default=0.0)
+    return max(4 * eps, 1e-6)
+
+
+def _mismatch(actual: Any, terms: list[Any], what: str) -> str | None:
+    """None when ``actual`` equals the sum of ``terms`` (tensors) within the tolerance, else why not."""
+    tensors = [t for t in (actual, *terms) if isinstance(t, torch.Tensor)]
+    if len(tensors) != 1 + len(terms):
+        return f"{what}: a value was not recorded"
+    if any(t.numel() != actual.numel() for t in terms):
+        return f"{what}: shapes differ ({', '.join(str(tuple(t.shape)) for t in tensors)})"
+    flat = [t.reshape(-1).double() for t in tensors]
+    expected = sum(flat[1:])
+    scale = sum(float(t.norm()) for t in flat[1:]) + 1e-30
+    error = float((flat[0] - expected).norm()) / scale
+    if error > _tolerance(*tensors):
+        return f"{what} (off by {error:.2g} of the terms' size)"
+    return None
+
+
+def _check(layout: Architecture, layers: nn.ModuleList, record: _Recording) -> str | None:
+    """Why ``layout`` does not describe ``layers`` (given a forward pass recorded), or None."""
+    for position, layer in enumerate(layers):
+        called = record.calls[id(layer)]
+        for name, site in (("attention", layout.attention), ("feed-forward", layout.ffn)):
+            output, residual = _get(layer, site.output), _get(layer, site.residual) if site.residual else None
+            if record.calls[id(output)] != called:
+                return f"in layer {position}, {site.output} ran {record.calls[id(output)]} times in {called} calls"
+            if residual is not None and record.calls[id(residual)] < called:
+                return f"in layer {position}, {site.residual} ran {record.calls[id(residual)]} times in {called} calls"
+    first = layers[0]
+    if id(first) not in record.inputs:
+        return "the first layer did not run"
+    args, kwargs = record.inputs[id(first)]
+    x, y = _argument(args, kwargs, 0, ("hidden_states",)), record.outputs.get(id(first))
+
+    def site_parts(site: SiteSpec) -> tuple[Any, Any, Any]:
+        h = record.outputs.get(id(_get(first, site.output)))
+        r_args, r_kwargs = record.inputs.get(id(_get(first, site.residual)), ((), {}))  # type: ignore[arg-type]
+        r = _argument(r_args, r_kwargs, site.residual_position, site.residual_keywords)
+        p = record.outputs.get(id(_get(first, site.residual_plus))) if site.residual_plus else None
+        return h, r, p
+
+    def combined(site: SiteSpec, h: Any, r: Any, p: Any, what: str) -> tuple[Any, str | None]:
+        terms = [h, r] + ([p] if site.residual_plus else [])
+        if not all(isinstance(t, torch.Tensor) for t in terms):
+            return None, f"{what}: a value was not recorded"
+        if site.norm is None:
+            return sum(terms[1:], terms[0]), None
+        norm = _get(first, site.norm)
+        n_args, n_kwargs = record.inputs.get(id(norm), ((), {}))
+        why = _mismatch(_argument(n_args, n_kwargs, 0, _NORM_INPUT), terms, f"the input of {site.norm} is not {what}")
+        return record.outputs.get(id(norm)), why
+
+    h_a, r_a, p_a = site_parts(layout.attention)
+    why = _mismatch(r_a, [x], f"the input of {layout.attention.residual} is not the layer input")
+    if why:
+        return why
+    c_a, why = combined(layout.attention, h_a, r_a, p_a, f"{layout.attention.output} output + residual")
+    if why:
+        return why
+    h_f, r_f, p_f = site_parts(layout.ffn)
+    residual_f = [r_f] + ([p_f] if layout.ffn.residual_plus else [])
+    what_f = f"{layout.ffn.residual} input" + (f" + {layout.ffn.residual_plus} output" if p_f is not None else "")
+    why = _mismatch(sum(residual_f[1:], residual_f[0]) if all(isinstance(t, torch.Tensor) for t in residual_f)
+                    else None, [c_a], f"{what_f} (the feed-forward residual) is not the attention block's result")
+    if why:
+        return why
+    c_f, why = combined(layout.ffn, h_f, r_f, p_f, f"{layout.ffn.output} output + residual")
+    if why:
+        return why
+    return _mismatch(y, [c_f], f"the layer output is not {layout.ffn.output} output + residual")
+
+
+def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
+    config = getattr(base, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    vocab = vocab if isinstance(vocab, int) and vocab > 8 else 8
+    device = next((p.device for p in base.parameters()), torch.device("cpu"))
+    ids = torch.tensor([[5, 3, 7, 2, 6, 4]], device=device) % (vocab - 1) + 1
+    batch = {"input_ids": ids}
+    try:
+        if "use_cache" in inspect.signature(base.forward).parameters:
+            batch["use_cache"] = False  # type: ignore[assignment]
+    except (TypeError, ValueError):
+        pass
+    return batch
+
+
+def _run(base: nn.Module, candidates: list[tuple[Architecture, nn.ModuleList]]) -> _Recording:
+    record = _Recording()
+    training = {m: m.training for m in base.modules()}
+    try:
+        for layout, layers in candidates:
+            for position, layer in enumerate(layers):
+                record.watch(layer, keep=position == 0)
+                for site in (layout.attention, layout.ffn):
+                    for path in site.paths:
+                        record.watch(_get(layer, path), keep=position == 0)  # type: ignore[arg-type]
+        base.eval()
+        with torch.no_grad():
+            base(**_dummy_batch(base))
+    finally:
+        record.remove()
+        for module, mode in training.items():
+            module.training = mode
+    return record
+
+
+def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, refuse: str, hint: str) -> Architecture:
+    """The structural layout of ``base`` (``model``'s base model), checked on a dummy forward pass and
+    named after ``model_type``; when none fits, ValueError: ``refuse``, each candidate's reason, ``hint``."""
+    cached = base.__dict__.get(_ATTRIBUTE)
+    if isinstance(cached, Architecture):
+        return cached
+    reasons: list[str] = []
+    candidates: list[tuple[Architecture, nn.ModuleList]] = []
+    for layout in STRUCTURAL_LAYOUTS:
+        lists = _find_layers(base, layout.layers)
+        if not lists:
+            continue
+        layers = lists[0][1]
+        missing = [p for s in (layout.attention, layout.ffn) for p in s.paths if not isinstance(_get(layers[0], p),
+                                                                                                nn.Module)]
+        if not missing:
+            candidates.append((layout, layers))
+    if not candidates:
+        lists = _find_layers(base, LAYERS)
+        where = f"its layer class {type(lists[0][1][0]).__name__} has the modules of no known layout" if lists else \
+            f"it has no non-empty layer list at {', '.join(LAYERS)}"
+        raise ValueError(f"{refuse}. Such a model is not recognized: {where}; {hint}")
+    if any(p.is_meta for p in base.parameters()):
+        layout = candidates[0][0]
+        warnings.warn(f"adapter_fused: the parameters of {type(model).__name__} are on the meta device, so its "
+                      f"layers cannot be checked on a forward pass; assuming the {layout.name}", stacklevel=3)
+        chosen = layout
+    else:
+        try:
+            record = _run(base, candidates)
+        except Exception as error:
+            raise ValueError(f"{refuse}. Its layers were not recognized: a forward pass of the base model on a "
+                             f"dummy batch of token ids, run to check the layout, failed "
+                             f"({type(error).__name__}: {error}); {hint}") from error
+        for layout, layers in candidates:
+            why = _check(layout, layers, record)
+            if why is None:
+                chosen = layout
+                break
+            reasons.append(f"as a {layout.name}: {why}")
+        else:
+            raise ValueError(f"{refuse}. Such a model is not recognized: its layer class "
+                             f"{type(candidates[0][1][0]).__name__} matches no known layout on a forward pass "
+                             f"({'; '.join(reasons)}); {hint}")
+    arch = Architecture(chosen.name, (str(model_type),) if model_type else (), chosen.layers, chosen.attention,
+                        chosen.ffn)
+    base.__dict__[_ATTRIBUTE] = arch
+    return arch
