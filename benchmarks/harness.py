@@ -252,6 +252,12 @@ def build_provider(provider: str, source: EagerAdapter, device: torch.device, dt
     else:
         raise ValueError(f"unknown provider {provider!r}")
     module = module.to(device=device, dtype=dtype).eval()
+    if provider.startswith("compile"):
+        # The backward-only op replays one graph's backward (retain_graph=True), which compiled graphs
+        # refuse when AOTAutograd donates their saved buffers (a memory-only optimization).
+        functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+        if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
     if provider == "compile":
         return torch.compile(module, dynamic=False)  # type: ignore[return-value]
     if provider == "compile_max_autotune":

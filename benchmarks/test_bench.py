@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from benchmarks.harness import (
+    SMOKE_TIMING,
     Case,
     Inputs,
+    Skip,
+    bench_case,
     build_provider,
     make_adapter,
     make_inputs,
@@ -85,3 +88,24 @@ def test_compile_forward(benchmark: Any) -> None:
     except Exception as exc:
         pytest.skip(f"torch.compile cannot run here: {type(exc).__name__}: {exc}")
     benchmark.pedantic(_synced(fn), rounds=3, warmup_rounds=1)
+
+
+def test_compile_backward_replays() -> None:
+    """Every op of torch.compile's module is measured, the backward-only op too: it replays one
+    compiled graph's backward, which AOTAutograd refuses when it donated the graph's buffers (seen
+    with the smoke run's cases in order, on one thread)."""
+    if provider_unavailable("compile", DEVICE) is not None:
+        pytest.skip(provider_unavailable("compile", DEVICE))
+    skips: list[Skip] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows in (1, 16, 64):
+            case = Case(M=rows, d=CASE.d, r=CASE.r, dtype=CASE.dtype)
+            records = bench_case(case, ["compile"], TRAIN_OPS, DEVICE, 1.0, SMOKE_TIMING, skips=skips)
+            assert len(records) == len(TRAIN_OPS)
+    finally:
+        torch.set_num_threads(threads)
+    if any("build failed" in s.reason for s in skips):
+        pytest.skip(f"torch.compile cannot be built here: {skips[0].reason}")
+    assert [s.reason for s in skips] == []
