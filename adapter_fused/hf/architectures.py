@@ -66,6 +66,9 @@ class SiteSpec:
         block residual of GPT-J's feed-forward site is the block input plus the attention output.
     hub_location: where AdapterHub keeps this site's adapters, relative to the layer (for example
         ``"attention.output"`` or ``"output_adapters"``); used to map AdapterHub weight names to sites.
+    output_call: which call of ``output`` within one call of the layer gives this site's ``h`` (0: the
+        first), for a module the layer runs once per sub-block: BEiT passes both sub-block outputs
+        through one ``drop_path``.
     """
 
     output: str
@@ -75,6 +78,7 @@ class SiteSpec:
     norm: str | None = None
     residual_plus: str | None = None
     hub_location: str | None = None
+    output_call: int = 0
 
     def __post_init__(self) -> None:
         _check_path(self.output, "SiteSpec.output")
@@ -82,9 +86,10 @@ class SiteSpec:
         _check_path(self.norm, "SiteSpec.norm", optional=True)
         _check_path(self.residual_plus, "SiteSpec.residual_plus", optional=True)
         _check_path(self.hub_location, "SiteSpec.hub_location", optional=True)
-        position = self.residual_position
-        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-            raise ValueError(f"SiteSpec.residual_position must be a non-negative int, got {position!r}")
+        for field in ("residual_position", "output_call"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SiteSpec.{field} must be a non-negative int, got {value!r}")
         keywords = self.residual_keywords
         if isinstance(keywords, str):
             object.__setattr__(self, "residual_keywords", (keywords,))
@@ -192,8 +197,8 @@ class ModelLayer:
 
 
 def _site(output: str, residual: str | None, position: int, keywords: tuple[str, ...], norm: str | None,
-          hub: str, plus: str | None = None) -> SiteSpec:
-    return SiteSpec(output, residual, position, keywords, norm, plus, hub)
+          hub: str, plus: str | None = None, call: int = 0) -> SiteSpec:
+    return SiteSpec(output, residual, position, keywords, norm, plus, hub, call)
 
 
 _BERT_LIKE = {
@@ -280,7 +285,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
     ),
     Architecture("llama", ("llama",), **_LLAMA_LIKE),  # type: ignore[arg-type]
     Architecture("mistral", ("mistral",), **_LLAMA_LIKE),  # type: ignore[arg-type]
-    Architecture("qwen2", ("qwen2",), **_LLAMA_LIKE),  # type: ignore[arg-type]
+    Architecture("qwen2", ("qwen2", "qwen3"), **_LLAMA_LIKE),  # type: ignore[arg-type]
     Architecture("gemma2", ("gemma2", "gemma3_text"), **_GEMMA2_LIKE),  # type: ignore[arg-type]
     Architecture(
         "modernbert", ("modernbert",),
@@ -299,6 +304,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
         layers=("layers",),
         attention=_site("attention", "layernorm_before", 0, ("input",), None, "attention_adapters"),
         ffn=_site("mlp", "layernorm_after", 0, ("input",), None, "output.output_adapters"),
+        hub_layers="encoder.layer",
+    ),
+    Architecture(  # both sub-block outputs, scaled by the layer's lambda_1 and lambda_2, pass through drop_path
+        "beit", ("beit",),
+        layers=("encoder.layer", "layers"),
+        attention=_site("drop_path", "layernorm_before", 0, ("input",), None, "attention_adapters", call=0),
+        ffn=_site("drop_path", "layernorm_after", 0, ("input",), None, "output_adapters", call=1),
         hub_layers="encoder.layer",
     ),
     Architecture.from_layouts("clip", ("clip", "clip_text_model", "clip_vision_model"), (
@@ -483,6 +495,9 @@ def model_layers(model: nn.Module) -> tuple[Architecture, list[ModelLayer]]:
         seen.add((layer.attention, layer.ffn))
         missing = sorted({p for s in (layer.attention, layer.ffn) for p in s.paths
                           if not isinstance(_get(layer.module, p), nn.Module)})
+        if layer.attention.output == layer.ffn.output and layer.attention.output_call == layer.ffn.output_call:
+            raise ValueError(f"adapter_fused: both sites of {type(layer.module).__name__} (at {layer.path}) take call "
+                             f"{layer.ffn.output_call} of {layer.ffn.output}; give each its own SiteSpec.output_call")
         if missing:
             raise ValueError(f"adapter_fused: {type(layer.module).__name__} (at {layer.path}) lacks the modules "
                              f"{', '.join(missing)} expected for {arch.name}; supported model types: {supported}; "

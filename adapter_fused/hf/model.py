@@ -102,6 +102,7 @@ class _CallLocal(threading.local):
         self.bound: list[nn.Module] = []  # base modules being called in this thread, innermost last
         self.residuals: dict[tuple[str, str], torch.Tensor | None] = {}  # (layer, site) -> captured residual
         self.norm_outputs: dict[tuple[str, str], torch.Tensor] = {}  # (layer, site) -> output replacing the norm's
+        self.output_calls: dict[tuple[str, str], int] = {}  # (layer, output path) -> its calls in this layer call
 
 
 class _Site:
@@ -186,6 +187,27 @@ class _Site:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
+class _SharedOutput:
+    """Forward hook on a module that gives ``h`` to a site at one of its calls within a layer call
+    (``SiteSpec.output_call``; BEiT's ``drop_path`` serves both sites): the n-th call goes to the site
+    whose ``output_call`` is n, others pass through. ``reset`` is the layer's forward pre-hook."""
+
+    def __init__(self, state: _State, key: tuple[str, str], sites: dict[int, _Site]) -> None:
+        self.state = state
+        self.key = key
+        self.sites = sites
+
+    def reset(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.state.call.output_calls[self.key] = 0
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        calls = self.state.call.output_calls
+        n = calls.get(self.key, 0)
+        calls[self.key] = n + 1
+        site = self.sites.get(n)
+        return None if site is None else site.apply(module, args, output)
+
+
 class _NormReplacement:
     """Forward hook on a site's layer norm: returns the output an ``original_ln_after=False`` adapter
     left for it in this thread (that adapter skips the layer's own residual add and norm)."""
@@ -235,6 +257,7 @@ class _State:
             base.register_forward_hook(self.unbind, always_call=True),
         ]
         for layer in resolve_layers(arch, base):
+            shared: dict[str, dict[int, _Site]] = {}  # output path -> {output_call: site}, where not plain
             for site_name in SITES:
                 spec = layer.site(site_name)
                 norm = get_submodule(layer.module, spec.norm) if spec.norm else None
@@ -250,7 +273,14 @@ class _State:
                     self.handles.append(plus_module.register_forward_hook(site.capture_plus))
                 output_module = get_submodule(layer.module, spec.output)
                 assert output_module is not None
-                self.handles.append(output_module.register_forward_hook(site.apply))
+                if spec.output_call or sum(layer.site(n).output == spec.output for n in SITES) > 1:
+                    shared.setdefault(spec.output, {})[spec.output_call] = site
+                else:
+                    self.handles.append(output_module.register_forward_hook(site.apply))
+            for path, by_call in shared.items():  # model_layers checked that sites sharing a path differ in call
+                hook = _SharedOutput(self, (str(layer.index), path), by_call)
+                self.handles.append(layer.module.register_forward_pre_hook(hook.reset))
+                self.handles.append(get_submodule(layer.module, path).register_forward_hook(hook))  # type: ignore[union-attr]
 
     def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook of the base model: this thread's sites read ``module``'s adapters until

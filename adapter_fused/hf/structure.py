@@ -95,7 +95,7 @@ STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
 """The candidate layouts, in the order they are tried (see the module docstring)."""
 
 STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
-    "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "phi3", "olmo", "olmo2", "olmoe", "granite",
+    "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "phi3", "olmo", "olmo2", "olmoe", "granite",
     "granitemoe", "smollm3", "stablelm", "starcoder2", "cohere", "glm", "glm4", "deepseek_v3", "gpt_neox",
     "gpt_neo", "gpt_bigcode", "falcon", "opt", "bloom", "codegen", "camembert",
 )

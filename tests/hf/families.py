@@ -38,11 +38,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "t5": T5,
     "mt5": T5,
     "vit": VISION,
+    "beit": {**VISION, "layer_scale_init_value": 0.5},
     "clip": {"text_config": {**TEXT, "max_position_embeddings": 16, "pad_token_id": 1, "bos_token_id": 0,
                              "eos_token_id": 2},
              "vision_config": {**VISION, "hidden_size": 48, "intermediate_size": 96}},
     "gptj": {"n_embd": WIDTH, "n_layer": 2, "n_head": 2, "rotary_dim": 8, "vocab_size": VOCAB, "n_positions": 64},
     "phi": TEXT,
+    "qwen3": {**TEXT, "num_key_value_heads": 1, "head_dim": 16},
     "gemma2": {**TEXT, "head_dim": 16, "num_key_value_heads": 1},
     "gemma3_text": {**TEXT, "head_dim": 16, "num_key_value_heads": 1},
     "modernbert": {**TEXT, "global_attn_every_n_layers": 1, "pad_token_id": 1, "bos_token_id": 0,
@@ -84,11 +86,11 @@ def inputs(model_type: str, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
     out: dict[str, torch.Tensor] = {}
-    if model_type in ("vit", "clip"):
+    if model_type in ("vit", "beit", "clip"):
         out["pixel_values"] = torch.randn(2, 3, 16, 16, generator=generator)
     if model_type == "whisper":
         out["input_features"] = torch.randn(2, 8, 32, generator=generator)
-    elif model_type != "vit":
+    elif model_type not in ("vit", "beit"):
         out["input_ids"] = ids
         out["attention_mask"] = torch.ones_like(ids)
     if model_type in ("bart", "plbart", "mbart", "whisper", "t5", "mt5", "encoder-decoder"):

@@ -91,15 +91,17 @@ def test_family(model_type: str, placement: str, based: Callable, launches: Any,
         assert torch.equal(outputs(model, batch), plain)
 
 
-def test_vit_sites_match_a_hand_written_adapter_on_this_transformers() -> None:
-    """ViT's layers moved between transformers 4 (``encoder.layer``, post-sub-block ``output`` module) and 5
-    (pre-norm ``layers`` with an ``mlp``): on either, houlsby adapters equal ones added by hand in float64
-    after the attention block and after the feed-forward block, and AdapterHub's weight names (which
-    follow transformers 4) reach the same layers."""
+@pytest.mark.parametrize("model_type", ["vit", "beit"])
+def test_vision_sites_match_a_hand_written_adapter_on_this_transformers(model_type: str) -> None:
+    """ViT's and BEiT's layers moved between transformers 4 (``encoder.layer``; ViT's feed-forward output in
+    its ``output`` module) and 5 (``layers``; ViT's in ``mlp``): on either, houlsby adapters equal ones
+    added by hand in float64 after the attention block and after the feed-forward block (BEiT: on the
+    first and second output of ``drop_path``, after the layer scale), and AdapterHub's weight names
+    (which follow transformers 4) reach the same layers."""
     from adapter_fused import ACTIVATIONS
     from adapter_fused.hf.architectures import adapterhub_weights_by_layer
 
-    model, batch = build("vit"), inputs("vit")
+    model, batch = build(model_type), inputs(model_type)
     reference = copy.deepcopy(model).double()
     add_adapter(model, "a", "houlsby")
     randomize(model.base_model.fused_adapters.parameters())
@@ -108,24 +110,36 @@ def test_vit_sites_match_a_hand_written_adapter_on_this_transformers() -> None:
     ref_layers = reference.base_model.layers if hasattr(reference.base_model, "layers") else \
         reference.base_model.encoder.layer
     for index, layer in enumerate(ref_layers):
-        for site, path in (("attention", "attention"), ("ffn", "mlp" if hasattr(layer, "mlp") else "output.dropout")):
-            w = {k: v.detach().double() for k, v in model.base_model.fused_adapters["a"][str(index)][site]
-                 .state_dict().items()}
+        weights = {site: {k: v.detach().double() for k, v in module.state_dict().items()}
+                   for site, module in model.base_model.fused_adapters["a"][str(index)].items()}
 
-            def hook(module: nn.Module, args: Any, out: Any, w: dict[str, torch.Tensor] = w) -> Any:
-                h = out[0] if isinstance(out, tuple) else out
-                down = ACTIVATIONS[config.resolved_activation](torch.nn.functional.linear(h, w["down.weight"],
-                                                                                         w["down.bias"]))
-                new = h + config.scale * torch.nn.functional.linear(down, w["up.weight"], w["up.bias"])
-                return (new, *out[1:]) if isinstance(out, tuple) else new
-            layer.get_submodule(path).register_forward_hook(hook)
+        def adapted(out: Any, w: dict[str, torch.Tensor]) -> Any:
+            h = out[0] if isinstance(out, tuple) else out
+            down = ACTIVATIONS[config.resolved_activation](torch.nn.functional.linear(h, w["down.weight"],
+                                                                                     w["down.bias"]))
+            new = h + config.scale * torch.nn.functional.linear(down, w["up.weight"], w["up.bias"])
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        if model_type == "beit":
+            calls = [0]
+            layer.register_forward_pre_hook(lambda m, a, calls=calls: calls.__setitem__(0, 0))
+
+            def on_drop_path(m: nn.Module, a: Any, out: Any, calls: list[int] = calls,
+                             weights: dict = weights) -> Any:
+                calls[0] += 1
+                return adapted(out, weights["attention" if calls[0] == 1 else "ffn"])
+            layer.drop_path.register_forward_hook(on_drop_path)
+            continue
+        for site, path in (("attention", "attention"), ("ffn", "mlp" if hasattr(layer, "mlp") else "output.dropout")):
+            layer.get_submodule(path).register_forward_hook(lambda m, a, out, w=weights[site]: adapted(out, w))
     with torch.no_grad():
         out = outputs(model, batch)
         expected = outputs(reference, {k: v.double() for k, v in batch.items()})
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
 
     weight = torch.zeros(3)
-    names = {"vit.encoder.layer.1.output.output_adapters.adapters.a.adapter_up.weight": weight,
-             "vit.encoder.layer.0.attention_adapters.adapters.a.adapter_down.0.weight": weight}
+    ffn_location = "output.output_adapters" if model_type == "vit" else "output_adapters"
+    names = {f"{model_type}.encoder.layer.1.{ffn_location}.adapters.a.adapter_up.weight": weight,
+             f"{model_type}.encoder.layer.0.attention_adapters.adapters.a.adapter_down.0.weight": weight}
     assert adapterhub_weights_by_layer(model, names, "test") == {
         "1.output.adapters.a.adapter_up.weight": weight, "0.attention.adapters.a.adapter_down.0.weight": weight}

@@ -183,3 +183,65 @@ def test_bad_descriptions_are_refused() -> None:
     with pytest.raises(KeyError, match="no layout registered"):
         unregister_model_layout(Tiny)
     assert adapter_fused.register_model_layout is register_model_layout
+
+
+class SharedOutputBlock(nn.Module):
+    """Both sub-block outputs pass through one ``out`` module: x + out(attn(norm1(x))), then x + out(ff(norm2(x)))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.out = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.out(self.block.attn(self.block.norm1(x)))
+        return x + self.out(self.block.ff(self.block.norm2(x)))
+
+
+def test_one_module_serving_both_sites_by_call() -> None:
+    """``output_call`` picks the call of a module shared by the sites; the adapters match a hand-written
+    float64 computation, and two sites on the same call are refused before anything is attached."""
+    model = Tiny()
+    model.blocks = nn.ModuleList([SharedOutputBlock(), SharedOutputBlock()])
+    reference = copy.deepcopy(model).double()
+    same_call = ModelLayout("blocks", SiteSpec("out", "block.norm1", residual_keywords="input"),
+                            SiteSpec("out", "block.norm2", residual_keywords="input"))
+    register_model_layout(Tiny, same_call)
+    try:
+        with pytest.raises(ValueError, match=r"both sites of SharedOutputBlock \(at blocks.0\) take call 0 of out; "
+                                             r"give each its own SiteSpec.output_call"):
+            add_adapter(model, "a", "houlsby")
+        assert not hasattr(model, "fused_adapters")
+        register_model_layout(Tiny, ModelLayout(
+            "blocks", SiteSpec("out", "block.norm1", residual_keywords="input"),
+            SiteSpec("out", "block.norm2", residual_keywords="input", output_call=1)))
+        add_adapter(model, "a", "pfeiffer")
+        add_adapter(model, "b", "houlsby")
+    finally:
+        unregister_model_layout(Tiny)
+    x = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(0))
+    randomize(model.fused_adapters.parameters())
+    for name in ("a", "b"):
+        set_active_adapters(model, name)
+        config = adapter_config(model, name)
+        with torch.no_grad():
+            out = model(x)
+        h = x.double()
+        for index, layer in enumerate(reference.blocks):
+            sites = {s: {k: v.double() for k, v in m.state_dict().items()}
+                     for s, m in model.fused_adapters[name][str(index)].items()}
+
+            def f(z: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+                act = ACTIVATIONS[config.resolved_activation]
+                return F.linear(act(F.linear(z, w["down.weight"], w["down.bias"])), w["up.weight"], w["up.bias"])
+            a = layer.block.attn(layer.block.norm1(h))
+            if "attention" in sites:  # houlsby: h + s f(h)
+                a = a + config.scale * f(a, sites["attention"])
+            h = h + a
+            m = layer.block.ff(layer.block.norm2(h))
+            # houlsby: m + s f(m); pfeiffer: m + s f(m + x)
+            m = m + config.scale * f(m if "attention" in sites else m + h, sites["ffn"])
+            h = h + m
+        torch.testing.assert_close(out, h.float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="SiteSpec.output_call must be a non-negative int"):
+        SiteSpec("out", None, output_call=-1)

@@ -57,7 +57,7 @@ PRE = "pre-norm layer (input_layernorm, self_attn; post_attention_layernorm, mlp
 MOE = "pre-norm layer (input_layernorm, self_attn; post_attention_layernorm, block_sparse_moe)"
 # The layout each type must get, decided by reading its layer's forward pass.
 EXPECTED = {
-    "qwen3": PRE, "qwen3_moe": PRE, "qwen2_moe": PRE, "gemma": PRE, "phi3": PRE, "olmo": PRE, "olmoe": PRE,
+    "qwen3_moe": PRE, "qwen2_moe": PRE, "gemma": PRE, "phi3": PRE, "olmo": PRE, "olmoe": PRE,
     "granite": PRE, "smollm3": PRE, "stablelm": PRE, "starcoder2": PRE, "glm": PRE, "deepseek_v3": PRE,
     "mixtral": MOE, "granitemoe": MOE,
     "olmo2": "sandwich-norm layer (self_attn, post_attention_layernorm; mlp, post_feedforward_layernorm)",
@@ -237,7 +237,7 @@ def test_layers_combined_differently_are_refused(model_type: str) -> None:
 
 
 def test_recognition_runs_once_per_model_and_survives_copies() -> None:
-    model = build("qwen3")
+    model = build("olmo")
     forwards: list[int] = []
     model.register_forward_pre_hook(lambda m, a: forwards.append(1))
     add_adapter(model, "a", "pfeiffer")
