@@ -313,7 +313,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
         ffn=_site("drop_path", "layernorm_after", 0, ("input",), None, "output_adapters", call=1),
         hub_layers="encoder.layer",
     ),
-    Architecture.from_layouts("clip", ("clip", "clip_text_model", "clip_vision_model"), (
+    # one tower: under text_model / vision_model (transformers 4) or at the top (transformers 5)
+    Architecture("clip_text_model", ("clip_text_model",), ("text_model.encoder.layers", "encoder.layers"),
+                 *_CLIP_SITES),
+    Architecture("clip_vision_model", ("clip_vision_model",), ("vision_model.encoder.layers", "encoder.layers"),
+                 *_CLIP_SITES),
+    Architecture.from_layouts("clip", ("clip",), (
         ModelLayout("text_model.encoder.layers", *_CLIP_SITES, hidden_size="text_config.hidden_size"),
         ModelLayout("vision_model.encoder.layers", *_CLIP_SITES, hidden_size="vision_config.hidden_size"),
     )),

@@ -39,6 +39,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mt5": T5,
     "vit": VISION,
     "beit": {**VISION, "layer_scale_init_value": 0.5},
+    "xlm-roberta": {**TEXT, "pad_token_id": 1},
+    "clip_text_model": {**TEXT, "max_position_embeddings": 16, "pad_token_id": 1, "bos_token_id": 0,
+                        "eos_token_id": 2},
+    "clip_vision_model": {**VISION, "hidden_size": 48, "intermediate_size": 96},
     "clip": {"text_config": {**TEXT, "max_position_embeddings": 16, "pad_token_id": 1, "bos_token_id": 0,
                              "eos_token_id": 2},
              "vision_config": {**VISION, "hidden_size": 48, "intermediate_size": 96}},
@@ -86,11 +90,11 @@ def inputs(model_type: str, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
     out: dict[str, torch.Tensor] = {}
-    if model_type in ("vit", "beit", "clip"):
+    if model_type in ("vit", "beit", "clip", "clip_vision_model"):
         out["pixel_values"] = torch.randn(2, 3, 16, 16, generator=generator)
     if model_type == "whisper":
         out["input_features"] = torch.randn(2, 8, 32, generator=generator)
-    elif model_type not in ("vit", "beit"):
+    elif model_type not in ("vit", "beit", "clip_vision_model"):
         out["input_ids"] = ids
         out["attention_mask"] = torch.ones_like(ids)
     if model_type in ("bart", "plbart", "mbart", "whisper", "t5", "mt5", "encoder-decoder"):
