@@ -2,7 +2,8 @@
 # Set up a local virtual environment when it is missing or out of date, then run a command in it.
 #
 #   ./run.sh report [ARGS...]   the main job: python -m adapter_fused ARGS (--help for its options)
-#   ./run.sh test [ARGS...]     the test suite: python -m pytest ARGS (tests/ unless ARGS name paths)
+#   ./run.sh test [ARGS...]     the test suite: python -m pytest ARGS; without ARGS, tests/ with its files
+#                               spread over every CPU core (pytest-xdist: -n auto --dist loadfile)
 #
 # Set-up (skipped when a stamp in the environment says it is done for this pyproject.toml):
 #   - creates the environment with python3 (ADAPTER_FUSED_VENV, default .venv);
@@ -47,5 +48,10 @@ fi
 . "$venv/bin/activate"
 case $command in
     report) exec python -m adapter_fused "$@" ;;
-    test) exec python -m pytest "$@" ;;  # pyproject.toml's testpaths: tests/ when no path is given
+    test)
+        # pyproject.toml's testpaths: tests/ when no path is given
+        if [ $# -eq 0 ] && python -c "import xdist" 2>/dev/null; then
+            set -- -n auto --dist loadfile
+        fi
+        exec python -m pytest "$@" ;;
 esac
