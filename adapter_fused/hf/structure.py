@@ -134,9 +134,8 @@ class _Recording:
     def _keep(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value.detach().clone()
-        if isinstance(value, (tuple, list)):
-            return type(value)(_Recording._keep(v) for v in value) if isinstance(value, tuple) else \
-                [_Recording._keep(v) for v in value]
+        if isinstance(value, (tuple, list)):  # only positions are read back: a plain tuple will do
+            return tuple(_Recording._keep(v) for v in value)
         return value
 
     def watch(self, module: nn.Module, keep: bool) -> None:
