@@ -5,6 +5,7 @@ and site, and clear refusals of layers laid out differently."""
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -367,3 +368,17 @@ def test_uncaptured_residual_raises_instead_of_computing_wrong_numbers() -> None
         assert torch.equal(model(x=x), base)
     finally:
         unregister_model_layout(_Registered)
+
+
+def test_meta_device_model_gets_the_first_matching_layout_with_a_warning() -> None:
+    """Parameters on the meta device cannot run the check: the first candidate whose modules exist is
+    taken, and a warning says so (and names it)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("olmo", **COMMON)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    with pytest.warns(UserWarning, match=rf"on the meta device, so its layers cannot be checked on a forward pass; "
+                                         rf"assuming the {re.escape(PRE)}"):
+        arch, layers = model_layers(model)
+    assert arch.name == PRE and len(layers) == 2
