@@ -382,6 +382,18 @@ def get_submodule(module: nn.Module, path: str) -> nn.Module | None:
     return _get(module, path)
 
 
+def missing_modules(layer: nn.Module, *sites: SiteSpec) -> list[str]:
+    """The paths ``sites`` hook or read that ``layer`` lacks, sorted."""
+    return sorted({p for site in sites for p in site.paths if not isinstance(_get(layer, p), nn.Module)})
+
+
+def call_argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keywords: tuple[str, ...]) -> Any:
+    """The argument of a module call at ``position``, else under the first of ``keywords`` passed; None if neither."""
+    if len(args) > position:
+        return args[position]
+    return next((kwargs[k] for k in keywords if k in kwargs), None)
+
+
 def _expand(base: nn.Module, path: str) -> list[tuple[str, nn.ModuleList]]:
     """The non-empty ModuleLists at ``path`` (a ``*`` part: every child), with their resolved paths."""
     found: list[tuple[str, nn.Module]] = [("", base)]
@@ -498,8 +510,7 @@ def model_layers(model: nn.Module) -> tuple[Architecture, list[ModelLayer]]:
         if (layer.attention, layer.ffn) in seen:
             continue
         seen.add((layer.attention, layer.ffn))
-        missing = sorted({p for s in (layer.attention, layer.ffn) for p in s.paths
-                          if not isinstance(_get(layer.module, p), nn.Module)})
+        missing = missing_modules(layer.module, layer.attention, layer.ffn)
         if layer.attention.output == layer.ffn.output and layer.attention.output_call == layer.ffn.output_call:
             raise ValueError(f"adapter_fused: both sites of {type(layer.module).__name__} (at {layer.path}) take call "
                              f"{layer.ffn.output_call} of {layer.ffn.output}; give each its own SiteSpec.output_call")

@@ -30,6 +30,7 @@ from torch import nn
 from .architectures import (
     Architecture,
     SiteSpec,
+    call_argument,
     find_architecture,
     get_submodule,
     hidden_size,
@@ -154,12 +155,8 @@ class _Site:
         call = self.state.call
         if self._adapter(call) is None:
             return
-        spec = self.spec
-        if len(args) > spec.residual_position:
-            residual = args[spec.residual_position]
-        else:
-            residual = next((kwargs[k] for k in spec.residual_keywords if k in kwargs), None)
-        call.residuals[self.key] = residual
+        call.residuals[self.key] = call_argument(args, kwargs, self.spec.residual_position,
+                                                 self.spec.residual_keywords)
 
     def capture_plus(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """Forward hook of ``spec.residual_plus``: add its output to the captured residual."""

@@ -30,12 +30,13 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .architectures import Architecture, SiteSpec, _find_layers, _get
+from .architectures import Architecture, SiteSpec, _find_layers, _get, call_argument, missing_modules
 
 LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer")
 """Where, from the base model, a layer list is looked for (the first path present is used)."""
@@ -105,19 +106,8 @@ added by hand in float64."""
 _ATTRIBUTE = "_adapter_fused_structure"
 
 
-def describe() -> str:
-    """The recognized layouts, for error messages."""
-    return "; ".join(layout.name for layout in STRUCTURAL_LAYOUTS)
-
-
 def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (tuple, list)) and value else value
-
-
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keywords: tuple[str, ...]) -> Any:
-    if len(args) > position:
-        return args[position]
-    return next((kwargs[k] for k in keywords if k in kwargs), None)
 
 
 class _Recording:
@@ -196,12 +186,12 @@ def _check(layout: Architecture, layers: nn.ModuleList, record: _Recording) -> s
     if id(first) not in record.inputs:
         return "the first layer did not run"
     args, kwargs = record.inputs[id(first)]
-    x, y = _argument(args, kwargs, 0, ("hidden_states",)), record.outputs.get(id(first))
+    x, y = call_argument(args, kwargs, 0, ("hidden_states",)), record.outputs.get(id(first))
 
     def site_parts(site: SiteSpec) -> tuple[Any, Any, Any]:
         h = record.outputs.get(id(_get(first, site.output)))
         r_args, r_kwargs = record.inputs.get(id(_get(first, site.residual)), ((), {}))  # type: ignore[arg-type]
-        r = _argument(r_args, r_kwargs, site.residual_position, site.residual_keywords)
+        r = call_argument(r_args, r_kwargs, site.residual_position, site.residual_keywords)
         p = record.outputs.get(id(_get(first, site.residual_plus))) if site.residual_plus else None
         return h, r, p
 
@@ -213,7 +203,7 @@ def _check(layout: Architecture, layers: nn.ModuleList, record: _Recording) -> s
             return sum(terms[1:], terms[0]), None
         norm = _get(first, site.norm)
         n_args, n_kwargs = record.inputs.get(id(norm), ((), {}))
-        why = _mismatch(_argument(n_args, n_kwargs, 0, _NORM_INPUT), terms, f"the input of {site.norm} is not {what}")
+        why = _mismatch(call_argument(n_args, n_kwargs, 0, _NORM_INPUT), terms, f"the input of {site.norm} is not {what}")
         return record.outputs.get(id(norm)), why
 
     h_a, r_a, p_a = site_parts(layout.attention)
@@ -284,9 +274,7 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
         if not lists:
             continue
         layers = lists[0][1]
-        missing = [p for s in (layout.attention, layout.ffn) for p in s.paths if not isinstance(_get(layers[0], p),
-                                                                                                nn.Module)]
-        if not missing:
+        if not missing_modules(layers[0], layout.attention, layout.ffn):
             candidates.append((layout, layers))
     if not candidates:
         lists = _find_layers(base, LAYERS)
@@ -315,7 +303,6 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
             raise ValueError(f"{refuse}. Such a model is not recognized: its layer class "
                              f"{type(candidates[0][1][0]).__name__} matches no known layout on a forward pass "
                              f"({'; '.join(reasons)}); {hint}")
-    arch = Architecture(chosen.name, (str(model_type),) if model_type else (), chosen.layers, chosen.attention,
-                        chosen.ffn)
+    arch = replace(chosen, model_types=(str(model_type),) if model_type else ())
     base.__dict__[_ATTRIBUTE] = arch
     return arch

@@ -26,8 +26,8 @@ from adapter_fused.hf import (
     unregister_model_layout,
 )
 from adapter_fused.hf import model as hf_model
-from adapter_fused.hf.architectures import model_layers
-from adapter_fused.hf.structure import STRUCTURALLY_TESTED_MODEL_TYPES
+from adapter_fused.hf.architectures import _find_layers, model_layers
+from adapter_fused.hf.structure import LAYERS, STRUCTURALLY_TESTED_MODEL_TYPES
 
 from .models import randomize
 
@@ -228,8 +228,7 @@ def test_config_variants_get_their_own_layout(variant: str, placement: str, monk
 @pytest.mark.parametrize("model_type", list(REFUSED))
 def test_layers_combined_differently_are_refused(model_type: str) -> None:
     model = build(model_type, **REFUSED[model_type])
-    _, layers = model_layers(build(model_type))
-    layer = type(layers[0].module).__name__
+    layer = type(_find_layers(model.base_model, LAYERS)[0][1][0]).__name__
     with pytest.raises(ValueError, match=rf"model type '{model_type}' is not supported; supported model types: .*"
                                          rf"Such a model is not recognized: its layer class {layer} matches no known "
                                          rf"layout on a forward pass \(as a .*\)"):
