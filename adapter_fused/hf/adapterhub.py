@@ -37,9 +37,8 @@ _ACTIVATION_NAMES = {"leakyrelu": "leaky_relu"}
 # (key, value that the fused path can express, description of anything else)
 _REQUIRED: tuple[tuple[str, Any, str], ...] = (
     ("phm_layer", False, "PHM (parameterized hypercomplex) layers"),
-    ("cross_adapter", False, "cross-attention adapters"),
 )
-_FLAGS = ("ln_before", "ln_after", "adapter_residual_before_ln", "use_gating")
+_FLAGS = ("ln_before", "ln_after", "adapter_residual_before_ln", "use_gating", "cross_adapter")
 
 
 def is_adapterhub_config(data: Mapping[str, Any]) -> bool:
@@ -117,6 +116,17 @@ _PARTS = {  # AdapterHub's parameter name in an adapter -> ours (adapter_down.N:
 }
 
 
+def _site_of(location: str) -> str | None:
+    """Our site for an AdapterHub location: ``cross`` (a location ``architectures.adapterhub_weights_by_layer``
+    gave), a location naming attention, else the feed-forward site; None for a cross-attention location
+    no site was found for."""
+    if location == "cross":
+        return "cross"
+    if "cross" in location:
+        return None
+    return "attention" if "attention" in location else "ffn"
+
+
 def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict[str, torch.Tensor]]:
     """AdapterHub weight keys (``...<layer>.<location>.adapters.<name>.adapter_down.0.weight``) ->
     the saved adapter name and ``{"<layer>.<site>.down.weight": tensor, ...}``: the projections
@@ -138,11 +148,11 @@ def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> t
             out[f"invertible.{inverse.group(2)}"] = tensor
             continue
         match = _KEY.match(key)
-        if match is None or "cross" in match.group(2):
+        site = _site_of(match.group(2)) if match is not None else None
+        if match is None or site is None:
             unexpected.append(key)
             continue
-        layer, location, name, part = match.groups()
-        site = "attention" if "attention" in location else "ffn"
+        layer, _, name, part = match.groups()
         if part.startswith("adapter_down."):
             index, _, kind = part[len("adapter_down."):].partition(".")
             normed = key[: -len(part)] in prefixes_with_norm

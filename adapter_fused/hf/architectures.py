@@ -1,6 +1,7 @@
 """Where the adapter sites are in each supported transformers architecture.
 
-Every supported layer has two sites, after the attention block and after the feed-forward block.
+Every supported layer has two sites, after the attention block and after the feed-forward block;
+decoder layers of encoder-decoder models have a third, after the cross-attention block.
 At a site the layer combines the sub-block output ``h`` with the block residual ``x``, either as
 ``LN(h + x)`` (post-LN: BERT, BART, DeBERTa) or as ``h + x`` (pre-LN: GPT-2, Llama, T5, CLIP, Whisper).
 A site is described by module paths relative to the layer (``SiteSpec``):
@@ -19,7 +20,12 @@ A model may have several layer stacks (``ModelLayout``, one per stack): an encod
 (BART, T5, Whisper), or CLIP's text and vision towers. Layers are numbered across the stacks in
 order, as AdapterHub numbers them (encoder layers first, then decoder layers), and each stack has
 its own sites (a T5 decoder block has its feed-forward block at ``layer.2``, after cross-attention).
-Cross-attention gets no adapter.
+A stack's ``cross`` site (after cross-attention) exists in the layers that have its output module:
+every decoder layer of BART or T5, the BERT layers built with ``add_cross_attention``. It holds an
+adapter when the config asks for one (``AdapterConfig.cross_adapter``, AdapterHub's option of that
+name) or, where the layout says ``cross_with_attention`` (BERT-style decoders, whose cross-attention
+block ends in the same module class as their self-attention block), wherever the attention site does,
+as AdapterHub places them.
 
 Models are recognized in three ways, in this order. A layout registered with
 ``register_model_layout`` for the model's class or type. A model type listed in ``ARCHITECTURES``.
@@ -40,7 +46,6 @@ from typing import Any
 
 from torch import nn
 
-SITE_NAMES = ("attention", "ffn")
 
 
 def _check_path(value: object, what: str, optional: bool = False) -> None:
@@ -108,7 +113,7 @@ class SiteSpec:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """One stack of transformer layers and its two adapter sites.
+    """One stack of transformer layers and its adapter sites.
 
     layers: the path, from the base model (``model.base_model``), of the ``nn.ModuleList`` of layers,
         or a tuple of candidate paths (the first present one is used). A ``*`` part stands for every
@@ -116,12 +121,18 @@ class ModelLayout:
     attention, ffn: the sites after the attention block and after the feed-forward block.
     hidden_size: the config attribute holding this stack's width d (``"vision_config.hidden_size"``);
         None: the model's ``hidden_size`` (or ``n_embd``, ``dim``, ``d_model``).
+    cross: the site after the cross-attention block of decoder layers, or None; a layer lacking the
+        site's ``output`` module has no cross site (the other modules of a layer that has it are checked).
+    cross_with_attention: the cross site holds an adapter wherever the attention site does (AdapterHub's
+        placement in BERT-style decoders) instead of when ``AdapterConfig.cross_adapter`` asks for one.
     """
 
     layers: str | tuple[str, ...]
     attention: SiteSpec
     ffn: SiteSpec
     hidden_size: str | None = None
+    cross: SiteSpec | None = None
+    cross_with_attention: bool = False
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, str) else self.layers
@@ -130,14 +141,16 @@ class ModelLayout:
         for path in layers:
             _check_path(path, "ModelLayout.layers")
         object.__setattr__(self, "layers", tuple(layers))
-        for name in SITE_NAMES:
+        for name in ("attention", "ffn"):
             if not isinstance(getattr(self, name), SiteSpec):
                 raise TypeError(f"ModelLayout.{name} must be a SiteSpec, got {type(getattr(self, name)).__name__}")
+        if self.cross is not None and not isinstance(self.cross, SiteSpec):
+            raise TypeError(f"ModelLayout.cross must be a SiteSpec or None, got {type(self.cross).__name__}")
+        if not isinstance(self.cross_with_attention, bool):
+            raise TypeError(f"ModelLayout.cross_with_attention must be True or False, got {self.cross_with_attention!r}")
+        if self.cross_with_attention and self.cross is None:
+            raise ValueError("ModelLayout: cross_with_attention needs a cross site")
         _check_path(self.hidden_size, "ModelLayout.hidden_size", optional=True)
-
-    def site(self, name: str) -> SiteSpec:
-        """The SiteSpec of ``"attention"`` or ``"ffn"``."""
-        return self.attention if name == "attention" else self.ffn
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,7 @@ class Architecture:
     ``hub_layers`` is the path under which AdapterHub (on transformers 4) names the layers of a model
     type whose layer list transformers has since moved (ViT's ``encoder.layer``, now ``layers``). A model
     type may have several entries, one per transformers layout; the first whose layers exist is used.
+    ``cross`` and ``cross_with_attention`` are the first stack's (see ``ModelLayout``).
     """
 
     name: str
@@ -161,28 +175,28 @@ class Architecture:
     hidden_size: str | None = None
     submodels: tuple[str, ...] = ()
     hub_layers: str | None = None  # AdapterHub's path of the layer list, where it differs from ``layers``
-
-    def site(self, name: str) -> SiteSpec:
-        """The SiteSpec of ``"attention"`` or ``"ffn"`` in the first stack."""
-        return self.attention if name == "attention" else self.ffn
+    cross: SiteSpec | None = None
+    cross_with_attention: bool = False
 
     @property
     def stacks(self) -> tuple[ModelLayout, ...]:
         """Every layer stack, in layer-numbering order."""
-        return (ModelLayout(self.layers, self.attention, self.ffn, self.hidden_size), *self.more_stacks)
+        return (ModelLayout(self.layers, self.attention, self.ffn, self.hidden_size, self.cross,
+                            self.cross_with_attention), *self.more_stacks)
 
     @classmethod
     def from_layouts(cls, name: str, model_types: tuple[str, ...], layouts: Sequence[ModelLayout]) -> Architecture:
         """An Architecture whose stacks are ``layouts``, in order."""
         first, *rest = layouts
         return cls(name, model_types, first.layers, first.attention, first.ffn,  # type: ignore[arg-type]
-                   tuple(rest), first.hidden_size)
+                   tuple(rest), first.hidden_size, cross=first.cross, cross_with_attention=first.cross_with_attention)
 
 
 @dataclass(frozen=True)
 class ModelLayer:
     """One layer of a model: its number (across stacks), its path from the base model, the module and
-    its sites, and its width d (None where the config does not say)."""
+    its sites (``cross`` None where the layer has no cross-attention site), and its width d (None where
+    the config does not say)."""
 
     index: int
     path: str
@@ -190,10 +204,21 @@ class ModelLayer:
     attention: SiteSpec
     ffn: SiteSpec
     hidden_size: int | None
+    cross: SiteSpec | None = None
+    cross_with_attention: bool = False
+
+    @property
+    def sites(self) -> dict[str, SiteSpec]:
+        """The layer's sites by name (``config.SITES``), in the order they run."""
+        found = {"attention": self.attention, "cross": self.cross, "ffn": self.ffn}
+        return {name: spec for name, spec in found.items() if spec is not None}
 
     def site(self, name: str) -> SiteSpec:
-        """The SiteSpec of ``"attention"`` or ``"ffn"``."""
-        return self.attention if name == "attention" else self.ffn
+        """The SiteSpec of ``"attention"``, ``"cross"`` or ``"ffn"``; KeyError for a site the layer lacks."""
+        sites = self.sites
+        if name not in sites:
+            raise KeyError(f"adapter_fused: the layer at {self.path} has no {name!r} site")
+        return sites[name]
 
 
 def _site(output: str, residual: str | None, position: int, keywords: tuple[str, ...], norm: str | None,
@@ -206,6 +231,10 @@ _BERT_LIKE = {
     "attention": _site("attention.output.dropout", "attention.output", 1, ("input_tensor",),
                     "attention.output.LayerNorm", "attention.output"),
     "ffn": _site("output.dropout", "output", 1, ("input_tensor",), "output.LayerNorm", "output"),
+    # decoder layers built with add_cross_attention; AdapterHub's attention adapters sit here too
+    "cross": _site("crossattention.output.dropout", "crossattention.output", 1, ("input_tensor",),
+                "crossattention.output.LayerNorm", "crossattention.output"),
+    "cross_with_attention": True,
 }
 
 _LLAMA_LIKE = {
@@ -214,15 +243,19 @@ _LLAMA_LIKE = {
     "ffn": _site("mlp", "post_attention_layernorm", 0, ("hidden_states",), None, "output_adapters"),
 }
 
-# BART-style encoder and decoder layers; cross-attention (decoder) gets no adapter.
+# BART-style encoder and decoder layers (attention, feed-forward) and the decoder's cross-attention site
 _BART_POST_NORM = (
     _site("self_attn", "self_attn", 0, ("hidden_states",), "self_attn_layer_norm", "attention_adapters"),
     _site("fc2", "fc1", 0, ("input",), "final_layer_norm", "output_adapters"),
 )
+_BART_POST_NORM_CROSS = _site("encoder_attn", "encoder_attn", 0, ("hidden_states",), "encoder_attn_layer_norm",
+                              "cross_attention_adapters")
 _BART_PRE_NORM = (
     _site("self_attn", "self_attn_layer_norm", 0, ("input",), None, "attention_adapters"),
     _site("fc2", "final_layer_norm", 0, ("input",), None, "output_adapters"),
 )
+_BART_PRE_NORM_CROSS = _site("encoder_attn", "encoder_attn_layer_norm", 0, ("input",), None,
+                             "cross_attention_adapters")
 _CLIP_SITES = (
     _site("self_attn", "layer_norm1", 0, ("input",), None, "attention_adapters"),
     _site("mlp", "layer_norm2", 0, ("input",), None, "output_adapters"),
@@ -240,9 +273,10 @@ _GEMMA2_LIKE = {
 _FROM_SUBMODELS = SiteSpec("(sites of the submodel)", None)  # placeholder: the submodels' own layouts apply
 
 
-def _encoder_decoder(name: str, types: tuple[str, ...], sites: tuple[SiteSpec, SiteSpec]) -> Architecture:
+def _encoder_decoder(name: str, types: tuple[str, ...], sites: tuple[SiteSpec, SiteSpec],
+                     cross: SiteSpec) -> Architecture:
     return Architecture.from_layouts(name, types, (ModelLayout("encoder.layers", *sites),
-                                                   ModelLayout("decoder.layers", *sites)))
+                                                   ModelLayout("decoder.layers", *sites, cross=cross)))
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
@@ -322,13 +356,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
         ModelLayout("text_model.encoder.layers", *_CLIP_SITES, hidden_size="text_config.hidden_size"),
         ModelLayout("vision_model.encoder.layers", *_CLIP_SITES, hidden_size="vision_config.hidden_size"),
     )),
-    _encoder_decoder("bart", ("bart", "plbart"), _BART_POST_NORM),
-    _encoder_decoder("mbart", ("mbart", "whisper"), _BART_PRE_NORM),
+    _encoder_decoder("bart", ("bart", "plbart"), _BART_POST_NORM, _BART_POST_NORM_CROSS),
+    _encoder_decoder("mbart", ("mbart", "whisper"), _BART_PRE_NORM, _BART_PRE_NORM_CROSS),
     Architecture.from_layouts("t5", ("t5", "mt5"), (
         ModelLayout("encoder.block", _T5_ATTENTION,
                     _site("layer.1.dropout", "layer.1.layer_norm", 0, ("hidden_states",), None, "layer.1")),
         ModelLayout("decoder.block", _T5_ATTENTION,
-                    _site("layer.2.dropout", "layer.2.layer_norm", 0, ("hidden_states",), None, "layer.2")),
+                    _site("layer.2.dropout", "layer.2.layer_norm", 0, ("hidden_states",), None, "layer.2"),
+                    cross=_site("layer.1.dropout", "layer.1.layer_norm", 0, ("hidden_states",), None, "layer.1")),
     )),
     Architecture("encoder-decoder", ("encoder-decoder",), (), _FROM_SUBMODELS, _FROM_SUBMODELS,
                  submodels=("encoder", "decoder")),
@@ -458,8 +493,10 @@ def resolve_layers(arch: Architecture, base: nn.Module, config: object = None) -
     for stack in arch.stacks:
         width = _config_width(config, stack.hidden_size)
         for list_path, layers in _find_layers(base, stack.layers):  # type: ignore[arg-type]
-            for position, layer in enumerate(layers):
-                out.append(ModelLayer(len(out), f"{list_path}.{position}", layer, stack.attention, stack.ffn, width))
+            for position, module in enumerate(layers):
+                cross = stack.cross if stack.cross is not None and _get(module, stack.cross.output) is not None else None
+                out.append(ModelLayer(len(out), f"{list_path}.{position}", module, stack.attention, stack.ffn, width,
+                                      cross, stack.cross_with_attention and cross is not None))
     return out
 
 
@@ -505,15 +542,18 @@ def model_layers(model: nn.Module) -> tuple[Architecture, list[ModelLayer]]:
             " or ".join(arch.submodels)
         raise ValueError(f"adapter_fused: {type(model).__name__} has model type {model_type!r} but no layer list at "
                          f"{paths}; supported model types: {supported}; or {_REGISTER_HINT}")
-    seen: set[tuple[SiteSpec, SiteSpec]] = set()
+    seen: set[tuple[SiteSpec, ...]] = set()
     for layer in layers:
-        if (layer.attention, layer.ffn) in seen:
+        specs = tuple(layer.sites.values())
+        if specs in seen:
             continue
-        seen.add((layer.attention, layer.ffn))
-        missing = missing_modules(layer.module, layer.attention, layer.ffn)
-        if layer.attention.output == layer.ffn.output and layer.attention.output_call == layer.ffn.output_call:
-            raise ValueError(f"adapter_fused: both sites of {type(layer.module).__name__} (at {layer.path}) take call "
-                             f"{layer.ffn.output_call} of {layer.ffn.output}; give each its own SiteSpec.output_call")
+        seen.add(specs)
+        missing = missing_modules(layer.module, *specs)
+        calls = [(spec.output, spec.output_call) for spec in specs]
+        shared = next((c for c in calls if calls.count(c) > 1), None)
+        if shared is not None:
+            raise ValueError(f"adapter_fused: two sites of {type(layer.module).__name__} (at {layer.path}) take call "
+                             f"{shared[1]} of {shared[0]}; give each its own SiteSpec.output_call")
         if missing:
             raise ValueError(f"adapter_fused: {type(layer.module).__name__} (at {layer.path}) lacks the modules "
                              f"{', '.join(missing)} expected for {arch.name}; supported model types: {supported}; "
@@ -591,17 +631,19 @@ def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], sourc
     """AdapterHub weight names (``<layer path>.<location>.adapters.<name>.<projection>``) renamed to
     ``<layer number>.attention.adapters...`` or ``<layer number>.output.adapters...`` by matching each
     name's layer path and location against this model's layers and sites, so that the weights of an
-    encoder-decoder model reach the right stack. Models whose sites do not say where AdapterHub keeps
-    them (structural or registered layouts) get ``weights`` unchanged. ValueError naming ``source`` for
-    adapter weights at a location no site of this model has (cross-attention adapters, for example)."""
+    encoder-decoder model reach the right stack (``<layer number>.cross.adapters...`` for the sites
+    after cross-attention). Models whose sites do not say where AdapterHub keeps them (structural or
+    registered layouts) get ``weights`` unchanged. ValueError naming ``source`` for adapter weights at a
+    location no site of this model has."""
     arch, layers = model_layers(model)
     table: dict[str, tuple[int, str]] = {}
+    locations = {"attention": "attention", "cross": "cross", "ffn": "output"}
     for layer in layers:
-        for name in SITE_NAMES:
-            location = layer.site(name).hub_location
+        for name, spec in layer.sites.items():
+            location = spec.hub_location
             if location is None:
                 return weights
-            table[f"{layer.path}.{location}"] = (layer.index, "attention" if name == "attention" else "output")
+            table[f"{layer.path}.{location}"] = (layer.index, locations[name])
             if arch.hub_layers is not None:
                 position = layer.path.rsplit(".", 1)[-1]
                 table[f"{arch.hub_layers}.{position}.{location}"] = table[f"{layer.path}.{location}"]
@@ -614,10 +656,10 @@ def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], sourc
             continue
         if not matches:
             raise ValueError(f"{source}: {key} is not at an adapter site of this model (its sites hold adapters "
-                             f"after self-attention and after the feed-forward block; cross-attention adapters "
-                             f"are not supported)")
+                             f"after self-attention, after cross-attention in decoder layers and after the "
+                             f"feed-forward block)")
         index, site = table[max(matches, key=len)]
-        differs = ADAPTERHUB_DIFFERENT_SITES.get((arch.name, "attention" if site == "attention" else "ffn"))
+        differs = ADAPTERHUB_DIFFERENT_SITES.get((arch.name, "ffn" if site == "output" else site))
         if differs:
             raise ValueError(f"{source}: {key} cannot be loaded: {differs}, so its outputs cannot be reproduced")
         out[f"{index}.{site}.adapters.{tail}"] = value

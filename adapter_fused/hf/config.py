@@ -24,8 +24,9 @@ from typing import Any, Literal
 
 from ..activations import canonical_activation
 
-SITES = ("attention", "ffn")
-"""Adapter sites of a transformer layer, in the order they run."""
+SITES = ("attention", "cross", "ffn")
+"""Adapter sites of a transformer layer, in the order they run; ``"cross"`` (after cross-attention) only
+in decoder layers of encoder-decoder models."""
 
 INITS = ("bert", "houlsby", "mam")
 LEARNED_SCALINGS = ("learned", "channel")
@@ -71,8 +72,9 @@ class Placement:
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The sites holding an adapter, in layer order."""
-        return tuple(site for site in SITES if getattr(self, site))
+        """The sites holding an adapter in every layer (``"attention"``, ``"ffn"``), in layer order; the
+        cross-attention site follows ``AdapterConfig.cross_adapter`` or the model's layout."""
+        return tuple(site for site in ("attention", "ffn") if getattr(self, site))
 
 
 HOULSBY = Placement(attention=True, ffn=True, original_ln_before=False, residual_before_ln=True)
@@ -111,6 +113,10 @@ class AdapterConfig:
         output and its inverse before the output embeddings (see ``invertible``), with bottleneck
         MLPs of width ``half of d // inv_adapter_reduction_factor``. AdapterHub's ``"glow"`` is refused
         (AdapterHub's GLOW block fails on (batch, seq, d) inputs).
+    cross_adapter: also an adapter after the cross-attention block of every decoder layer of an
+        encoder-decoder model (BART, mBART, PLBart, Whisper, T5, mT5), placed like the others. Layers whose
+        cross-attention site follows the attention site (BERT-style decoders in an ``encoder-decoder``
+        model, as AdapterHub places them) get one there whenever the placement has ``attention``.
 
     Options beyond placement, width, activation, a constant scale and init run partly outside the
     fused kernel (see ``unfused_options``); a learned scale is folded into the up-projection and
@@ -131,6 +137,7 @@ class AdapterConfig:
     dropout: float = 0.0
     inv_adapter: str | None = None
     inv_adapter_reduction_factor: float | None = None
+    cross_adapter: bool = False
 
     def __post_init__(self) -> None:
         placement = self.placement
@@ -175,7 +182,7 @@ class AdapterConfig:
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in leave_out):
             raise ValueError(f"AdapterConfig: leave_out must be a list of layer indices (ints >= 0), got {leave_out!r}")
         object.__setattr__(self, "leave_out", tuple(sorted(set(leave_out))))
-        for flag in ("ln_before", "ln_after", "adapter_residual_before_ln", "use_gating"):
+        for flag in ("ln_before", "ln_after", "adapter_residual_before_ln", "use_gating", "cross_adapter"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"AdapterConfig: {flag} must be True or False, got {getattr(self, flag)!r}")
         p = self.dropout

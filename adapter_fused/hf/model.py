@@ -1,7 +1,8 @@
 """Adding, activating, training and removing fused adapters on a transformers model.
 
 The adapters of a model live in one ``nn.ModuleDict`` on its base model, ``base_model.fused_adapters``,
-keyed ``<name>.<layer index>.<site>`` (site ``"attention"`` or ``"ffn"``), each a ``FusedAdapter`` (a
+keyed ``<name>.<layer index>.<site>`` (site ``"attention"``, ``"cross"`` or ``"ffn"``; see
+``config.SITES``), each a ``FusedAdapter`` (a
 ``BottleneckAdapter`` when the config has options beyond the plain bottleneck; layers in ``leave_out``
 have no entry). Forward
 hooks on the layers' existing modules (see ``architectures``) run the active adapter; base modules and
@@ -29,6 +30,7 @@ from torch import nn
 
 from .architectures import (
     Architecture,
+    ModelLayer,
     SiteSpec,
     call_argument,
     find_architecture,
@@ -223,8 +225,7 @@ def _hook_norms(state: _State) -> None:
     if state.__dict__.get("norms_hooked"):
         return
     for layer in resolve_layers(state.arch, state.base):
-        for site_name in SITES:
-            spec = layer.site(site_name)
+        for site_name, spec in layer.sites.items():
             norm = get_submodule(layer.module, spec.norm) if spec.norm else None
             if norm is not None:
                 state.handles.append(norm.register_forward_hook(_NormReplacement(state, (str(layer.index), site_name))))
@@ -255,8 +256,7 @@ class _State:
         ]
         for layer in resolve_layers(arch, base):
             shared: dict[str, dict[int, _Site]] = {}  # output path -> {output_call: site}, where not plain
-            for site_name in SITES:
-                spec = layer.site(site_name)
+            for site_name, spec in layer.sites.items():
                 norm = get_submodule(layer.module, spec.norm) if spec.norm else None
                 norm_path = f"{layer.path}.{spec.norm}" if spec.norm else None
                 site = _Site(self, layer.index, site_name, spec, norm, norm_path)
@@ -270,7 +270,7 @@ class _State:
                     self.handles.append(plus_module.register_forward_hook(site.capture_plus))
                 output_module = get_submodule(layer.module, spec.output)
                 assert output_module is not None
-                if spec.output_call or sum(layer.site(n).output == spec.output for n in SITES) > 1:
+                if spec.output_call or sum(other.output == spec.output for other in layer.sites.values()) > 1:
                     shared.setdefault(spec.output, {})[spec.output_call] = site
                 else:
                     self.handles.append(output_module.register_forward_hook(site.apply))
@@ -355,19 +355,48 @@ def _check_name(name: object) -> str:
     return name
 
 
+def layer_sites(config: AdapterConfig, layer: ModelLayer) -> tuple[str, ...]:
+    """The sites of ``layer`` that hold an adapter of ``config``, in the order they run: the
+    placement's (``"attention"``, ``"ffn"``) and, in a layer with a cross-attention site,
+    ``"cross"`` when ``config.cross_adapter`` asks for it or, where the layout puts it with the
+    attention site (``ModelLayout.cross_with_attention``), when the placement has ``attention``."""
+    sites = config.layout.sites
+    if layer.cross is not None and (config.layout.attention if layer.cross_with_attention else config.cross_adapter):
+        sites = (*sites, "cross")
+    return tuple(site for site in SITES if site in sites)
+
+
+def check_cross_adapter(model: nn.Module, config: AdapterConfig) -> None:
+    """ValueError when ``config.cross_adapter`` asks for adapters after cross-attention and no layer of
+    ``model`` would get one from it (no cross-attention site, or only sites that follow the attention
+    site)."""
+    if not config.cross_adapter:
+        return
+    _, layers = model_layers(model)
+    crossed = [layer for layer in layers if layer.cross is not None]
+    if not crossed:
+        raise ValueError(f"adapter_fused: cross_adapter=True, but {type(model).__name__} has no layer with a "
+                         f"cross-attention site (only decoder layers of encoder-decoder models have one)")
+    if all(layer.cross_with_attention for layer in crossed):
+        raise ValueError(f"adapter_fused: cross_adapter=True has no effect on {type(model).__name__}: its "
+                         f"cross-attention sites ({type(crossed[0].module).__name__}) hold an adapter wherever the "
+                         f"attention site does, as AdapterHub places them; use a placement with attention=True "
+                         f"(houlsby) for adapters there")
+
+
 def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleDict:
     """Freshly initialised adapters for every layer (but those in ``config.leave_out``) and site of
-    ``config``, each on the device and in the dtype of its layer and in the model's training mode:
-    ``{layer index: {site: module}}``, the module a ``FusedAdapter(d, r)`` for plain configs and a
-    ``BottleneckAdapter`` otherwise, d the layer's width and r its bottleneck (see
+    ``config`` (see ``layer_sites``), each on the device and in the dtype of its layer and in the
+    model's training mode: ``{layer index: {site: module}}``, the module a ``FusedAdapter(d, r)`` for
+    plain configs and a ``BottleneckAdapter`` otherwise, d the layer's width and r its bottleneck (see
     ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names every layer, a per-layer
     ``reduction_factor`` has no value for a layer, or a parallel placement meets a site without a
     block residual."""
     arch, layers = model_layers(model)
-    for site in config.layout.sites:
-        bare = next((layer for layer in layers if layer.site(site).residual is None), None)
+    for layer in layers:
+        bare = next((site for site in layer_sites(config, layer) if layer.site(site).residual is None), None)
         if bare is not None:
-            no_residual_placement(config.layout, f"the {site} site of {type(bare.module).__name__}")
+            no_residual_placement(config.layout, f"the {bare} site of {type(layer.module).__name__}")
     widths = layer_widths(model)
     d = hidden_size(model)
     out = nn.ModuleDict()
@@ -379,7 +408,7 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
         device = reference.device if reference is not None else None
         dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
         out[str(layer.index)] = nn.ModuleDict({
-            site: site_adapter(config, width, r, device=device, dtype=dtype) for site in config.layout.sites
+            site: site_adapter(config, width, r, device=device, dtype=dtype) for site in layer_sites(config, layer)
         })
     if not len(out):
         raise ValueError(f"adapter_fused: leave_out {list(config.leave_out)} leaves out every one of the model's "
@@ -435,8 +464,9 @@ def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: 
 def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfeiffer") -> None:
     """Add a new, inactive adapter ``name`` to every layer of a supported transformers ``model``.
 
-    config: ``"houlsby"`` / ``"double_seq_bn"``, ``"pfeiffer"`` / ``"seq_bn"`` or an ``AdapterConfig``.
-    Each adapter maps (..., d) -> (..., d) with width r = ``hidden_size // reduction_factor`` and has
+    config: ``"houlsby"`` / ``"double_seq_bn"``, ``"pfeiffer"`` / ``"seq_bn"`` or an ``AdapterConfig``
+    (``cross_adapter=True``: also after the cross-attention of decoder layers, ValueError on a model
+    where that adds no adapter). Each adapter maps (..., d) -> (..., d) with width r = ``hidden_size // reduction_factor`` and has
     2*d*r + r + d parameters. Base parameters are not touched; activate with ``set_active_adapters``
     or ``train_adapter``. After ``train_adapter`` the new adapter starts frozen (``requires_grad=False``):
     only the adapter being trained (and its head) train until ``train_adapter`` picks another.
@@ -446,6 +476,7 @@ def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfei
     name = _check_name(name)
     config = resolve_config(config)
     find_architecture(model)  # clear error before anything is attached
+    check_cross_adapter(model, config)
     state = _state(model)
     if state is not None and name in state.configs:
         raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it first")

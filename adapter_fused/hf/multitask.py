@@ -54,7 +54,7 @@ class PerSampleBatch:
 def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Within the block, sample i of a batch uses adapter ``names[i]`` (None: the base model).
 
-    The adapters named must share a placement, bottleneck widths, layers, activation and scale, and
+    The adapters named must share a placement (and ``cross_adapter``), bottleneck widths, layers, activation and scale, and
     use none of the options beyond the plain bottleneck (layer norms, gating, dropout, a learned
     scale: ValueError naming the adapter and option). The batch must
     have ``len(names)`` samples along its first dimension. Outputs equal running each sample alone
@@ -80,10 +80,11 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
         first = state.configs[used[0]]
         for name in used[1:]:
             other = state.configs[name]
-            if (other.layout, other.resolved_activation, other.scale) != (first.layout, first.resolved_activation,
-                                                                           first.scale):
-                raise ValueError(f"per_sample_adapters: adapters {used[0]!r} and {name!r} differ in placement, "
-                                 "activation or scale; one batch can only mix adapters that share them")
+            if (other.layout, other.cross_adapter, other.resolved_activation, other.scale) != (
+                    first.layout, first.cross_adapter, first.resolved_activation, first.scale):
+                raise ValueError(f"per_sample_adapters: adapters {used[0]!r} and {name!r} differ in placement "
+                                 "(cross_adapter included), activation or scale; one batch can only mix adapters that "
+                                 "share them")
         for name in used:
             config = state.configs[name]
             if not config.plain:

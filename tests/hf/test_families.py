@@ -1,6 +1,7 @@
 """Every model type supported by type, on tiny random models: no active adapter computes the base model
 bit for bit, the adapters change every stack's output, each site's hook runs once per layer call, the
-layers are numbered across stacks, and the fused kernel runs."""
+layers are numbered across stacks, and the fused kernel runs. Adapters after cross-attention equal
+ones written by hand in float64 on every encoder-decoder type."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_fused.hf import add_adapter, set_active_adapters
+from adapter_fused.hf import AdapterConfig, add_adapter, set_active_adapters
 from adapter_fused.hf import model as hf_model
 from adapter_fused.hf.architectures import model_layers
 
@@ -82,8 +83,14 @@ def test_family(model_type: str, placement: str, based: Callable, launches: Any,
     for handle in handles:
         handle.remove()
     used = hf_model.adapter_config(model, "a").layout.sites
-    # each site's hook once per layer call (both sites are hooked whatever the placement)
-    assert sites == Counter({(i, s): n for i, n in calls.items() for s in ("attention", "ffn")})
+    # each site's hook once per layer call (every site is hooked whatever the placement; decoder layers
+    # have one after cross-attention, which holds houlsby's adapter in BERT-style decoders only)
+    by_index = {str(layer.index): layer for layer in layers}
+    assert sites == Counter({(i, s): n for i, n in calls.items() for s in by_index[i].sites})
+    crossed = {i for i, layer in by_index.items() if "cross" in layer.sites}
+    assert bool(crossed) == (model_type in CROSS_OUTPUT)
+    holding = {i for i in adapters if "cross" in adapters[i]}
+    assert holding == (crossed if placement == "houlsby" and model_type == "encoder-decoder" else set())
     assert len(launches) >= sum(calls.values()) * len(used)  # the fused kernel ran at every site
     assert (out - plain).abs().max() > 1e-2
     set_active_adapters(model, None)
@@ -98,7 +105,6 @@ def test_vision_sites_match_a_hand_written_adapter_on_this_transformers(model_ty
     added by hand in float64 after the attention block and after the feed-forward block (BEiT: on the
     first and second output of ``drop_path``, after the layer scale), and AdapterHub's weight names
     (which follow transformers 4) reach the same layers."""
-    from adapter_fused import ACTIVATIONS
     from adapter_fused.hf.architectures import adapterhub_weights_by_layer
 
     model, batch = build(model_type), inputs(model_type)
@@ -107,6 +113,7 @@ def test_vision_sites_match_a_hand_written_adapter_on_this_transformers(model_ty
     randomize(model.base_model.fused_adapters.parameters())
     set_active_adapters(model, "a")
     config = hf_model.adapter_config(model, "a")
+    assert config.scale == 1.0
     ref_layers = reference.base_model.layers if hasattr(reference.base_model, "layers") else \
         reference.base_model.encoder.layer
     for index, layer in enumerate(ref_layers):
@@ -114,11 +121,7 @@ def test_vision_sites_match_a_hand_written_adapter_on_this_transformers(model_ty
                    for site, module in model.base_model.fused_adapters["a"][str(index)].items()}
 
         def adapted(out: Any, w: dict[str, torch.Tensor]) -> Any:
-            h = out[0] if isinstance(out, tuple) else out
-            down = ACTIVATIONS[config.resolved_activation](torch.nn.functional.linear(h, w["down.weight"],
-                                                                                     w["down.bias"]))
-            new = h + config.scale * torch.nn.functional.linear(down, w["up.weight"], w["up.bias"])
-            return (new, *out[1:]) if isinstance(out, tuple) else new
+            return _hand_written(out, w, config.resolved_activation)
 
         if model_type == "beit":
             calls = [0]
@@ -143,3 +146,71 @@ def test_vision_sites_match_a_hand_written_adapter_on_this_transformers(model_ty
              f"{model_type}.encoder.layer.0.attention_adapters.adapters.a.adapter_down.0.weight": weight}
     assert adapterhub_weights_by_layer(model, names, "test") == {
         "1.output.adapters.a.adapter_up.weight": weight, "0.attention.adapters.a.adapter_down.0.weight": weight}
+
+
+# the module whose output is the cross-attention block's output, in each encoder-decoder type's decoder layers
+CROSS_OUTPUT = {"bart": "encoder_attn", "plbart": "encoder_attn", "mbart": "encoder_attn", "whisper": "encoder_attn",
+                "t5": "layer.1.dropout", "mt5": "layer.1.dropout", "encoder-decoder": "crossattention.output.dropout"}
+
+
+def _hand_written(out: Any, w: dict[str, torch.Tensor], activation: str) -> Any:
+    """``h + up(act(down(h)))`` in float64 on a module output (a tensor or a tuple led by one)."""
+    from adapter_fused import ACTIVATIONS
+
+    h = out[0] if isinstance(out, tuple) else out
+    down = ACTIVATIONS[activation](torch.nn.functional.linear(h, w["down.weight"], w["down.bias"]))
+    new = h + torch.nn.functional.linear(down, w["up.weight"], w["up.bias"])
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+@pytest.mark.parametrize("model_type", list(CROSS_OUTPUT))
+def test_cross_attention_adapters_match_a_hand_written_adapter(model_type: str) -> None:
+    """Houlsby adapters with ``cross_adapter=True`` (BERT-style decoders: houlsby alone, as AdapterHub
+    places them) sit after the cross-attention block of each decoder layer and nowhere else in addition to
+    the attention and feed-forward sites. With the other sites' adapters zeroed, the model equals a
+    float64 copy whose cross-attention outputs get ``h + up(act(down(h)))`` by hand: the encoder is
+    untouched and the decoder changes."""
+    model, batch = build(model_type), inputs(model_type)
+    with torch.no_grad():
+        plain = model(**batch)
+    reference = copy.deepcopy(model).double()
+    add_adapter(model, "a", AdapterConfig("houlsby", cross_adapter=model_type != "encoder-decoder"))
+    modules = model.base_model.fused_adapters["a"]
+    _, layers = model_layers(model)
+    crossed = [layer for layer in layers if "cross" in modules[str(layer.index)]]
+    assert [layer.index for layer in crossed] == [2, 3]  # the decoder's two layers
+    assert all(set(modules[str(layer.index)]) == {"attention", "ffn"} for layer in layers if layer not in crossed)
+    randomize(modules.parameters())
+    with torch.no_grad():
+        for sites in modules.values():
+            for site, adapter in sites.items():
+                if site != "cross":
+                    adapter.up.weight.zero_()
+                    adapter.up.bias.zero_()
+    set_active_adapters(model, "a")
+    activation = hf_model.adapter_config(model, "a").resolved_activation
+    for layer in crossed:
+        w = {k: v.detach().double() for k, v in modules[str(layer.index)]["cross"].state_dict().items()}
+        target = reference.base_model.get_submodule(layer.path).get_submodule(CROSS_OUTPUT[model_type])
+        target.register_forward_hook(lambda m, a, out, w=w: _hand_written(out, w, activation))
+    with torch.no_grad():
+        adapted = model(**batch)
+        expected = reference(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+
+    def decoder(out: Any) -> torch.Tensor:  # the decoder's hidden states, or the LM head's logits on them
+        return out.last_hidden_state if "last_hidden_state" in out else out.logits
+
+    torch.testing.assert_close(decoder(adapted), decoder(expected).float(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(adapted.encoder_last_hidden_state, plain.encoder_last_hidden_state)
+    assert (decoder(adapted) - decoder(plain)).abs().max() > 1e-2
+
+
+def test_cross_adapter_without_a_site_for_it_is_refused() -> None:
+    """``cross_adapter=True`` on a model where it would add no adapter raises and attaches nothing: an
+    encoder-only model, and BERT-style decoders whose cross-attention site follows the attention site."""
+    for model_type, message in (("bert-generation", "has no layer with a cross-attention site"),
+                                ("encoder-decoder", "cross_adapter=True has no effect.*BertLayer.*attention=True")):
+        model = build(model_type)
+        with pytest.raises(ValueError, match=message):
+            add_adapter(model, "a", AdapterConfig("pfeiffer", cross_adapter=True))
+        assert not any("fused_adapters" in name for name, _ in model.named_modules())

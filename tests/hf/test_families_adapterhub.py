@@ -1,11 +1,13 @@
 """Parity with AdapterHub on every model type both support: an adapter AdapterHub saved, loaded into a
-plain transformers model of the same weights, reproduces AdapterHub's outputs on every stack."""
+plain transformers model of the same weights, reproduces AdapterHub's outputs on every stack; on
+encoder-decoder types also with adapters after cross-attention (``cross_adapter=True``)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +27,6 @@ HUB_BASE_DIFFERS = ("deberta", "modernbert")
 # Adapters that AdapterHub places where no site of ours is; loading them is refused.
 REFUSED = {
     ("albert", "double_seq_bn"): "reads the block input in place of the attention output",
-    ("encoder-decoder", "double_seq_bn"): r"crossattention\.output.*cross-attention adapters are not supported",
     ("phi", "par_bn"): "a parallel adapter reads the block residual",
 }
 
@@ -44,15 +45,47 @@ def based() -> Callable[[str], tuple[nn.Module, dict[str, torch.Tensor], torch.T
     return get
 
 
+# where AdapterHub keeps the adapters after cross-attention, by model type
+CROSS_LOCATIONS = {"bart": "cross_attention_adapters", "plbart": "cross_attention_adapters",
+                   "mbart": "cross_attention_adapters", "whisper": "cross_attention_adapters", "t5": "layer.1",
+                   "mt5": "layer.1"}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_adapterhub_adapter_reproduces_its_outputs(model_type: str, config: str, tmp_path: Path,
                                                    based: Callable) -> None:
-    base, batch, plain = based(model_type)
+    hub = _hub_model(model_type, config, based)
+    if model_type == "encoder-decoder" and config == "double_seq_bn":  # BERT decoders: also after cross-attention
+        assert any(".crossattention.output.adapters.hub." in n for n, _ in hub.named_parameters())
+    _check_parity(hub, model_type, config, tmp_path, based)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("model_type", list(CROSS_LOCATIONS))
+def test_adapterhub_cross_adapter_reproduces_its_outputs(model_type: str, config: str, tmp_path: Path,
+                                                         based: Callable) -> None:
+    hub_config = adapters.AdapterConfig.load(config, cross_adapter=True)
+    hub = _hub_model(model_type, hub_config, based)
+    crossed = {n.split(".adapters.")[0] for n, _ in hub.named_parameters()
+               if "decoder." in n and f".{CROSS_LOCATIONS[model_type]}.adapters.hub." in n}
+    assert len(crossed) == 2  # one per decoder layer (T5's encoder keeps its feed-forward adapter at layer.1)
+    _check_parity(hub, model_type, config, tmp_path, based)
+
+
+def _hub_model(model_type: str, config: Any, based: Callable) -> nn.Module:
+    """An AdapterHub copy of the base model of ``model_type`` with adapter "hub" of ``config``, random."""
+    base, _, _ = based(model_type)
     hub = copy.deepcopy(base)
     adapters.init(hub)
     hub.add_adapter("hub", config=config)
     randomize([p for n, p in hub.named_parameters() if "adapters.hub." in n])
+    return hub
+
+
+def _check_parity(hub: nn.Module, model_type: str, config: str, tmp_path: Path, based: Callable) -> None:
+    """Save the AdapterHub adapter, load it into a copy of the base model, and compare outputs."""
+    base, batch, plain = based(model_type)
     hub.eval()
     with torch.no_grad():
         hub_base = outputs(hub, batch)

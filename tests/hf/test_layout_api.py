@@ -14,7 +14,7 @@ from torch import nn
 
 import adapter_fused
 from adapter_fused import ACTIVATIONS, ModelLayout, SiteSpec, register_model_layout, unregister_model_layout
-from adapter_fused.hf import add_adapter, set_active_adapters
+from adapter_fused.hf import AdapterConfig, add_adapter, set_active_adapters
 from adapter_fused.hf.model import adapter_config
 
 from .models import randomize
@@ -52,21 +52,44 @@ class PostNormBlock(nn.Module):
         return self.ln2(x + self.ff(x))
 
 
-class Tiny(nn.Module):
-    """Two pre-norm ``blocks``, then (``two_stacks``) two post-norm ``head_blocks``."""
+class CrossBlock(nn.Module):
+    """A pre-norm decoder layer: x + attn(norm1(x)), then x + cross(norm_c(x), memory), then x + ff(norm2(x))."""
 
-    def __init__(self, two_stacks: bool = False) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.norm_c = nn.LayerNorm(D)
+        self.cross = nn.Bilinear(D, D, D)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        x = x + b.attn(b.norm1(x))
+        x = x + self.cross(self.norm_c(x), memory)
+        return x + b.ff(b.norm2(x))
+
+
+class Tiny(nn.Module):
+    """Two pre-norm ``blocks``, then (``two_stacks``) two post-norm ``head_blocks``; with ``decoder``, two
+    ``CrossBlock`` layers reading the blocks' output as memory (the output is then the decoder's)."""
+
+    def __init__(self, two_stacks: bool = False, decoder: bool = False) -> None:
         super().__init__()
         self.config = SimpleNamespace(model_type="tiny-test", hidden_size=D)
         self.blocks = nn.ModuleList([Block(), Block()])
         self.head_blocks = nn.ModuleList([PostNormBlock(), PostNormBlock()]) if two_stacks else None
+        self.decoder = nn.ModuleList([CrossBlock(), CrossBlock()]) if decoder else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
         for block in self.head_blocks or ():
             x = block(x)
-        return x
+        if self.decoder is None:
+            return x
+        assert y is not None
+        for layer in self.decoder:
+            y = layer(y, x)
+        return y
 
 
 PRE_NORM = ModelLayout(layers="blocks", attention=SiteSpec("attn", residual="norm1", residual_keywords="input"),
@@ -82,8 +105,8 @@ def registered() -> Iterator[None]:
     unregister_model_layout(Tiny)
 
 
-def hand(model: Tiny, x: torch.Tensor, placement: str) -> torch.Tensor:
-    """``model``'s forward in float64 with the adapters of ``"a"`` added by hand."""
+def hand(model: Tiny, x: torch.Tensor, placement: str, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``model``'s forward in float64 with the adapters of ``"a"`` added by hand where it has them."""
     weights = {k: v.detach().double() for k, v in model.fused_adapters["a"].state_dict().items()}
     act = ACTIVATIONS[adapter_config(model, "a").resolved_activation]
     ref = copy.deepcopy(model).double()
@@ -95,11 +118,13 @@ def hand(model: Tiny, x: torch.Tensor, placement: str) -> torch.Tensor:
 
     def site(index: int, name: str, h: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
         """The adapted sum that the layer normalizes (post-norm) or passes on (pre-norm)."""
+        if not any(k.startswith(f"{index}.{name}.") for k in weights):
+            return h + x
         if placement == "houlsby":
             h = h + f(index, name, h)
-        elif placement == "pfeiffer" and name == "ffn":
+        elif placement == "pfeiffer":
             h = h + f(index, name, norm(h + x) if norm is not None else h + x)
-        elif placement == "parallel" and name == "ffn":
+        elif placement == "parallel":
             h = h + f(index, name, x)
         return h + x
 
@@ -110,7 +135,16 @@ def hand(model: Tiny, x: torch.Tensor, placement: str) -> torch.Tensor:
     for j, block in enumerate(ref.head_blocks or (), start=len(ref.blocks)):
         x = block.ln1(site(j, "attention", block.attn(x), x, block.ln1))
         x = block.ln2(site(j, "ffn", block.ff(x), x, block.ln2))
-    return x
+    if ref.decoder is None:
+        return x
+    assert y is not None
+    y = y.double()
+    for k, layer in enumerate(ref.decoder, start=len(ref.blocks) + len(ref.head_blocks or ())):
+        b = layer.block
+        y = site(k, "attention", b.attn(b.norm1(y)), y, None)
+        y = site(k, "cross", layer.cross(layer.norm_c(y), x), y, None)
+        y = site(k, "ffn", b.ff(b.norm2(y)), y, None)
+    return y
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
@@ -128,6 +162,36 @@ def test_registered_layout_matches_adapters_added_by_hand(registered: None, plac
         out = model(x)
     assert (out - base).abs().max() > 1e-2
     torch.testing.assert_close(out, hand(model, x, placement).float(), rtol=1e-5, atol=1e-5)
+
+
+DECODER = ModelLayout(layers="decoder", attention=SiteSpec("block.attn", residual="block.norm1", residual_keywords="input"),
+                      ffn=SiteSpec("block.ff", residual="block.norm2", residual_keywords="input"),
+                      cross=SiteSpec("cross", residual="norm_c", residual_keywords="input"))
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+@pytest.mark.parametrize("with_cross", [True, False])
+def test_registered_decoder_with_a_cross_attention_site(placement: str, with_cross: bool) -> None:
+    """A described decoder stack with a ``cross`` site: ``cross_adapter=True`` adds an adapter there in the
+    decoder layers only, placed like the others; outputs equal adapters added by hand in float64."""
+    register_model_layout(Tiny, [PRE_NORM, DECODER])
+    try:
+        torch.manual_seed(0)
+        model = Tiny(decoder=True).eval()
+        x, y = torch.randn(2, 5, D), torch.randn(2, 5, D)
+        base = model(x, y)
+        add_adapter(model, "a", AdapterConfig(placement, cross_adapter=with_cross))
+        modules = model.fused_adapters["a"]
+        assert {i: "cross" in modules[i] for i in modules} == {"0": False, "1": False, "2": with_cross,
+                                                                "3": with_cross}
+        randomize(modules.parameters())
+        set_active_adapters(model, "a")
+        with torch.no_grad():
+            out = model(x, y)
+        assert (out - base).abs().max() > 1e-2
+        torch.testing.assert_close(out, hand(model, x, placement, y).float(), rtol=1e-5, atol=1e-5)
+    finally:
+        unregister_model_layout(Tiny)
 
 
 def test_layout_registered_by_model_type() -> None:
@@ -178,6 +242,10 @@ def test_bad_descriptions_are_refused() -> None:
         ModelLayout("blocks..x", SiteSpec("attn", "norm1"), SiteSpec("ff", "norm2"))
     with pytest.raises(TypeError, match="ModelLayout.ffn must be a SiteSpec"):
         ModelLayout("blocks", SiteSpec("attn", "norm1"), "ff")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ModelLayout.cross must be a SiteSpec or None"):
+        ModelLayout("blocks", SiteSpec("attn", "norm1"), SiteSpec("ff", "norm2"), cross="cross")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cross_with_attention needs a cross site"):
+        ModelLayout("blocks", SiteSpec("attn", "norm1"), SiteSpec("ff", "norm2"), cross_with_attention=True)
     with pytest.raises(TypeError, match="layout must be a ModelLayout"):
         register_model_layout(Tiny, [])
     with pytest.raises(KeyError, match="no layout registered"):
@@ -208,7 +276,7 @@ def test_one_module_serving_both_sites_by_call() -> None:
                             SiteSpec("out", "block.norm2", residual_keywords="input"))
     register_model_layout(Tiny, same_call)
     try:
-        with pytest.raises(ValueError, match=r"both sites of SharedOutputBlock \(at blocks.0\) take call 0 of out; "
+        with pytest.raises(ValueError, match=r"two sites of SharedOutputBlock \(at blocks.0\) take call 0 of out; "
                                              r"give each its own SiteSpec.output_call"):
             add_adapter(model, "a", "houlsby")
         assert not hasattr(model, "fused_adapters")

@@ -95,3 +95,34 @@ def test_refusals() -> None:
     with pytest.raises(ValueError, match="2 adapter names were given"):
         with per_sample_adapters(model, ["a", "b"]):
             hidden_states(model, inputs)
+
+
+def test_mixed_batch_with_cross_attention_adapters() -> None:
+    """On BART with adapters after cross-attention too, a mixed batch equals each sample alone; an adapter
+    without them cannot share the batch."""
+    from adapter_fused.hf import AdapterConfig
+
+    from .families import VOCAB
+    from .families import build as build_family
+
+    model = build_family("bart")
+    for i, name in enumerate(("a", "b", "c")):
+        add_adapter(model, name, AdapterConfig("pfeiffer", cross_adapter=True))
+        randomize(adapter_modules(model, name).parameters(), seed=10 + i)
+    generator = torch.Generator().manual_seed(4)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (len(NAMES), 6), generator=generator),
+              "decoder_input_ids": torch.randint(3, VOCAB, (len(NAMES), 4), generator=generator)}
+    rows = []
+    with torch.no_grad():
+        for i, name in enumerate(NAMES):
+            set_active_adapters(model, name)
+            rows.append(model(**{k: v[i : i + 1] for k, v in inputs.items()}).last_hidden_state)
+        set_active_adapters(model, None)
+        want = torch.cat(rows)
+        with per_sample_adapters(model, NAMES):
+            got = model(**inputs).last_hidden_state
+    assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    add_adapter(model, "plain", "pfeiffer")
+    with pytest.raises(ValueError, match=r"differ in placement \(cross_adapter included\)"), \
+            per_sample_adapters(model, ["a", "plain"]):
+        pass
