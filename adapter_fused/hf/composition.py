@@ -518,7 +518,9 @@ def _grouped(adapters: list[tuple[str, FusedAdapter | None]], sizes: list[int], 
 # -- Parallel: the batch replicated at the base model's input --
 
 BATCH_FIRST = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids",
-               "encoder_hidden_states", "encoder_attention_mask")
+               "encoder_hidden_states", "encoder_attention_mask", "decoder_input_ids", "decoder_inputs_embeds",
+               "decoder_attention_mask", "decoder_position_ids", "input_features", "pixel_values")
+_LEADS = ("input_ids", "inputs_embeds", "input_features", "pixel_values", "decoder_input_ids")
 """Base-model inputs repeated for ``Parallel`` (those whose first dimension is the batch size)."""
 
 
@@ -546,9 +548,9 @@ class ReplicateInputs:
         if cache is not None and (cache.get_seq_length() > 0 if hasattr(cache, "get_seq_length") else len(cache) > 0):
             raise ValueError(f"adapter_fused: {active!r} replicates the batch at the model's input and cannot "
                              "continue from a filled key/value cache; run it without one")
-        lead = next((bound[k] for k in ("input_ids", "inputs_embeds") if isinstance(bound.get(k), torch.Tensor)), None)
+        lead = next((bound[k] for k in _LEADS if isinstance(bound.get(k), torch.Tensor)), None)
         if lead is None:
-            raise ValueError(f"adapter_fused: {active!r} needs input_ids or inputs_embeds to replicate the batch")
+            raise ValueError(f"adapter_fused: {active!r} needs one of {', '.join(_LEADS)} to replicate the batch")
         batch = lead.shape[0]
 
         def repeat(name: str, value: Any) -> Any:

@@ -393,3 +393,38 @@ def test_matches_adapterhub_compositions(tmp_path: Path, arch: str, config: str,
     assert out.shape == expected.shape
     assert (expected - base.repeat(expected.shape[0] // base.shape[0], 1, 1)).abs().max() > 0.05
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", HUB_SETUPS)
+@pytest.mark.parametrize(("model_type", "config"), [("bart", "seq_bn"), ("t5", "double_seq_bn")])
+def test_compositions_with_cross_attention_adapters_match_adapterhub(tmp_path: Path, model_type: str, config: str,
+                                                                      kind: str) -> None:
+    """The same compositions on encoder-decoder models whose adapters also sit after cross-attention
+    (``cross_adapter=True``): the decoder's outputs equal AdapterHub's."""
+    adapters = pytest.importorskip("adapters")
+    composition = pytest.importorskip("adapters.composition")
+    from .families import VOCAB, build
+
+    hub = build(model_type)
+    adapters.init(hub)
+    for name in "ab":
+        hub.add_adapter(name, config=adapters.AdapterConfig.load(config, cross_adapter=True))
+    randomize([p for n, p in hub.named_parameters() if ".adapters." in n])
+    model = build(model_type)
+    for name in "ab":
+        hub.save_adapter(str(tmp_path / name), name)
+        assert load_adapter(model, tmp_path / name) == name
+    assert all("cross" in model.base_model.fused_adapters["a"][str(i)] for i in (2, 3))
+    setup = hub_setup(composition, kind)
+    hub.set_active_adapters(setup)
+    set_active_adapters(model, setup)
+    generator = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (3, 6), generator=generator),
+              "decoder_input_ids": torch.randint(3, VOCAB, (3, 4), generator=generator)}
+    with torch.no_grad():
+        expected = hub(**inputs).last_hidden_state
+        out = model(**inputs).last_hidden_state
+        base = build(model_type)(**inputs).last_hidden_state
+    assert out.shape == expected.shape
+    assert (expected - base.repeat(expected.shape[0] // base.shape[0], 1, 1)).abs().max() > 0.05
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
