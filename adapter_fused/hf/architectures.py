@@ -162,7 +162,8 @@ class Architecture:
     (``"encoder"``, ``"decoder"`` of an ``EncoderDecoderModel``) whose own architectures give the stacks.
     ``hub_layers`` is the path under which AdapterHub (on transformers 4) names the layers of a model
     type whose layer list transformers has since moved (ViT's ``encoder.layer``, now ``layers``). A model
-    type may have several entries, one per transformers layout; the first whose layers exist is used.
+    type may have several entries, one per transformers layout or config variant: the first whose layers
+    exist and have every site module is used.
     ``cross`` and ``cross_with_attention`` are the first stack's (see ``ModelLayout``).
     """
 
@@ -285,6 +286,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
     Architecture("electra", ("electra",), **_BERT_LIKE),  # type: ignore[arg-type]
     Architecture("bert-generation", ("bert-generation",), **_BERT_LIKE),  # type: ignore[arg-type]
     Architecture("deberta", ("deberta", "deberta-v2"), **_BERT_LIKE),  # type: ignore[arg-type]
+    # X-MOD: the sites AdapterHub gives it, with the norm its feed-forward adapter reads (the language adapters'
+    # own norm, else the output LayerNorm they reuse); X-MOD's language adapters stay and run after the site.
+    # The feed-forward output is read at ``output.dense``: ``output.dropout`` runs again inside the language adapter.
+    *(Architecture(
+        "xmod", ("xmod",),
+        layers=("encoder.layer",),
+        attention=_site("attention.output.dropout", "attention.output", 1, ("input_tensor",), None, "attention.output"),
+        ffn=_site("output.dense", "output", 1, ("input_tensor",), norm, "output"),
+        cross=_site("crossattention.output.dropout", "crossattention.output", 1, ("input_tensor",), None,
+                    "crossattention.output"),
+        cross_with_attention=True,
+    ) for norm in ("output.adapter_layer_norm", "output.LayerNorm")),
     Architecture(
         "distilbert", ("distilbert",),
         layers=("transformer.layer",),
@@ -522,9 +535,12 @@ def _lookup(model: nn.Module, base: nn.Module) -> Architecture:
     if arch is not None:
         return arch
     candidates = [a for a in ARCHITECTURES if model_type in a.model_types]
-    if candidates:  # the entry for this transformers version's layout, else the first (for its error)
+    if candidates:  # the first entry this model's layers fit (transformers version, config), else the first
         config = getattr(model, "config", None)
-        return next((a for a in candidates if resolve_layers(a, base, config)), candidates[0])
+        resolved = [(a, resolve_layers(a, base, config)) for a in candidates]
+        fitting = [a for a, layers in resolved if layers and not missing_modules(layers[0].module,
+                                                                                 *layers[0].sites.values())]
+        return next(iter(fitting), next((a for a, layers in resolved if layers), candidates[0]))
     return _find_by_structure(model, base, model_type)
 
 

@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "vit": VISION,
     "beit": {**VISION, "layer_scale_init_value": 0.5},
     "xlm-roberta": {**TEXT, "pad_token_id": 1},
+    "xmod": {**TEXT, "pad_token_id": 1, "languages": ["en_XX", "de_DE"], "default_language": "de_DE"},
     "clip_text_model": {**TEXT, "max_position_embeddings": 16, "pad_token_id": 1, "bos_token_id": 0,
                         "eos_token_id": 2},
     "clip_vision_model": {**VISION, "hidden_size": 48, "intermediate_size": 96},
@@ -73,16 +74,28 @@ def build(model_type: str, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     if model_type == "encoder-decoder":
-        encoder = transformers.BertModel(transformers.BertConfig(**TEXT), add_pooling_layer=False)
-        decoder = transformers.BertLMHeadModel(transformers.BertConfig(**TEXT, is_decoder=True,
-                                                                       add_cross_attention=True))
-        model = transformers.EncoderDecoderModel(encoder=encoder, decoder=decoder)
-        model.config.decoder_start_token_id = 2
-        model.config.pad_token_id = 1
+        model = encoder_decoder("bert")
     else:
         config = AutoConfig.for_model(model_type, **CONFIGS[model_type])
         model = AutoModel.from_config(config, attn_implementation="eager")
     return model.eval()
+
+
+def encoder_decoder(kind: str) -> nn.Module:
+    """An ``EncoderDecoderModel`` of two 2-layer models of type ``kind`` (``"bert"`` or ``"xmod"``), the
+    decoder with cross-attention and an LM head."""
+    if kind == "bert":
+        encoder = transformers.BertModel(transformers.BertConfig(**TEXT), add_pooling_layer=False)
+        decoder = transformers.BertLMHeadModel(transformers.BertConfig(**TEXT, is_decoder=True,
+                                                                       add_cross_attention=True))
+    else:
+        encoder = transformers.XmodModel(transformers.XmodConfig(**CONFIGS[kind]), add_pooling_layer=False)
+        decoder = transformers.XmodForCausalLM(transformers.XmodConfig(**CONFIGS[kind], is_decoder=True,
+                                                                       add_cross_attention=True))
+    model = transformers.EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.config.decoder_start_token_id = 2
+    model.config.pad_token_id = 1
+    return model
 
 
 def inputs(model_type: str, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from adapter_fused.hf import load_adapter, set_active_adapters
 
-from .families import MODEL_TYPES, build, inputs, outputs
+from .families import MODEL_TYPES, build, encoder_decoder, inputs, outputs
 from .models import randomize
 
 adapters = pytest.importorskip("adapters")
@@ -38,7 +38,16 @@ def based() -> Callable[[str], tuple[nn.Module, dict[str, torch.Tensor], torch.T
 
     def get(model_type: str) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
         if model_type not in cache:
-            model, batch = build(model_type), inputs(model_type)
+            if model_type == "encoder-decoder/xmod":  # X-MOD encoder and decoder
+                torch.manual_seed(0)
+                model, batch = encoder_decoder("xmod").eval(), inputs("encoder-decoder")
+            else:
+                model, batch = build(model_type), inputs(model_type)
+            if "xmod" in model_type:  # AdapterHub deletes X-MOD's language adapters: make them add nothing
+                with torch.no_grad():
+                    for name, parameter in model.named_parameters():
+                        if ".adapter_modules." in name and ".dense2." in name:
+                            parameter.zero_()
             with torch.no_grad():
                 cache[model_type] = (model, batch, outputs(model, batch))
         return cache[model_type]
@@ -59,6 +68,15 @@ def test_adapterhub_adapter_reproduces_its_outputs(model_type: str, config: str,
     if model_type == "encoder-decoder" and config == "double_seq_bn":  # BERT decoders: also after cross-attention
         assert any(".crossattention.output.adapters.hub." in n for n, _ in hub.named_parameters())
     _check_parity(hub, model_type, config, tmp_path, based)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_xmod_encoder_decoder(config: str, tmp_path: Path, based: Callable) -> None:
+    """An encoder-decoder of X-MOD models: houlsby's adapters also after the decoder's cross-attention."""
+    hub = _hub_model("encoder-decoder/xmod", config, based)
+    crossed = any(".crossattention.output.adapters.hub." in n for n, _ in hub.named_parameters())
+    assert crossed == (config == "double_seq_bn")
+    _check_parity(hub, "encoder-decoder/xmod", config, tmp_path, based)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -114,3 +132,44 @@ def _check_parity(hub: nn.Module, model_type: str, config: str, tmp_path: Path, 
     set_active_adapters(model, None)
     with torch.no_grad():
         assert torch.equal(outputs(model, batch), plain)
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn"])
+def test_xmod_with_its_own_adapter_layer_norm(config: str, tmp_path: Path) -> None:
+    """X-MOD built with ``adapter_layer_norm=True`` gives its language adapters their own norm, which
+    AdapterHub's feed-forward adapter then reads: the layout picks that norm, and outputs match."""
+    from adapter_fused.hf.architectures import model_layers
+
+    from .families import CONFIGS
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = transformers.AutoModel.from_config(
+        transformers.AutoConfig.for_model("xmod", **CONFIGS["xmod"], adapter_layer_norm=True),
+        attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if ".adapter_modules." in name and ".dense2." in name:
+                parameter.zero_()
+            elif "adapter_layer_norm" in name:  # not the identity it starts as
+                parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    batch = inputs("xmod")
+    with torch.no_grad():
+        plain = outputs(base, batch)
+    hub = copy.deepcopy(base)
+    adapters.init(hub)
+    hub.add_adapter("hub", config=config)
+    randomize([p for n, p in hub.named_parameters() if "adapters.hub." in n])
+    hub.set_active_adapters("hub")
+    hub.eval()
+    with torch.no_grad():
+        expected = outputs(hub, batch)
+    hub.save_adapter(str(tmp_path), "hub")
+    model = copy.deepcopy(base)
+    assert model_layers(model)[1][0].ffn.norm == "output.adapter_layer_norm"
+    load_adapter(model, tmp_path)
+    set_active_adapters(model, "hub")
+    with torch.no_grad():
+        out = outputs(model, batch)
+    assert (expected - plain).abs().max() > 0.05
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
