@@ -22,7 +22,8 @@ adapters = pytest.importorskip("adapters")
 
 CONFIGS = ["double_seq_bn", "seq_bn", "par_bn"]
 # AdapterHub's own models of these types compute other outputs than transformers' on the same weights
-# with no adapter active, so no adapter output can be compared.
+# with no adapter active (their attention differs), so the adapter is loaded into a copy of AdapterHub's
+# model, beside AdapterHub's own inactive adapter: the sites and their arithmetic are compared there.
 HUB_BASE_DIFFERS = ("deberta", "modernbert")
 # Adapters that AdapterHub places where no site of ours is; loading them is refused.
 REFUSED = {
@@ -109,12 +110,12 @@ def _check_parity(hub: nn.Module, model_type: str, config: str, tmp_path: Path, 
         hub_base = outputs(hub, batch)
     base_gap = (hub_base - plain).abs().max().item()
     if model_type in HUB_BASE_DIFFERS:
-        assert base_gap > 1e-4  # when AdapterHub matches transformers again, this test must compare outputs
-        pytest.skip(f"AdapterHub's {model_type} model computes outputs {base_gap:.3g} away from transformers' with "
-                    f"no adapter active; no parity to check")
-    assert base_gap <= 1e-5
+        assert base_gap > 1e-4  # when AdapterHub matches transformers again, compare on transformers' model
+        model, plain = copy.deepcopy(hub), hub_base
+    else:
+        assert base_gap <= 1e-5
+        model = copy.deepcopy(base)
     hub.save_adapter(str(tmp_path), "hub")
-    model = copy.deepcopy(base)
     if (model_type, config) in REFUSED:
         with pytest.raises(ValueError, match=REFUSED[(model_type, config)]):
             load_adapter(model, tmp_path)
