@@ -131,3 +131,27 @@ def test_bad_config_refused(tmp_path: Path) -> None:
         load_adapter(make_model("bert"), directory)
     with pytest.raises(FileNotFoundError, match="adapter config not found"):
         load_adapter(make_model("bert"), tmp_path / "nowhere")
+
+
+def test_round_trip_with_adapters_after_cross_attention(tmp_path: Path) -> None:
+    """T5 with ``cross_adapter=True``: the decoder layers' cross-attention adapters are saved as
+    ``<layer>.cross.*`` and a fresh model loading them computes the same outputs bit for bit."""
+    from safetensors.torch import load_file
+
+    from .families import build, inputs, outputs
+
+    model, batch = build("t5"), inputs("t5")
+    add_adapter(model, "task", AdapterConfig("pfeiffer", cross_adapter=True))
+    randomize(model.base_model.fused_adapters.parameters())
+    set_active_adapters(model, "task")
+    with torch.no_grad():
+        expected = outputs(model, batch)
+    save_adapter(model, "task", tmp_path)
+    cross = sorted(key for key in load_file(str(tmp_path / "adapter_model.safetensors")) if ".cross." in key)
+    assert {key.split(".")[0] for key in cross} == {"2", "3"}  # the decoder's layers
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["config"]["cross_adapter"] is True
+    other = build("t5")
+    assert load_adapter(other, tmp_path) == "task"
+    set_active_adapters(other, "task")
+    with torch.no_grad():
+        assert torch.equal(outputs(other, batch), expected)
