@@ -31,8 +31,9 @@ Models are recognized in three ways, in this order. A layout registered with
 ``register_model_layout`` for the model's class or type. A model type listed in ``ARCHITECTURES``.
 Any other model by the structure of its layers (``adapter_fused.hf.structure``): the first candidate
 layout whose modules the first layer has and whose sums a forward pass on a dummy batch confirms
-(pre-norm, parallel-block, sandwich-norm and post-norm layers under several naming schemes). At run
-time, a site whose placement needs the residual ``x`` and whose residual module did not run before its
+(pre-norm, parallel-block, sandwich-norm and post-norm layers under several naming schemes, and
+BART-style encoder-decoder models). At run time, a site whose placement needs the residual ``x`` and
+whose residual module did not run before its
 output module in the same call raises RuntimeError rather than compute wrong numbers. Dropout applied by
 the layer to a sub-block output (Phi-3, StableLM, BART) acts on the adapted output, which changes
 nothing in evaluation mode.
@@ -45,7 +46,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
-
 
 
 def _check_path(value: object, what: str, optional: bool = False) -> None:

@@ -8,14 +8,18 @@ batch (one token sequence, evaluation mode, no gradients), before any adapter is
   at least once;
 - in the first layer, the recorded tensors add up the way the layout says: the attention site's
   residual is the layer input ``x``; the attention block's combination ``h_a + x`` (normalized, for a
-  post-norm layout, by the layout's norm, whose input must be that sum) is what the feed-forward
-  site's residual plus its ``residual_plus`` module's output equals; and the layer output equals the
-  feed-forward combination ``h_f + r_f (+ p_f)``, normalized the same way for post-norm layouts.
+  post-norm layout, by the layout's norm, whose input must be that sum) is what the next site's
+  residual plus its ``residual_plus`` module's output equals, and so on through the sites (attention,
+  cross-attention in decoder layers, feed-forward); and the layer output equals the feed-forward
+  combination ``h_f + r_f (+ p_f)``, normalized the same way for post-norm layouts.
 
-The first candidate that passes is used. These are sums of recorded tensors, so a layer that scales
-a sub-block output, normalizes it after the module the layout names, runs attention and feed-forward
-side by side where the layout says one after the other (or the reverse), or puts another block between
-the two sites (cross-attention) fails the check, and is refused with the reason for each candidate.
+Encoder-decoder candidates have an encoder stack and a decoder stack whose layers have a third site,
+after cross-attention; both stacks are checked, on a dummy batch that also gives the decoder its token
+ids. The first candidate that passes is used. These are sums of recorded tensors, so a layer that
+scales a sub-block output, normalizes it after the module the layout names, runs attention and
+feed-forward side by side where the layout says one after the other (or the reverse), or puts a block
+the layout does not name between two sites fails the check, and is refused with the reason for each
+candidate.
 Comparisons use the L2 norm, relative to the summed terms' norms, with a tolerance of four units of
 rounding of the recorded dtype (at least 1e-6): far below the size of any sub-block output that a wrong
 layout would leave out or add twice.
@@ -36,10 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import Architecture, SiteSpec, _find_layers, _get, call_argument, missing_modules
+from .architectures import Architecture, ModelLayout, SiteSpec, _find_layers, _get, call_argument, missing_modules
 
 LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer")
 """Where, from the base model, a layer list is looked for (the first path present is used)."""
+ENCODER_DECODER_LAYERS = ("encoder.layers", "decoder.layers")
+"""The encoder's and the decoder's layer lists of encoder-decoder candidates, from the base model."""
 
 _NORM_INPUT = ("hidden_states", "input", "x")
 _ATTENTIONS = ("self_attn", "self_attention", "attention", "attn")
@@ -54,7 +60,23 @@ def _pre(norm: str, output: str, plus: str | None = None) -> SiteSpec:
     return SiteSpec(output, norm, 0, _NORM_INPUT, None, plus)
 
 
+def _encoder_decoder(name: str, attention: SiteSpec, cross: SiteSpec, ffn: SiteSpec) -> Architecture:
+    encoder, decoder = ENCODER_DECODER_LAYERS
+    return Architecture.from_layouts(name, (), (ModelLayout(encoder, attention, ffn),
+                                                ModelLayout(decoder, attention, ffn, cross=cross)))
+
+
 STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
+    # BART-style encoder and decoder layers, the decoder's with cross-attention between the two blocks
+    _encoder_decoder("pre-norm encoder-decoder (self_attn_layer_norm, self_attn; encoder_attn_layer_norm, "
+                     "encoder_attn; final_layer_norm, fc1 ... fc2)",
+                     _pre("self_attn_layer_norm", "self_attn"), _pre("encoder_attn_layer_norm", "encoder_attn"),
+                     _pre("final_layer_norm", "fc2")),
+    _encoder_decoder("post-norm encoder-decoder (self_attn, self_attn_layer_norm; encoder_attn, "
+                     "encoder_attn_layer_norm; fc1 ... fc2, final_layer_norm)",
+                     SiteSpec("self_attn", "self_attn", 0, ("hidden_states", "query"), "self_attn_layer_norm"),
+                     SiteSpec("encoder_attn", "encoder_attn", 0, ("hidden_states", "query"), "encoder_attn_layer_norm"),
+                     SiteSpec("fc2", "fc1", 0, ("input",), "final_layer_norm")),
     # x = x + attn(n1(x)); x = x + ffn(n2(x))
     *(_layout(f"pre-norm layer (input_layernorm, {attn}; post_attention_layernorm, {ffn})",
               _pre("input_layernorm", attn), _pre("post_attention_layernorm", ffn))
@@ -99,6 +121,7 @@ STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
     "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "phi3", "olmo", "olmo2", "olmoe", "granite",
     "granitemoe", "smollm3", "stablelm", "starcoder2", "cohere", "glm", "glm4", "deepseek_v3", "gpt_neox",
     "gpt_neo", "gpt_bigcode", "falcon", "opt", "bloom", "codegen", "camembert",
+    "marian", "blenderbot-small", "mvp", "led", "fsmt", "pegasus", "blenderbot", "m2m_100", "bigbird_pegasus",
 )
 """Model types recognized by structure whose tiny random models the tests check against adapters
 added by hand in float64."""
@@ -172,11 +195,18 @@ def _mismatch(actual: Any, terms: list[Any], what: str) -> str | None:
     return None
 
 
-def _check(layout: Architecture, layers: nn.ModuleList, record: _Recording) -> str | None:
-    """Why ``layout`` does not describe ``layers`` (given a forward pass recorded), or None."""
+def _sites(stack: ModelLayout) -> list[tuple[str, SiteSpec]]:
+    """A stack's sites in the order they run, with the names the reasons use."""
+    cross = [("cross-attention", stack.cross)] if stack.cross is not None else []
+    return [("attention", stack.attention), *cross, ("feed-forward", stack.ffn)]
+
+
+def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str | None:
+    """Why ``stack`` does not describe ``layers`` (given a forward pass recorded), or None."""
+    sites = _sites(stack)
     for position, layer in enumerate(layers):
         called = record.calls[id(layer)]
-        for name, site in (("attention", layout.attention), ("feed-forward", layout.ffn)):
+        for _, site in sites:
             output, residual = _get(layer, site.output), _get(layer, site.residual) if site.residual else None
             if record.calls[id(output)] != called:
                 return f"in layer {position}, {site.output} ran {record.calls[id(output)]} times in {called} calls"
@@ -206,24 +236,40 @@ def _check(layout: Architecture, layers: nn.ModuleList, record: _Recording) -> s
         why = _mismatch(call_argument(n_args, n_kwargs, 0, _NORM_INPUT), terms, f"the input of {site.norm} is not {what}")
         return record.outputs.get(id(norm)), why
 
-    h_a, r_a, p_a = site_parts(layout.attention)
-    why = _mismatch(r_a, [x], f"the input of {layout.attention.residual} is not the layer input")
+    attention = stack.attention
+    h, r, p = site_parts(attention)
+    why = _mismatch(r, [x], f"the input of {attention.residual} is not the layer input")
     if why:
         return why
-    c_a, why = combined(layout.attention, h_a, r_a, p_a, f"{layout.attention.output} output + residual")
+    result, why = combined(attention, h, r, p, f"{attention.output} output + residual")
     if why:
         return why
-    h_f, r_f, p_f = site_parts(layout.ffn)
-    residual_f = [r_f] + ([p_f] if layout.ffn.residual_plus else [])
-    what_f = f"{layout.ffn.residual} input" + (f" + {layout.ffn.residual_plus} output" if p_f is not None else "")
-    why = _mismatch(sum(residual_f[1:], residual_f[0]) if all(isinstance(t, torch.Tensor) for t in residual_f)
-                    else None, [c_a], f"{what_f} (the feed-forward residual) is not the attention block's result")
-    if why:
-        return why
-    c_f, why = combined(layout.ffn, h_f, r_f, p_f, f"{layout.ffn.output} output + residual")
-    if why:
-        return why
-    return _mismatch(y, [c_f], f"the layer output is not {layout.ffn.output} output + residual")
+    previous = "attention"
+    for name, site in sites[1:]:
+        h, r, p = site_parts(site)
+        terms = [r] + ([p] if site.residual_plus else [])
+        what = f"{site.residual} input" + (f" + {site.residual_plus} output" if p is not None else "")
+        why = _mismatch(sum(terms[1:], terms[0]) if all(isinstance(t, torch.Tensor) for t in terms)
+                        else None, [result], f"{what} (the {name} residual) is not the {previous} block's result")
+        if why:
+            return why
+        result, why = combined(site, h, r, p, f"{site.output} output + residual")
+        if why:
+            return why
+        previous = name
+    return _mismatch(y, [result], f"the layer output is not {stack.ffn.output} output + residual")
+
+
+def _stacks(layout: Architecture, base: nn.Module) -> list[tuple[ModelLayout, nn.ModuleList]] | None:
+    """Each stack of ``layout`` with its layer list in ``base``; None when a stack is absent or its first
+    layer lacks a module of its sites (the cross-attention site included)."""
+    found = []
+    for stack in layout.stacks:
+        lists = _find_layers(base, stack.layers)  # type: ignore[arg-type]
+        if not lists or missing_modules(lists[0][1][0], *(site for _, site in _sites(stack))):
+            return None
+        found.append((stack, lists[0][1]))
+    return found
 
 
 def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
@@ -234,23 +280,30 @@ def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
     ids = torch.tensor([[5, 3, 7, 2, 6, 4]], device=device) % (vocab - 1) + 1
     batch = {"input_ids": ids}
     try:
-        if "use_cache" in inspect.signature(base.forward).parameters:
-            batch["use_cache"] = False  # type: ignore[assignment]
+        parameters = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
-        pass
+        return batch
+    if "use_cache" in parameters:
+        batch["use_cache"] = False  # type: ignore[assignment]
+    if "decoder_input_ids" in parameters:  # an encoder-decoder model: its decoder reads the encoder's output
+        batch["decoder_input_ids"] = ids[:, :4]
     return batch
 
 
-def _run(base: nn.Module, candidates: list[tuple[Architecture, nn.ModuleList]]) -> _Recording:
+_Candidate = tuple[Architecture, list[tuple[ModelLayout, nn.ModuleList]]]
+
+
+def _run(base: nn.Module, candidates: list[_Candidate]) -> _Recording:
     record = _Recording()
     training = {m: m.training for m in base.modules()}
     try:
-        for layout, layers in candidates:
-            for position, layer in enumerate(layers):
-                record.watch(layer, keep=position == 0)
-                for site in (layout.attention, layout.ffn):
-                    for path in site.paths:
-                        record.watch(_get(layer, path), keep=position == 0)  # type: ignore[arg-type]
+        for _, stacks in candidates:
+            for stack, layers in stacks:
+                for position, layer in enumerate(layers):
+                    record.watch(layer, keep=position == 0)
+                    for _, site in _sites(stack):
+                        for path in site.paths:
+                            record.watch(_get(layer, path), keep=position == 0)  # type: ignore[arg-type]
         base.eval()
         with torch.no_grad():
             base(**_dummy_batch(base))
@@ -268,14 +321,11 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
     if isinstance(cached, Architecture):
         return cached
     reasons: list[str] = []
-    candidates: list[tuple[Architecture, nn.ModuleList]] = []
+    candidates: list[_Candidate] = []
     for layout in STRUCTURAL_LAYOUTS:
-        lists = _find_layers(base, layout.layers)
-        if not lists:
-            continue
-        layers = lists[0][1]
-        if not missing_modules(layers[0], layout.attention, layout.ffn):
-            candidates.append((layout, layers))
+        stacks = _stacks(layout, base)
+        if stacks is not None:
+            candidates.append((layout, stacks))
     if not candidates:
         lists = _find_layers(base, LAYERS)
         where = f"its layer class {type(lists[0][1][0]).__name__} has the modules of no known layout" if lists else \
@@ -293,15 +343,16 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
             raise ValueError(f"{refuse}. Its layers were not recognized: a forward pass of the base model on a "
                              f"dummy batch of token ids, run to check the layout, failed "
                              f"({type(error).__name__}: {error}); {hint}") from error
-        for layout, layers in candidates:
-            why = _check(layout, layers, record)
+        for layout, stacks in candidates:
+            why = next((f"{stack.layers[0]}: {why}" if len(stacks) > 1 else why for stack, layers in stacks
+                        if (why := _check(stack, layers, record)) is not None), None)
             if why is None:
                 chosen = layout
                 break
             reasons.append(f"as a {layout.name}: {why}")
         else:
             raise ValueError(f"{refuse}. Such a model is not recognized: its layer class "
-                             f"{type(candidates[0][1][0]).__name__} matches no known layout on a forward pass "
+                             f"{type(candidates[0][1][0][1][0]).__name__} matches no known layout on a forward pass "
                              f"({'; '.join(reasons)}); {hint}")
     arch = replace(chosen, model_types=(str(model_type),) if model_type else ())
     base.__dict__[_ATTRIBUTE] = arch

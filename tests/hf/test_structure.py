@@ -18,6 +18,7 @@ from torch import nn
 
 from adapter_fused import ACTIVATIONS
 from adapter_fused.hf import (
+    AdapterConfig,
     ModelLayout,
     SiteSpec,
     add_adapter,
@@ -106,9 +107,14 @@ def build(model_type: str, **overrides: Any) -> nn.Module:
     return AutoModel.from_config(config, attn_implementation="eager").eval()
 
 
-def inputs() -> dict[str, torch.Tensor]:
-    input_ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+def inputs(seq2seq: bool = False) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if seq2seq:
+        out["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 5), generator=generator)
+        out["use_cache"] = False  # FSMT's decoder fails to build a cache on transformers 4.57
+    return out
 
 
 def float64_if_it_runs(model: nn.Module, x: dict[str, torch.Tensor]) -> nn.Module:
@@ -127,10 +133,10 @@ def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weight
                  act: str, scale: float) -> None:
     """Patch the modules of ``reference`` (a float64 copy of the base model, whose dtype the adapter
     ``weights`` take) at the sites of ``layers`` (``ModelLayer`` items: paths and SiteSpecs) so that they
-    add the adapters by hand. houlsby, both sites: the output module returns ``h + s f(h)``. pfeiffer,
-    feed-forward site, with ``x`` the residual module's input (plus the ``residual_plus`` module's
-    output): pre-norm, ``h + s f(h + x)``; post-norm, the norm returns ``LN(h + x + s f(LN(h + x)))``,
-    as AdapterHub's ``seq_bn`` does."""
+    add the adapters by hand, at each site ``weights`` has an adapter for. houlsby: the output module
+    returns ``h + s f(h)``. pfeiffer, with ``x`` the residual module's input (plus the ``residual_plus``
+    module's output): pre-norm, ``h + s f(h + x)``; post-norm, the norm returns
+    ``LN(h + x + s f(LN(h + x)))``, as AdapterHub's ``seq_bn`` does."""
     dtype = next(reference.parameters()).dtype
     weights = {site: {k: v.to(dtype) for k, v in w.items()} for site, w in weights.items()}
     base = reference.base_model
@@ -144,15 +150,15 @@ def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weight
     def rewrite(out: Any, new: torch.Tensor) -> Any:
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    for layer in layers:
-        module = base.get_submodule(layer.path)
-        if placement == "houlsby":
-            for site in ("attention", "ffn"):
-                w = weights[f"{layer.index}.{site}"]
-                module.get_submodule(layer.site(site).output).register_forward_hook(
-                    lambda m, a, out, w=w: rewrite(out, first(out) + scale * f(first(out), w)))
+    for layer, site in [(item, site) for item in layers for site in item.sites]:
+        if f"{layer.index}.{site}" not in weights:
             continue
-        spec, w, box = layer.ffn, weights[f"{layer.index}.ffn"], {}
+        module = base.get_submodule(layer.path)
+        spec, w, box = layer.site(site), weights[f"{layer.index}.{site}"], {}
+        if placement == "houlsby":
+            module.get_submodule(spec.output).register_forward_hook(
+                lambda m, a, out, w=w: rewrite(out, first(out) + scale * f(first(out), w)))
+            continue
 
         def stash(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], spec: Any = spec, box: dict = box) -> None:
             box["x"] = args[spec.residual_position] if len(args) > spec.residual_position else \
@@ -173,10 +179,12 @@ def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weight
             norm.register_forward_hook(normed)
 
 
-def check_against_hand(model: nn.Module, placement: str, expected_layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def check_against_hand(model: nn.Module, placement: str, expected_layout: str, monkeypatch: pytest.MonkeyPatch,
+                       seq2seq: bool = False) -> None:
     """(1) no active adapter computes the base model bit for bit; (2) the adapters change the output;
     (3) one hook call per layer and site; (4) parity with adapters added by hand in float64 at the sites
-    of ``expected_layout``, the layout the model must be recognized as."""
+    of ``expected_layout``, the layout the model must be recognized as. ``seq2seq``: an encoder-decoder
+    model, whose adapters also sit after the decoder's cross-attention (``cross_adapter=True``)."""
     calls: Counter[tuple[str, str]] = Counter()
     apply = hf_model._Site.apply
 
@@ -185,11 +193,11 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
         return apply(self, module, args, output)
 
     monkeypatch.setattr(hf_model._Site, "apply", counting)
-    x = inputs()
+    x = inputs(seq2seq)
     reference = float64_if_it_runs(model, x)
     with torch.no_grad():
         base = model(**x).last_hidden_state
-        add_adapter(model, "a", placement)
+        add_adapter(model, "a", AdapterConfig(placement, cross_adapter=seq2seq))
         arch, layers = model_layers(model)
         assert arch.name == expected_layout
         assert torch.equal(model(**x).last_hidden_state, base)  # (1)
@@ -197,12 +205,14 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
         set_active_adapters(model, "a")
         calls.clear()
         out = model(**x).last_hidden_state
-    assert calls == Counter({(str(i), s): 1 for i in range(2) for s in ("attention", "ffn")})  # (3)
+    assert calls == Counter({(str(layer.index), s): 1 for layer in layers for s in layer.sites})  # (3)
+    assert len(layers) == (4 if seq2seq else 2) and all(("cross" in layer.sites) == (seq2seq and layer.index >= 2)
+                                                        for layer in layers)
     assert (out - base).abs().max() > 1e-2  # (2)
     config = hf_model.adapter_config(model, "a")
     weights = {f"{layer}.{site}": {k: v.detach().double() for k, v in module.state_dict().items()}
                for layer, block in model.base_model.fused_adapters["a"].items() for site, module in block.items()}
-    assert sorted(weights) == sorted(f"{i}.{s}" for i in range(2) for s in config.layout.sites)
+    assert sorted(weights) == sorted(f"{layer.index}.{s}" for layer in layers for s in hf_model.layer_sites(config, layer))
     hand_adapted(reference, layers, placement, weights, config.resolved_activation, config.scale)
     with torch.no_grad():
         expected = reference(**x).last_hidden_state
@@ -216,6 +226,41 @@ def test_layers_are_recognized_by_structure(model_type: str, placement: str, mon
     if expected == MOE and not hasattr(model.base_model.layers[0], "block_sparse_moe"):
         expected = PRE  # transformers 5 names the mixture of experts mlp
     check_against_hand(model, placement, expected, monkeypatch)
+
+
+SEQ2SEQ = {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+           "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "vocab_size": VOCAB,
+           "max_position_embeddings": 64, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+           "decoder_start_token_id": 2}
+PRE_ED = ("pre-norm encoder-decoder (self_attn_layer_norm, self_attn; encoder_attn_layer_norm, encoder_attn; "
+          "final_layer_norm, fc1 ... fc2)")
+POST_ED = ("post-norm encoder-decoder (self_attn, self_attn_layer_norm; encoder_attn, encoder_attn_layer_norm; "
+           "fc1 ... fc2, final_layer_norm)")
+# Encoder-decoder types recognized by structure, with the layout read from their layers' forward pass.
+SEQ2SEQ_EXPECTED = {"marian": POST_ED, "blenderbot-small": POST_ED, "mvp": POST_ED, "led": POST_ED, "fsmt": POST_ED,
+                    "pegasus": PRE_ED, "blenderbot": PRE_ED, "m2m_100": PRE_ED, "bigbird_pegasus": PRE_ED}
+SEQ2SEQ_EXTRA: dict[str, dict[str, Any]] = {
+    "led": {"attention_window": 4, "max_encoder_position_embeddings": 64, "max_decoder_position_embeddings": 64},
+    "bigbird_pegasus": {"attention_type": "original_full"},
+    "fsmt": {"src_vocab_size": VOCAB, "tgt_vocab_size": VOCAB, "langs": ["en", "de"]},  # time-major layers
+}
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+@pytest.mark.parametrize("model_type", list(SEQ2SEQ_EXPECTED))
+def test_encoder_decoder_layers_are_recognized_by_structure(model_type: str, placement: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both stacks are found and checked; the decoder's layers get a site after cross-attention, which
+    holds an adapter with ``cross_adapter=True``."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no config class for {model_type!r}")
+    config = AutoConfig.for_model(model_type, **SEQ2SEQ, **SEQ2SEQ_EXTRA.get(model_type, {}))
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config, attn_implementation="eager").eval()
+    check_against_hand(model, placement, SEQ2SEQ_EXPECTED[model_type], monkeypatch, seq2seq=True)
 
 
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
@@ -251,7 +296,7 @@ def test_recognition_runs_once_per_model_and_survives_copies() -> None:
 
 
 def test_tested_types_are_listed() -> None:
-    assert set(STRUCTURALLY_TESTED_MODEL_TYPES) == set(MODEL_TYPES)
+    assert set(STRUCTURALLY_TESTED_MODEL_TYPES) == {*MODEL_TYPES, *SEQ2SEQ_EXPECTED}
 
 
 class _Mystery(nn.Module):
