@@ -33,10 +33,9 @@ Any other model by the structure of its layers (``adapter_fused.hf.structure``):
 layout whose modules the first layer has and whose sums a forward pass on a dummy batch confirms
 (pre-norm, parallel-block, sandwich-norm and post-norm layers under several naming schemes, and
 BART-style encoder-decoder models). At run time, a site whose placement needs the residual ``x`` and
-whose residual module did not run before its
-output module in the same call raises RuntimeError rather than compute wrong numbers. Dropout applied by
-the layer to a sub-block output (Phi-3, StableLM, BART) acts on the adapted output, which changes
-nothing in evaluation mode.
+whose residual module did not run before its output module in the same call raises RuntimeError rather
+than compute wrong numbers. Dropout applied by the layer to a sub-block output (Phi-3, StableLM, BART)
+acts on the adapted output, which changes nothing in evaluation mode.
 """
 
 from __future__ import annotations
@@ -111,6 +110,11 @@ class SiteSpec:
         return tuple(p for p in (self.output, self.residual, self.norm, self.residual_plus) if p)
 
 
+def _in_order(attention: SiteSpec, cross: SiteSpec | None, ffn: SiteSpec) -> dict[str, SiteSpec]:
+    """Sites by name in the order they run, without an absent cross-attention site."""
+    return {"attention": attention, **({"cross": cross} if cross is not None else {}), "ffn": ffn}
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """One stack of transformer layers and its adapter sites.
@@ -151,6 +155,11 @@ class ModelLayout:
         if self.cross_with_attention and self.cross is None:
             raise ValueError("ModelLayout: cross_with_attention needs a cross site")
         _check_path(self.hidden_size, "ModelLayout.hidden_size", optional=True)
+
+    @property
+    def sites(self) -> dict[str, SiteSpec]:
+        """The stack's sites by name (``config.SITES``), in the order they run (``cross`` where given)."""
+        return _in_order(self.attention, self.cross, self.ffn)
 
 
 @dataclass(frozen=True)
@@ -211,8 +220,7 @@ class ModelLayer:
     @property
     def sites(self) -> dict[str, SiteSpec]:
         """The layer's sites by name (``config.SITES``), in the order they run."""
-        found = {"attention": self.attention, "cross": self.cross, "ffn": self.ffn}
-        return {name: spec for name, spec in found.items() if spec is not None}
+        return _in_order(self.attention, self.cross, self.ffn)
 
     def site(self, name: str) -> SiteSpec:
         """The SiteSpec of ``"attention"``, ``"cross"`` or ``"ffn"``; KeyError for a site the layer lacks."""

@@ -520,8 +520,9 @@ def _grouped(adapters: list[tuple[str, FusedAdapter | None]], sizes: list[int], 
 BATCH_FIRST = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids",
                "encoder_hidden_states", "encoder_attention_mask", "decoder_input_ids", "decoder_inputs_embeds",
                "decoder_attention_mask", "decoder_position_ids", "input_features", "pixel_values")
-_LEADS = ("input_ids", "inputs_embeds", "input_features", "pixel_values", "decoder_input_ids")
 """Base-model inputs repeated for ``Parallel`` (those whose first dimension is the batch size)."""
+_LEADS = ("input_ids", "inputs_embeds", "input_features", "pixel_values", "decoder_input_ids")
+"""The inputs whose first dimension gives the batch size, in the order they are looked for."""
 
 
 class ReplicateInputs:

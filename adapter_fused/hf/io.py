@@ -6,10 +6,11 @@ directory and then renamed over the target, so a reader never sees a half-writte
 - ``adapter_config.json``: ``{"format": "adapter_fused", "format_version": 1, "name", "config"
   (AdapterConfig.to_dict()), "hidden_size", "num_layers", "model_type"}``;
 - ``adapter_model.safetensors``: tensors ``<layer>.<site>.{down,up}.{weight,bias}``, where site is
-  ``attention``, ``cross`` (after cross-attention, decoder layers) or ``ffn``; ``down.weight`` is (r, d), ``up.weight`` (d, r); with the options of
-  ``BottleneckAdapter`` also ``<layer>.<site>.scaling``, ``.norm_before.*``, ``.norm_after.*``,
-  ``.gate.*``, and ``invertible.{F,G}.{0,2}.{weight,bias}`` for an invertible adapter. Layers in
-  ``leave_out`` have no tensors.
+  ``attention``, ``cross`` (after cross-attention, decoder layers) or ``ffn``; ``down.weight`` is
+  (r, d), ``up.weight`` (d, r); with the options of ``BottleneckAdapter`` also
+  ``<layer>.<site>.scaling``, ``.norm_before.*``, ``.norm_after.*``, ``.gate.*``, and
+  ``invertible.{F,G}.{0,2}.{weight,bias}`` for an invertible adapter. Layers in ``leave_out`` have no
+  tensors.
 
 With ``with_head=True`` (the default) and a model that has a task head (parameters outside
 ``model.base_model``, see ``model.head_parameters``), two more files hold the head:

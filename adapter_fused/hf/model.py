@@ -466,8 +466,8 @@ def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfei
 
     config: ``"houlsby"`` / ``"double_seq_bn"``, ``"pfeiffer"`` / ``"seq_bn"`` or an ``AdapterConfig``
     (``cross_adapter=True``: also after the cross-attention of decoder layers, ValueError on a model
-    where that adds no adapter). Each adapter maps (..., d) -> (..., d) with width r = ``hidden_size // reduction_factor`` and has
-    2*d*r + r + d parameters. Base parameters are not touched; activate with ``set_active_adapters``
+    where that adds no adapter). Each adapter maps (..., d) -> (..., d) with width
+    r = ``hidden_size // reduction_factor`` and has 2*d*r + r + d parameters. Base parameters are not touched; activate with ``set_active_adapters``
     or ``train_adapter``. After ``train_adapter`` the new adapter starts frozen (``requires_grad=False``):
     only the adapter being trained (and its head) train until ``train_adapter`` picks another.
     Raises ValueError for unsupported models, a bad config or a name already in use; the model is

@@ -195,10 +195,12 @@ def _mismatch(actual: Any, terms: list[Any], what: str) -> str | None:
     return None
 
 
+_LABELS = {"attention": "attention", "cross": "cross-attention", "ffn": "feed-forward"}
+
+
 def _sites(stack: ModelLayout) -> list[tuple[str, SiteSpec]]:
     """A stack's sites in the order they run, with the names the reasons use."""
-    cross = [("cross-attention", stack.cross)] if stack.cross is not None else []
-    return [("attention", stack.attention), *cross, ("feed-forward", stack.ffn)]
+    return [(_LABELS[name], spec) for name, spec in stack.sites.items()]
 
 
 def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str | None:

@@ -367,32 +367,40 @@ def hub_setup(composition, kind: str):  # type: ignore[no-untyped-def]
     }[kind]
 
 
-@pytest.mark.parametrize("kind", HUB_SETUPS)
-@pytest.mark.parametrize(("arch", "config"), [("bert", "seq_bn"), ("bert", "double_seq_bn"), ("gpt2", "seq_bn"),
-                                              ("llama", "double_seq_bn")])
-def test_matches_adapterhub_compositions(tmp_path: Path, arch: str, config: str, kind: str) -> None:
+def _matches_adapterhub(tmp_path: Path, make: Callable[[], nn.Module], config: object, kind: str,
+                        inputs: dict[str, torch.Tensor]) -> nn.Module:
+    """Adapters "a" and "b" of ``config`` added by AdapterHub to a model from ``make``, saved and loaded
+    into another: under the composition ``kind`` both compute the same last hidden state, which the
+    adapters move away from the base model's. Returns the model the adapters were loaded into."""
     adapters = pytest.importorskip("adapters")
     composition = pytest.importorskip("adapters.composition")
-    hub = make_model(arch)
+    hub = make()
     adapters.init(hub)
     for name in "ab":
         hub.add_adapter(name, config=config)
     randomize([p for n, p in hub.named_parameters() if ".adapters." in n])
-    model = make_model(arch)
+    model = make()
     for name in "ab":
         hub.save_adapter(str(tmp_path / name), name)
         assert load_adapter(model, tmp_path / name) == name
     setup = hub_setup(composition, kind)
     hub.set_active_adapters(setup)
     set_active_adapters(model, setup)
-    inputs = make_inputs(batch=3, length=5)
     with torch.no_grad():
         expected = hub(**inputs).last_hidden_state
         out = model(**inputs).last_hidden_state
-        base = make_model(arch)(**inputs).last_hidden_state
+        base = make()(**inputs).last_hidden_state
     assert out.shape == expected.shape
     assert (expected - base.repeat(expected.shape[0] // base.shape[0], 1, 1)).abs().max() > 0.05
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    return model
+
+
+@pytest.mark.parametrize("kind", HUB_SETUPS)
+@pytest.mark.parametrize(("arch", "config"), [("bert", "seq_bn"), ("bert", "double_seq_bn"), ("gpt2", "seq_bn"),
+                                              ("llama", "double_seq_bn")])
+def test_matches_adapterhub_compositions(tmp_path: Path, arch: str, config: str, kind: str) -> None:
+    _matches_adapterhub(tmp_path, lambda: make_model(arch), config, kind, make_inputs(batch=3, length=5))
 
 
 @pytest.mark.parametrize("kind", HUB_SETUPS)
@@ -402,29 +410,11 @@ def test_compositions_with_cross_attention_adapters_match_adapterhub(tmp_path: P
     """The same compositions on encoder-decoder models whose adapters also sit after cross-attention
     (``cross_adapter=True``): the decoder's outputs equal AdapterHub's."""
     adapters = pytest.importorskip("adapters")
-    composition = pytest.importorskip("adapters.composition")
     from .families import VOCAB, build
 
-    hub = build(model_type)
-    adapters.init(hub)
-    for name in "ab":
-        hub.add_adapter(name, config=adapters.AdapterConfig.load(config, cross_adapter=True))
-    randomize([p for n, p in hub.named_parameters() if ".adapters." in n])
-    model = build(model_type)
-    for name in "ab":
-        hub.save_adapter(str(tmp_path / name), name)
-        assert load_adapter(model, tmp_path / name) == name
-    assert all("cross" in model.base_model.fused_adapters["a"][str(i)] for i in (2, 3))
-    setup = hub_setup(composition, kind)
-    hub.set_active_adapters(setup)
-    set_active_adapters(model, setup)
     generator = torch.Generator().manual_seed(3)
     inputs = {"input_ids": torch.randint(3, VOCAB, (3, 6), generator=generator),
               "decoder_input_ids": torch.randint(3, VOCAB, (3, 4), generator=generator)}
-    with torch.no_grad():
-        expected = hub(**inputs).last_hidden_state
-        out = model(**inputs).last_hidden_state
-        base = build(model_type)(**inputs).last_hidden_state
-    assert out.shape == expected.shape
-    assert (expected - base.repeat(expected.shape[0] // base.shape[0], 1, 1)).abs().max() > 0.05
-    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    model = _matches_adapterhub(tmp_path, lambda: build(model_type),
+                                adapters.AdapterConfig.load(config, cross_adapter=True), kind, inputs)
+    assert all("cross" in model.base_model.fused_adapters["a"][str(i)] for i in (2, 3))
