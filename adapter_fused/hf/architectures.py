@@ -73,6 +73,10 @@ class SiteSpec:
     output_call: which call of ``output`` within one call of the layer gives this site's ``h`` (0: the
         first), for a module the layer runs once per sub-block: BEiT passes both sub-block outputs
         through one ``drop_path``.
+    swapped: the adapter takes the block residual ``x`` where other sites take ``h``, and ``h`` where
+        they take ``x``: the site computes its placement on ``(x, h)`` and the layer's norm then gets
+        the result plus ``h``. AdapterHub's ALBERT attention adapter is called this way (houlsby:
+        ``LN(h + x + f(x))``), and so is this library's, to reproduce it.
     """
 
     output: str
@@ -83,6 +87,7 @@ class SiteSpec:
     residual_plus: str | None = None
     hub_location: str | None = None
     output_call: int = 0
+    swapped: bool = False
 
     def __post_init__(self) -> None:
         _check_path(self.output, "SiteSpec.output")
@@ -103,6 +108,10 @@ class SiteSpec:
             object.__setattr__(self, "residual_keywords", tuple(keywords))
         if self.residual is None and (self.norm is not None or self.residual_plus is not None):
             raise ValueError("SiteSpec: a site without a residual module can have neither norm nor residual_plus")
+        if not isinstance(self.swapped, bool):
+            raise TypeError(f"SiteSpec.swapped must be True or False, got {self.swapped!r}")
+        if self.swapped and self.residual is None:
+            raise ValueError("SiteSpec: a swapped site needs a residual module, whose input the adapter reads")
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -316,8 +325,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (  # recognized by model type
     Architecture(
         "albert", ("albert",),
         layers=("encoder.albert_layer_groups.*.albert_layers",),
-        attention=_site("attention.output_dropout", "attention", 0, ("hidden_states",), "attention.LayerNorm",
-                        "attention.attention_adapters"),
+        # AdapterHub calls this adapter with the block input as its input and the attention output as its
+        # residual; the swapped site does the same
+        attention=replace(_site("attention.output_dropout", "attention", 0, ("hidden_states",), "attention.LayerNorm",
+                                "attention.attention_adapters"), swapped=True),
         ffn=_site("ffn_output", "ffn", 0, ("input",), "full_layer_layer_norm", "output_adapters"),
     ),
     Architecture(
@@ -644,13 +655,6 @@ def layer_widths(model: nn.Module) -> list[int]:
     return widths  # type: ignore[return-value]
 
 
-ADAPTERHUB_DIFFERENT_SITES: dict[tuple[str, str], str] = {
-    ("albert", "attention"): "AdapterHub's ALBERT adapter after self-attention reads the block input in place of "
-                             "the attention output",
-}
-"""(architecture name, site) -> how AdapterHub's adapter at that site differs from this one's."""
-
-
 def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], source: str) -> dict[str, Any]:
     """AdapterHub weight names (``<layer path>.<location>.adapters.<name>.<projection>``) renamed to
     ``<layer number>.attention.adapters...`` or ``<layer number>.output.adapters...`` by matching each
@@ -683,8 +687,5 @@ def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], sourc
                              f"after self-attention, after cross-attention in decoder layers and after the "
                              f"feed-forward block)")
         index, site = table[max(matches, key=len)]
-        differs = ADAPTERHUB_DIFFERENT_SITES.get((arch.name, "ffn" if site == "output" else site))
-        if differs:
-            raise ValueError(f"{source}: {key} cannot be loaded: {differs}, so its outputs cannot be reproduced")
         out[f"{index}.{site}.adapters.{tail}"] = value
     return out

@@ -52,6 +52,9 @@ class Placement:
     ``original_ln_after=False`` skips the layer's own ``LN(... + x)`` (or ``... + x``) after the
     adapter: the site's output is ``residual + s * f(z)`` itself.
 
+    A site that its layout marks ``swapped`` (``SiteSpec.swapped``: ALBERT's attention site, as in
+    AdapterHub) exchanges ``h`` and ``x`` in all of the above.
+
     These are the semantics of AdapterHub's ``original_ln_before``, ``original_ln_after``,
     ``residual_before_ln`` and ``is_parallel`` options.
     """

@@ -179,7 +179,17 @@ class _Site:
             placement = no_residual_placement(placement, f"the {self.name} site")
         norm = self._norm(call)
         h = output[0] if isinstance(output, tuple) else output
-        new = site_forward(adapter, placement, h, x, norm)
+        if not self.spec.swapped:
+            new = site_forward(adapter, placement, h, x, norm)
+        else:  # the adapter reads x as its input and h as its residual
+            if x is None:
+                raise RuntimeError("adapter_fused: the block residual of this site was not captured")
+            new = site_forward(adapter, placement, x, h, norm)
+            if placement.original_ln_after and norm is not None:  # LN(new + h), not the layer's LN(new + x)
+                call.norm_outputs[self.key] = norm(new + h)
+                return None
+            if norm is None:  # the layer adds x to what the site returns, where the placement wants h
+                new = new + h - x
         if not placement.original_ln_after and norm is not None:
             call.norm_outputs[self.key] = new  # returned by the layer's norm in place of LN(h + x)
             return None
@@ -209,7 +219,7 @@ class _SharedOutput:
 
 class _NormReplacement:
     """Forward hook on a site's layer norm: returns the output an ``original_ln_after=False`` adapter
-    left for it in this thread (that adapter skips the layer's own residual add and norm)."""
+    or a swapped site left for it in this thread (these replace the layer's own residual add and norm)."""
 
     def __init__(self, state: _State, key: tuple[str, str]) -> None:
         self.state = state
@@ -254,6 +264,7 @@ class _State:
             base.register_forward_pre_hook(self.bind, prepend=True),
             base.register_forward_hook(self.unbind, always_call=True),
         ]
+        swapped_norms = False
         for layer in resolve_layers(arch, base):
             shared: dict[str, dict[int, _Site]] = {}  # output path -> {output_call: site}, where not plain
             for site_name, spec in layer.sites.items():
@@ -278,6 +289,10 @@ class _State:
                 hook = _SharedOutput(self, (str(layer.index), path), by_call)
                 self.handles.append(layer.module.register_forward_pre_hook(hook.reset))
                 self.handles.append(get_submodule(layer.module, path).register_forward_hook(hook))  # type: ignore[union-attr]
+            if any(spec.swapped and spec.norm for spec in layer.sites.values()):
+                swapped_norms = True
+        if swapped_norms:  # a swapped site hands its norm the output (see _Site.apply)
+            _hook_norms(self)
 
     def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook of the base model: this thread's sites read ``module``'s adapters until

@@ -404,6 +404,17 @@ def test_matches_adapterhub_compositions(tmp_path: Path, arch: str, config: str,
 
 
 @pytest.mark.parametrize("kind", HUB_SETUPS)
+def test_compositions_on_albert_match_adapterhub(tmp_path: Path, kind: str) -> None:
+    """ALBERT's attention adapters read the block input and take the attention output as residual, in
+    AdapterHub and here; composed, they still compute AdapterHub's outputs."""
+    from .families import VOCAB, build
+
+    inputs = {"input_ids": torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))}
+    model = _matches_adapterhub(tmp_path, lambda: build("albert"), "double_seq_bn", kind, inputs)
+    assert "attention" in model.base_model.fused_adapters["a"]["0"]
+
+
+@pytest.mark.parametrize("kind", HUB_SETUPS)
 @pytest.mark.parametrize(("model_type", "config"), [("bart", "seq_bn"), ("t5", "double_seq_bn")])
 def test_compositions_with_cross_attention_adapters_match_adapterhub(tmp_path: Path, model_type: str, config: str,
                                                                       kind: str) -> None:

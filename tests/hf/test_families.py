@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_fused.hf import AdapterConfig, add_adapter, set_active_adapters
+from adapter_fused.hf import AdapterConfig, Placement, add_adapter, set_active_adapters
 from adapter_fused.hf import model as hf_model
 from adapter_fused.hf.architectures import model_layers
 
@@ -203,6 +203,46 @@ def test_cross_attention_adapters_match_a_hand_written_adapter(model_type: str) 
     torch.testing.assert_close(decoder(adapted), decoder(expected).float(), rtol=1e-4, atol=1e-4)
     assert torch.equal(adapted.encoder_last_hidden_state, plain.encoder_last_hidden_state)
     assert (decoder(adapted) - decoder(plain)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_albert_attention_adapter_matches_a_hand_written_swapped_adapter(placement: str) -> None:
+    """ALBERT's attention site is swapped, as AdapterHub's: the adapter reads the block input ``x`` and
+    the layer's norm gets ``h + x + f(x)`` (houlsby), or ``h + x + f(h)`` (parallel), where other sites
+    give ``h + x + f(h)`` and ``h + x + f(x)``. With the feed-forward adapter zeroed, the model equals a
+    float64 copy whose attention norm is handed that sum by hand."""
+    model, batch = build("albert"), inputs("albert")
+    reference = copy.deepcopy(model).double()
+    layout = Placement(attention=True, ffn=True, parallel=True) if placement == "parallel" else placement
+    add_adapter(model, "a", AdapterConfig(layout))
+    sites = model.base_model.fused_adapters["a"]["0"]
+    randomize(sites.parameters())
+    with torch.no_grad():
+        sites["ffn"].up.weight.zero_()
+        sites["ffn"].up.bias.zero_()
+    set_active_adapters(model, "a")
+    activation = hf_model.adapter_config(model, "a").resolved_activation
+    w = {k: v.detach().double() for k, v in sites["attention"].state_dict().items()}
+    _, (layer,) = model_layers(model)
+    attention = reference.base_model.get_submodule(layer.path).attention
+    block_input: list[torch.Tensor] = []
+    attention.register_forward_pre_hook(lambda m, args: block_input.append(args[0]))
+
+    def adapted_norm(norm: nn.Module, args: tuple[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        x = block_input.pop()
+        total = args[0]  # h + x
+        z = x if placement == "houlsby" else total - x
+        total = total + _hand_written(z, w, activation) - z
+        return torch.nn.functional.layer_norm(total, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    attention.LayerNorm.register_forward_hook(adapted_norm)
+    with torch.no_grad():
+        out = outputs(model, batch)
+        expected = outputs(reference, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+        plain = outputs(build("albert"), batch)
+    assert not block_input  # one norm call per attention call (two layer calls share the layer)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
+    assert (out - plain).abs().max() > 1e-2
 
 
 def test_cross_adapter_without_a_site_for_it_is_refused() -> None:

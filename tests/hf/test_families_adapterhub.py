@@ -27,7 +27,6 @@ CONFIGS = ["double_seq_bn", "seq_bn", "par_bn"]
 HUB_BASE_DIFFERS = ("deberta", "modernbert")
 # Adapters that AdapterHub places where no site of ours is; loading them is refused.
 REFUSED = {
-    ("albert", "double_seq_bn"): "reads the block input in place of the attention output",
     ("phi", "par_bn"): "a parallel adapter reads the block residual",
 }
 
@@ -96,6 +95,24 @@ def test_adapterhub_cross_adapter_reproduces_its_outputs(model_type: str, config
                if "decoder." in n and f".{CROSS_LOCATIONS[model_type]}.adapters.hub." in n}
     assert len(crossed) == 2  # one per decoder layer (T5's encoder keeps its feed-forward adapter at layer.1)
     _check_parity(hub, model_type, config, tmp_path, based)
+
+
+# AdapterHub's ALBERT attention adapter reads the block input and takes the attention output as its
+# residual: each placement there, also with the layer's own norm skipped (original_ln_after=False)
+ALBERT_ATTENTION = {
+    "seq_bn": {"mh_adapter": True},
+    "par_bn": {"mh_adapter": True},
+    "double_seq_bn": {"original_ln_after": False},
+    "seq_bn/no-ln-after": {"mh_adapter": True, "original_ln_after": False},
+}
+
+
+@pytest.mark.parametrize("variant", list(ALBERT_ATTENTION))
+def test_albert_attention_adapters_reproduce_adapterhub(variant: str, tmp_path: Path, based: Callable) -> None:
+    config = variant.split("/")[0]
+    hub = _hub_model("albert", adapters.AdapterConfig.load(config, **ALBERT_ATTENTION[variant]), based)
+    assert any(".attention.attention_adapters.adapters.hub." in n for n, _ in hub.named_parameters())
+    _check_parity(hub, "albert", config, tmp_path, based)
 
 
 def _hub_model(model_type: str, config: Any, based: Callable) -> nn.Module:

@@ -4,6 +4,7 @@ outputs checked against the adapters added by hand in float64."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from torch import nn
 
 import adapter_fused
 from adapter_fused import ACTIVATIONS, ModelLayout, SiteSpec, register_model_layout, unregister_model_layout
-from adapter_fused.hf import AdapterConfig, add_adapter, set_active_adapters
+from adapter_fused.hf import AdapterConfig, Placement, add_adapter, set_active_adapters
 from adapter_fused.hf.model import adapter_config
 
 from .models import randomize
@@ -105,8 +106,11 @@ def registered() -> Iterator[None]:
     unregister_model_layout(Tiny)
 
 
-def hand(model: Tiny, x: torch.Tensor, placement: str, y: torch.Tensor | None = None) -> torch.Tensor:
-    """``model``'s forward in float64 with the adapters of ``"a"`` added by hand where it has them."""
+def hand(model: Tiny, x: torch.Tensor, placement: str, y: torch.Tensor | None = None,
+         swapped: bool = False) -> torch.Tensor:
+    """``model``'s forward in float64 with the adapters of ``"a"`` added by hand where it has them;
+    ``swapped``: the attention adapters take the block residual as input and the attention output as
+    residual."""
     weights = {k: v.detach().double() for k, v in model.fused_adapters["a"].state_dict().items()}
     act = ACTIVATIONS[adapter_config(model, "a").resolved_activation]
     ref = copy.deepcopy(model).double()
@@ -120,6 +124,8 @@ def hand(model: Tiny, x: torch.Tensor, placement: str, y: torch.Tensor | None = 
         """The adapted sum that the layer normalizes (post-norm) or passes on (pre-norm)."""
         if not any(k.startswith(f"{index}.{name}.") for k in weights):
             return h + x
+        if swapped and name == "attention":
+            h, x = x, h
         if placement == "houlsby":
             h = h + f(index, name, h)
         elif placement == "pfeiffer":
@@ -162,6 +168,32 @@ def test_registered_layout_matches_adapters_added_by_hand(registered: None, plac
         out = model(x)
     assert (out - base).abs().max() > 1e-2
     torch.testing.assert_close(out, hand(model, x, placement).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_swapped_sites_match_adapters_added_by_hand(placement: str) -> None:
+    """Attention sites marked ``swapped``, in a pre-norm stack (the layer adds the residual itself) and a
+    post-norm one (its norm is handed the sum): each adapter reads the block residual where unswapped
+    sites read the sub-block output, and the reverse."""
+    swap = {"attention": dataclasses.replace(PRE_NORM.attention, swapped=True)}
+    layouts = [dataclasses.replace(PRE_NORM, **swap),
+               dataclasses.replace(POST_NORM, attention=dataclasses.replace(POST_NORM.attention, swapped=True))]
+    register_model_layout(Tiny, layouts)
+    try:
+        torch.manual_seed(0)
+        model = Tiny(two_stacks=True).eval()
+        x = torch.randn(2, 5, D)
+        layout = placement if placement != "parallel" else Placement(attention=True, ffn=True, parallel=True)
+        add_adapter(model, "a", AdapterConfig(layout))
+        randomize(model.fused_adapters.parameters())
+        set_active_adapters(model, "a")
+        with torch.no_grad():
+            out = model(x)
+        torch.testing.assert_close(out, hand(model, x, placement, swapped=True).float(), rtol=1e-5, atol=1e-5)
+        if placement != "pfeiffer":  # pfeiffer's adapter reads h + x, the same either way round
+            assert (out - hand(model, x, placement).float()).abs().max() > 1e-2
+    finally:
+        unregister_model_layout(Tiny)
 
 
 DECODER = ModelLayout(layers="decoder", attention=SiteSpec("block.attn", residual="block.norm1", residual_keywords="input"),
@@ -238,6 +270,10 @@ def test_bad_descriptions_are_refused() -> None:
         SiteSpec("attn", "norm1", residual_position=-1)
     with pytest.raises(ValueError, match="without a residual module can have neither norm"):
         SiteSpec("attn", None, norm="ln1")
+    with pytest.raises(ValueError, match="a swapped site needs a residual module"):
+        SiteSpec("attn", None, swapped=True)
+    with pytest.raises(TypeError, match="SiteSpec.swapped must be True or False"):
+        SiteSpec("attn", "norm1", swapped=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ModelLayout.layers must be a dotted module path"):
         ModelLayout("blocks..x", SiteSpec("attn", "norm1"), SiteSpec("ff", "norm2"))
     with pytest.raises(TypeError, match="ModelLayout.ffn must be a SiteSpec"):

@@ -126,3 +126,28 @@ def test_mixed_batch_with_cross_attention_adapters() -> None:
     with pytest.raises(ValueError, match=r"differ in placement \(cross_adapter included\)"), \
             per_sample_adapters(model, ["a", "plain"]):
         pass
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_mixed_batch_on_albert_swapped_attention_site(placement: str) -> None:
+    """ALBERT's attention adapter reads the block input (its site is swapped): a mixed batch, samples
+    without adapter included, equals each sample alone."""
+    from adapter_fused.hf import AdapterConfig, Placement
+
+    from .families import VOCAB
+    from .families import build as build_family
+
+    model = build_family("albert")
+    layout = Placement(attention=True, ffn=True, parallel=True) if placement == "parallel" else placement
+    for i, name in enumerate(("a", "b", "c")):
+        add_adapter(model, name, AdapterConfig(layout))
+        randomize(adapter_modules(model, name).parameters(), seed=10 + i)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (len(NAMES), 6), generator=torch.Generator().manual_seed(4))}
+    with torch.no_grad():
+        want = one_by_one(model, inputs, NAMES)
+        with per_sample_adapters(model, NAMES):
+            got = hidden_states(model, inputs)
+        base = hidden_states(model, inputs)
+    assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    assert (want[0] - base[0]).abs().max() > 1e-2  # "a" matters; sample 1 has no adapter
+    torch.testing.assert_close(got[1], base[1], rtol=1e-5, atol=1e-5)
