@@ -180,11 +180,12 @@ def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weight
 
 
 def check_against_hand(model: nn.Module, placement: str, expected_layout: str, monkeypatch: pytest.MonkeyPatch,
-                       seq2seq: bool = False) -> None:
+                       launches: Any, seq2seq: bool = False) -> None:
     """(1) no active adapter computes the base model bit for bit; (2) the adapters change the output;
-    (3) one hook call per layer and site; (4) parity with adapters added by hand in float64 at the sites
-    of ``expected_layout``, the layout the model must be recognized as. ``seq2seq``: an encoder-decoder
-    model, whose adapters also sit after the decoder's cross-attention (``cross_adapter=True``)."""
+    (3) one hook call per layer and site, each running the fused kernel; (4) parity with adapters added
+    by hand in float64 at the sites of ``expected_layout``, the layout the model must be recognized as.
+    ``seq2seq``: an encoder-decoder model, whose adapters also sit after the decoder's cross-attention
+    (``cross_adapter=True``)."""
     calls: Counter[tuple[str, str]] = Counter()
     apply = hf_model._Site.apply
 
@@ -204,6 +205,7 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
         randomize(model.base_model.fused_adapters.parameters())
         set_active_adapters(model, "a")
         calls.clear()
+        launches.clear()
         out = model(**x).last_hidden_state
     assert calls == Counter({(str(layer.index), s): 1 for layer in layers for s in layer.sites})  # (3)
     assert len(layers) == (4 if seq2seq else 2) and all(("cross" in layer.sites) == (seq2seq and layer.index >= 2)
@@ -213,6 +215,7 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
     weights = {f"{layer}.{site}": {k: v.detach().double() for k, v in module.state_dict().items()}
                for layer, block in model.base_model.fused_adapters["a"].items() for site, module in block.items()}
     assert sorted(weights) == sorted(f"{layer.index}.{s}" for layer in layers for s in hf_model.layer_sites(config, layer))
+    assert len(launches) >= len(weights)  # (3) the fused kernel ran at every adapted site
     hand_adapted(reference, layers, placement, weights, config.resolved_activation, config.scale)
     with torch.no_grad():
         expected = reference(**x).last_hidden_state
@@ -221,11 +224,12 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
 
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_layers_are_recognized_by_structure(model_type: str, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layers_are_recognized_by_structure(model_type: str, placement: str, monkeypatch: pytest.MonkeyPatch,
+                                            launches: Any) -> None:
     model, expected = build(model_type), EXPECTED[model_type]
     if expected == MOE and not hasattr(model.base_model.layers[0], "block_sparse_moe"):
         expected = PRE  # transformers 5 names the mixture of experts mlp
-    check_against_hand(model, placement, expected, monkeypatch)
+    check_against_hand(model, placement, expected, monkeypatch, launches)
 
 
 SEQ2SEQ = {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
@@ -249,7 +253,8 @@ SEQ2SEQ_EXTRA: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
 @pytest.mark.parametrize("model_type", list(SEQ2SEQ_EXPECTED))
 def test_encoder_decoder_layers_are_recognized_by_structure(model_type: str, placement: str,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           launches: Any) -> None:
     """Both stacks are found and checked; the decoder's layers get a site after cross-attention, which
     holds an adapter with ``cross_adapter=True``."""
     from transformers import AutoConfig, AutoModel
@@ -260,14 +265,15 @@ def test_encoder_decoder_layers_are_recognized_by_structure(model_type: str, pla
     config = AutoConfig.for_model(model_type, **SEQ2SEQ, **SEQ2SEQ_EXTRA.get(model_type, {}))
     torch.manual_seed(0)
     model = AutoModel.from_config(config, attn_implementation="eager").eval()
-    check_against_hand(model, placement, SEQ2SEQ_EXPECTED[model_type], monkeypatch, seq2seq=True)
+    check_against_hand(model, placement, SEQ2SEQ_EXPECTED[model_type], monkeypatch, launches, seq2seq=True)
 
 
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_config_variants_get_their_own_layout(variant: str, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_variants_get_their_own_layout(variant: str, placement: str, monkeypatch: pytest.MonkeyPatch,
+                                              launches: Any) -> None:
     model_type, overrides, layout = VARIANTS[variant]
-    check_against_hand(build(model_type, **overrides), placement, layout, monkeypatch)
+    check_against_hand(build(model_type, **overrides), placement, layout, monkeypatch, launches)
 
 
 @pytest.mark.parametrize("model_type", list(REFUSED))
