@@ -2,7 +2,7 @@
 
 A candidate layout (``STRUCTURAL_LAYOUTS``) names modules of a layer; every candidate whose modules
 the model's first layer has is then checked on a forward pass of the base model over a small dummy
-batch (one token sequence, evaluation mode, no gradients), before any adapter is attached:
+batch (one sequence, evaluation mode, no gradients), before any adapter is attached:
 
 - in every layer, each site's output module runs once per call of the layer and its residual module
   at least once;
@@ -15,7 +15,8 @@ batch (one token sequence, evaluation mode, no gradients), before any adapter is
 
 Encoder-decoder candidates have an encoder stack and a decoder stack whose layers have a third site,
 after cross-attention; both stacks are checked, on a dummy batch that also gives the decoder its token
-ids. The first candidate that passes is used. These are sums of recorded tensors, so a layer that
+ids. A speech model that reads ``input_features`` (Speech2Text: (batch, frames, features)) gets random
+frames in place of token ids. The first candidate that passes is used. These are sums of recorded tensors, so a layer that
 scales a sub-block output, normalizes it after the module the layout names, runs attention and
 feed-forward side by side where the layout says one after the other (or the reverse), or puts a block
 the layout does not name between two sites fails the check, and is refused with the reason for each
@@ -122,6 +123,7 @@ STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
     "granitemoe", "smollm3", "stablelm", "starcoder2", "cohere", "glm", "glm4", "deepseek_v3", "gpt_neox",
     "gpt_neo", "gpt_bigcode", "falcon", "opt", "bloom", "codegen", "camembert",
     "marian", "blenderbot-small", "mvp", "led", "fsmt", "pegasus", "blenderbot", "m2m_100", "bigbird_pegasus",
+    "speech_to_text",
 )
 """Model types recognized by structure whose tiny random models the tests check against adapters
 added by hand in float64."""
@@ -274,7 +276,17 @@ def _stacks(layout: Architecture, base: nn.Module) -> list[tuple[ModelLayout, nn
     return found
 
 
+def _feature_width(config: object) -> int | None:
+    """The feature width of a speech model's frames (``input_feat_per_channel * input_channels``), or None."""
+    per_channel, channels = getattr(config, "input_feat_per_channel", None), getattr(config, "input_channels", 1)
+    if isinstance(per_channel, int) and isinstance(channels, int) and per_channel > 0 and channels > 0:
+        return per_channel * channels
+    return None
+
+
 def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
+    """One short sequence for the check's forward pass: token ids, or random speech frames for a model
+    that reads ``input_features`` (batch, frames, features); the decoder's token ids where it has one."""
     config = getattr(base, "config", None)
     vocab = getattr(config, "vocab_size", None)
     vocab = vocab if isinstance(vocab, int) and vocab > 8 else 8
@@ -285,6 +297,12 @@ def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
         parameters = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return batch
+    features = _feature_width(config)
+    if "input_ids" not in parameters and "input_features" in parameters and features is not None:
+        # a speech encoder reading (batch, frames, features), Speech2Text's layout
+        generator = torch.Generator().manual_seed(0)
+        dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+        batch = {"input_features": torch.randn(1, 16, features, generator=generator).to(device, dtype)}
     if "use_cache" in parameters:
         batch["use_cache"] = False  # type: ignore[assignment]
     if "decoder_input_ids" in parameters:  # an encoder-decoder model: its decoder reads the encoder's output
@@ -343,7 +361,8 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
             record = _run(base, candidates)
         except Exception as error:
             raise ValueError(f"{refuse}. Its layers were not recognized: a forward pass of the base model on a "
-                             f"dummy batch of token ids, run to check the layout, failed "
+                             f"dummy batch (of {', '.join(k for k, v in _dummy_batch(base).items() if torch.is_tensor(v))}), run "
+                             f"to check the layout, failed "
                              f"({type(error).__name__}: {error}); {hint}") from error
         for layout, stacks in candidates:
             why = next((f"{stack.layers[0]}: {why}" if len(stacks) > 1 else why for stack, layers in stacks

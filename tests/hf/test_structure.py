@@ -107,10 +107,14 @@ def build(model_type: str, **overrides: Any) -> nn.Module:
     return AutoModel.from_config(config, attn_implementation="eager").eval()
 
 
-def inputs(seq2seq: bool = False) -> dict[str, Any]:
+def inputs(seq2seq: bool = False, features: int | None = None) -> dict[str, Any]:
+    """Two token sequences (``features``: two sequences of 16 random speech frames of that width), and
+    with ``seq2seq`` the decoder's token ids."""
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
     out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if features is not None:
+        out = {"input_features": torch.randn(2, 16, features, generator=generator)}
     if seq2seq:
         out["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 5), generator=generator)
         out["use_cache"] = False  # FSMT's decoder fails to build a cache on transformers 4.57
@@ -119,14 +123,37 @@ def inputs(seq2seq: bool = False) -> dict[str, Any]:
 
 def float64_if_it_runs(model: nn.Module, x: dict[str, torch.Tensor]) -> nn.Module:
     """A float64 copy of ``model``, or a float32 one where its forward does not run in float64 (some
-    mixtures of experts mix dtypes or use float32-only grouped matrix products)."""
+    mixtures of experts mix dtypes or use float32-only grouped matrix products). Call it through
+    ``run_reference``."""
     reference = copy.deepcopy(model).double()
+    for default in (False, True):
+        reference.__dict__["default_float64"] = default
+        try:
+            run_reference(reference, x)
+            return reference
+        except RuntimeError:
+            pass
+    reference.__dict__["default_float64"] = False
+    return reference.float()
+
+
+def run_reference(reference: nn.Module, x: dict[str, Any]) -> Any:
+    """``reference(**x)`` in its dtype, without gradients. Some float64 models need float64 as torch's
+    default dtype (Speech2Text's decoder fills its causal mask with float64's minimum in a tensor of
+    the default dtype on transformers 4.57)."""
+    default = torch.get_default_dtype()
+    if reference.__dict__.get("default_float64"):
+        torch.set_default_dtype(torch.float64)
     try:
         with torch.no_grad():
-            reference(**x)
-    except RuntimeError:
-        reference.float()
-    return reference
+            return reference(**as_dtype(x, next(reference.parameters()).dtype))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def as_dtype(x: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``x`` with its floating-point tensors (speech frames) in ``dtype``."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
 
 
 def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weights: dict[str, dict[str, torch.Tensor]],
@@ -194,7 +221,7 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
         return apply(self, module, args, output)
 
     monkeypatch.setattr(hf_model._Site, "apply", counting)
-    x = inputs(seq2seq)
+    x = inputs(seq2seq, getattr(model.config, "input_feat_per_channel", None))
     reference = float64_if_it_runs(model, x)
     with torch.no_grad():
         base = model(**x).last_hidden_state
@@ -217,8 +244,7 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
     assert sorted(weights) == sorted(f"{layer.index}.{s}" for layer in layers for s in hf_model.layer_sites(config, layer))
     assert len(launches) >= len(weights)  # (3) the fused kernel ran at every adapted site
     hand_adapted(reference, layers, placement, weights, config.resolved_activation, config.scale)
-    with torch.no_grad():
-        expected = reference(**x).last_hidden_state
+    expected = run_reference(reference, x).last_hidden_state
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)  # (4)
 
 
@@ -242,11 +268,15 @@ POST_ED = ("post-norm encoder-decoder (self_attn, self_attn_layer_norm; encoder_
            "fc1 ... fc2, final_layer_norm)")
 # Encoder-decoder types recognized by structure, with the layout read from their layers' forward pass.
 SEQ2SEQ_EXPECTED = {"marian": POST_ED, "blenderbot-small": POST_ED, "mvp": POST_ED, "led": POST_ED, "fsmt": POST_ED,
-                    "pegasus": PRE_ED, "blenderbot": PRE_ED, "m2m_100": PRE_ED, "bigbird_pegasus": PRE_ED}
+                    "pegasus": PRE_ED, "blenderbot": PRE_ED, "m2m_100": PRE_ED, "bigbird_pegasus": PRE_ED,
+                    "speech_to_text": PRE_ED}
 SEQ2SEQ_EXTRA: dict[str, dict[str, Any]] = {
     "led": {"attention_window": 4, "max_encoder_position_embeddings": 64, "max_decoder_position_embeddings": 64},
     "bigbird_pegasus": {"attention_type": "original_full"},
     "fsmt": {"src_vocab_size": VOCAB, "tgt_vocab_size": VOCAB, "langs": ["en", "de"]},  # time-major layers
+    # speech frames in (the structure check's dummy batch gives them too), through two strided convolutions
+    "speech_to_text": {"input_feat_per_channel": 8, "input_channels": 1, "conv_channels": 16,
+                       "max_source_positions": 64, "max_target_positions": 64},
 }
 
 
