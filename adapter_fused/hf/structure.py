@@ -16,11 +16,11 @@ batch (one sequence, evaluation mode, no gradients), before any adapter is attac
 Encoder-decoder candidates have an encoder stack and a decoder stack whose layers have a third site,
 after cross-attention; both stacks are checked, on a dummy batch that also gives the decoder its token
 ids. A speech model that reads ``input_features`` (Speech2Text: (batch, frames, features)) gets random
-frames in place of token ids. The first candidate that passes is used. These are sums of recorded tensors, so a layer that
-scales a sub-block output, normalizes it after the module the layout names, runs attention and
-feed-forward side by side where the layout says one after the other (or the reverse), or puts a block
-the layout does not name between two sites fails the check, and is refused with the reason for each
-candidate.
+frames in place of token ids. The first candidate that passes is used. These are sums of recorded
+tensors, so a layer that scales a sub-block output, normalizes it after the module the layout names,
+runs attention and feed-forward side by side where the layout says one after the other (or the
+reverse), or puts a block the layout does not name between two sites fails the check, and is refused
+with the reason for each candidate.
 Comparisons use the L2 norm, relative to the summed terms' norms, with a tolerance of four units of
 rounding of the recorded dtype (at least 1e-6): far below the size of any sub-block output that a wrong
 layout would leave out or add twice.
@@ -360,9 +360,9 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
         try:
             record = _run(base, candidates)
         except Exception as error:
+            given = ", ".join(k for k, v in _dummy_batch(base).items() if torch.is_tensor(v))
             raise ValueError(f"{refuse}. Its layers were not recognized: a forward pass of the base model on a "
-                             f"dummy batch (of {', '.join(k for k, v in _dummy_batch(base).items() if torch.is_tensor(v))}), run "
-                             f"to check the layout, failed "
+                             f"dummy batch (of {given}), run to check the layout, failed "
                              f"({type(error).__name__}: {error}); {hint}") from error
         for layout, stacks in candidates:
             why = next((f"{stack.layers[0]}: {why}" if len(stacks) > 1 else why for stack, layers in stacks

@@ -383,6 +383,21 @@ class _ScalesMlp(_SkipsNorm):
         return x + 0.5 * self.mlp(self.post_attention_layernorm(x))
 
 
+class _Pictures(_Mystery):
+    """Llama-like layers in a model that reads only images: the check's dummy batch cannot run it."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x=pixel_values.flatten(1, 2))
+
+
+def test_model_the_dummy_batch_cannot_run_is_refused_with_the_reason() -> None:
+    model = _Pictures(_ScalesMlp)
+    with pytest.raises(ValueError, match=r"a forward pass of the base model on a dummy batch \(of input_ids\), run to "
+                                         r"check the layout, failed \(TypeError: .*input_ids.*\); describe its layers"):
+        add_adapter(model, "a", "pfeiffer")
+    assert not hasattr(model, "fused_adapters")
+
+
 def test_layer_that_combines_differently_is_refused_on_the_forward_pass() -> None:
     model = _Mystery(_ScalesMlp)
     with pytest.raises(ValueError, match=r"its layer class _ScalesMlp matches no known layout on a forward pass "
