@@ -73,6 +73,11 @@ STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
                      "encoder_attn; final_layer_norm, fc1 ... fc2)",
                      _pre("self_attn_layer_norm", "self_attn"), _pre("encoder_attn_layer_norm", "encoder_attn"),
                      _pre("final_layer_norm", "fc2")),
+    # NLLB-MoE's names; the feed-forward block is dense or a mixture of experts (``ffn`` either way)
+    _encoder_decoder("pre-norm encoder-decoder (self_attn_layer_norm, self_attn; cross_attention_layer_norm, "
+                     "cross_attention; ff_layer_norm, ffn)",
+                     _pre("self_attn_layer_norm", "self_attn"), _pre("cross_attention_layer_norm", "cross_attention"),
+                     _pre("ff_layer_norm", "ffn")),
     _encoder_decoder("post-norm encoder-decoder (self_attn, self_attn_layer_norm; encoder_attn, "
                      "encoder_attn_layer_norm; fc1 ... fc2, final_layer_norm)",
                      SiteSpec("self_attn", "self_attn", 0, ("hidden_states", "query"), "self_attn_layer_norm"),
@@ -123,7 +128,7 @@ STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
     "granitemoe", "smollm3", "stablelm", "starcoder2", "cohere", "glm", "glm4", "deepseek_v3", "gpt_neox",
     "gpt_neo", "gpt_bigcode", "falcon", "opt", "bloom", "codegen", "camembert",
     "marian", "blenderbot-small", "mvp", "led", "fsmt", "pegasus", "blenderbot", "m2m_100", "bigbird_pegasus",
-    "speech_to_text",
+    "speech_to_text", "nllb-moe",
 )
 """Model types recognized by structure whose tiny random models the tests check against adapters
 added by hand in float64."""

@@ -266,14 +266,18 @@ PRE_ED = ("pre-norm encoder-decoder (self_attn_layer_norm, self_attn; encoder_at
           "final_layer_norm, fc1 ... fc2)")
 POST_ED = ("post-norm encoder-decoder (self_attn, self_attn_layer_norm; encoder_attn, encoder_attn_layer_norm; "
            "fc1 ... fc2, final_layer_norm)")
+PRE_ED_MOE = ("pre-norm encoder-decoder (self_attn_layer_norm, self_attn; cross_attention_layer_norm, "
+              "cross_attention; ff_layer_norm, ffn)")
 # Encoder-decoder types recognized by structure, with the layout read from their layers' forward pass.
 SEQ2SEQ_EXPECTED = {"marian": POST_ED, "blenderbot-small": POST_ED, "mvp": POST_ED, "led": POST_ED, "fsmt": POST_ED,
                     "pegasus": PRE_ED, "blenderbot": PRE_ED, "m2m_100": PRE_ED, "bigbird_pegasus": PRE_ED,
-                    "speech_to_text": PRE_ED}
+                    "speech_to_text": PRE_ED, "nllb-moe": PRE_ED_MOE}
 SEQ2SEQ_EXTRA: dict[str, dict[str, Any]] = {
     "led": {"attention_window": 4, "max_encoder_position_embeddings": 64, "max_decoder_position_embeddings": 64},
     "bigbird_pegasus": {"attention_type": "original_full"},
     "fsmt": {"src_vocab_size": VOCAB, "tgt_vocab_size": VOCAB, "langs": ["en", "de"]},  # time-major layers
+    # every second layer a mixture of experts: each stack has a dense and a sparse feed-forward block
+    "nllb-moe": {"num_experts": 4, "expert_capacity": 16, "encoder_sparse_step": 2, "decoder_sparse_step": 2},
     # speech frames in (the structure check's dummy batch gives them too), through two strided convolutions
     "speech_to_text": {"input_feat_per_channel": 8, "input_channels": 1, "conv_channels": 16,
                        "max_source_positions": 64, "max_target_positions": 64},
