@@ -13,6 +13,8 @@ A site is described by module paths relative to the layer (``SiteSpec``):
 - ``norm``: the layer norm of ``LN(h + x)``, or None for pre-LN layers. For the models AdapterHub
   hooks through its model interface (Gemma 2 and 3, ModernBERT) it is the norm AdapterHub gives that
   site, so the same placements compute the same numbers.
+- ``swapped``: the adapter reads ``x`` and takes ``h`` as its residual (ALBERT's attention site, where
+  AdapterHub calls its adapter that way round).
 
 The adapters hook these modules; no base module is replaced and no parameter renamed.
 
