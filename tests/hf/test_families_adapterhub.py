@@ -115,6 +115,15 @@ def test_albert_attention_adapters_reproduce_adapterhub(variant: str, tmp_path: 
     _check_parity(hub, "albert", config, tmp_path, based)
 
 
+def test_phi_parallel_adapter_fails_in_adapterhub_too(based: Callable) -> None:
+    """Phi's feed-forward block has no residual of its own; AdapterHub's parallel adapter there reads
+    that missing residual and its forward fails, so refusing such an adapter loses nothing."""
+    hub = _hub_model("phi", "par_bn", based)
+    hub.set_active_adapters("hub")
+    with pytest.raises(TypeError, match="must be Tensor, not NoneType"), torch.no_grad():
+        outputs(hub, based("phi")[1])
+
+
 def _hub_model(model_type: str, config: Any, based: Callable) -> nn.Module:
     """An AdapterHub copy of the base model of ``model_type`` with adapter "hub" of ``config``, random."""
     base, _, _ = based(model_type)
