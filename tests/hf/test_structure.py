@@ -321,6 +321,23 @@ def test_layers_combined_differently_are_refused(model_type: str) -> None:
     assert not hasattr(model.base_model, "fused_adapters")
 
 
+def test_encoder_layers_with_a_second_stream_are_refused() -> None:
+    """PEGASUS-X's encoder layers run fc2 for the tokens and again for the global tokens: no candidate
+    fits, and the reasons say so."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "pegasus_x" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no config class for 'pegasus_x'")
+    config = AutoConfig.for_model("pegasus_x", **SEQ2SEQ, block_size=4, num_global_tokens=2)
+    model = AutoModel.from_config(config).eval()
+    with pytest.raises(ValueError, match=r"model type 'pegasus_x' is not supported.*its layer class "
+                                         r"PegasusXEncoderLayer matches no known layout on a forward pass .*"
+                                         r"encoder.layers: in layer 0, fc2 ran 2 times in 1 calls"):
+        add_adapter(model, "a", "pfeiffer")
+    assert not hasattr(model.base_model, "fused_adapters")
+
+
 def test_recognition_runs_once_per_model_and_survives_copies() -> None:
     model = build("olmo")
     forwards: list[int] = []
