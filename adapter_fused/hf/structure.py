@@ -15,8 +15,9 @@ batch (one sequence, evaluation mode, no gradients), before any adapter is attac
 
 Encoder-decoder candidates have an encoder stack and a decoder stack whose layers have a third site,
 after cross-attention; both stacks are checked, on a dummy batch that also gives the decoder its token
-ids. A speech model that reads ``input_features`` (Speech2Text: (batch, frames, features)) gets random
-frames in place of token ids. The first candidate that passes is used. These are sums of recorded
+ids. A model that reads no token ids gets random values of the shape its config gives (``_signal_shape``):
+speech frames (``input_features``), images or videos (``pixel_values``), spectrograms or raw audio
+(``input_values``). The first candidate that passes is used. These are sums of recorded
 tensors, so a layer that scales a sub-block output, normalizes it after the module the layout names,
 runs attention and feed-forward side by side where the layout says one after the other (or the
 reverse), or puts a block the layout does not name between two sites fails the check, and is refused
@@ -43,8 +44,9 @@ from torch import nn
 
 from .architectures import Architecture, ModelLayout, SiteSpec, _find_layers, _get, call_argument, missing_modules
 
-LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer")
-"""Where, from the base model, a layer list is looked for (the first path present is used)."""
+LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer", "encoder.layers")
+"""Where, from the base model, a layer list is looked for (the first path present is used). A list under
+``encoder`` is not taken for a one-stack layout when the base model also has a ``decoder``."""
 ENCODER_DECODER_LAYERS = ("encoder.layers", "decoder.layers")
 """The encoder's and the decoder's layer lists of encoder-decoder candidates, from the base model."""
 
@@ -116,6 +118,20 @@ STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
     _layout("post-norm layer (self_attn, self_attn_layer_norm; fc1 ... fc2, final_layer_norm)",
             SiteSpec("self_attn", "self_attn", 0, ("hidden_states",), "self_attn_layer_norm"),
             SiteSpec("fc2", "fc1", 0, ("input",), "final_layer_norm")),
+    # vision and audio encoders: ViT's layer (transformers 4 and 5 layouts), DINOv2's with layer scale
+    _layout("pre-norm ViT-style layer (layernorm_before, attention; layernorm_after, intermediate, output: "
+            "dense, dropout)",
+            _pre("layernorm_before", "attention"), SiteSpec("output.dropout", "output", 1, ("input_tensor",))),
+    _layout("pre-norm layer (layernorm_before, attention; layernorm_after, mlp)",
+            _pre("layernorm_before", "attention"), _pre("layernorm_after", "mlp")),
+    _layout("pre-norm layer with layer scale (norm1, attention, layer_scale1; norm2, mlp, layer_scale2)",
+            _pre("norm1", "layer_scale1"), _pre("norm2", "layer_scale2")),
+    # wav2vec 2.0's encoder layers, post-norm or (do_stable_layer_norm) pre-norm
+    _layout("post-norm speech encoder layer (attention, layer_norm; feed_forward, final_layer_norm)",
+            SiteSpec("attention", "attention", 0, ("hidden_states",), "layer_norm"),
+            SiteSpec("feed_forward", "feed_forward", 0, ("hidden_states",), "final_layer_norm")),
+    _layout("pre-norm speech encoder layer (layer_norm, attention; final_layer_norm, feed_forward)",
+            _pre("layer_norm", "attention"), _pre("final_layer_norm", "feed_forward")),
     _layout("post-norm BERT-like layer (attention.output: dense, dropout, LayerNorm; output: dense, dropout, "
             "LayerNorm)",
             SiteSpec("attention.output.dropout", "attention.output", 1, ("input_tensor",), "attention.output.LayerNorm"),
@@ -129,6 +145,8 @@ STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
     "gpt_neo", "gpt_bigcode", "falcon", "opt", "bloom", "codegen", "camembert",
     "marian", "blenderbot-small", "mvp", "led", "fsmt", "pegasus", "blenderbot", "m2m_100", "bigbird_pegasus",
     "speech_to_text", "nllb-moe",
+    "deit", "vit_mae", "vit_msn", "ijepa", "dpt", "vivit", "videomae", "audio-spectrogram-transformer", "dinov2",
+    "dinov2_with_registers", "wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "unispeech", "unispeech-sat",
 )
 """Model types recognized by structure whose tiny random models the tests check against adapters
 added by hand in float64."""
@@ -277,21 +295,55 @@ def _stacks(layout: Architecture, base: nn.Module) -> list[tuple[ModelLayout, nn
         lists = _find_layers(base, stack.layers)  # type: ignore[arg-type]
         if not lists or missing_modules(lists[0][1][0], *(site for _, site in _sites(stack))):
             return None
+        if len(layout.stacks) == 1 and lists[0][0].startswith("encoder.") and \
+                isinstance(getattr(base, "decoder", None), nn.Module):
+            return None  # the encoder of an encoder-decoder model: adapters there alone would leave out the decoder
         found.append((stack, lists[0][1]))
     return found
 
 
-def _feature_width(config: object) -> int | None:
-    """The feature width of a speech model's frames (``input_feat_per_channel * input_channels``), or None."""
-    per_channel, channels = getattr(config, "input_feat_per_channel", None), getattr(config, "input_channels", 1)
-    if isinstance(per_channel, int) and isinstance(channels, int) and per_channel > 0 and channels > 0:
-        return per_channel * channels
+def _ints(config: object, *names: str) -> list[int] | None:
+    """The config's values at ``names`` if all are positive ints, else None."""
+    values = [getattr(config, name, None) for name in names]
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return values  # type: ignore[return-value]
     return None
 
 
+def _signal_shape(name: str, config: object) -> tuple[int, ...] | None:
+    """The shape of one short example of a model input other than token ids, from its config, or None
+    where the config does not say it:
+
+    - ``input_features``: (1, 16 frames, ``input_feat_per_channel * input_channels``) (Speech2Text);
+    - ``pixel_values``: (1, channels, size, size), or (1, ``num_frames``, channels, size, size) for video;
+    - ``input_values``: a spectrogram (1, ``max_length``, ``num_mel_bins``) (AST), or raw audio long enough
+      for eight frames out of the ``conv_kernel``/``conv_stride`` feature encoder (wav2vec 2.0).
+    """
+    if name == "input_features":
+        found = _ints(config, "input_feat_per_channel")
+        channels = getattr(config, "input_channels", 1)
+        return (1, 16, found[0] * channels) if found and isinstance(channels, int) and channels > 0 else None
+    if name == "pixel_values":
+        size = getattr(config, "image_size", None)
+        size = tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else (size, size)
+        channels = getattr(config, "num_channels", 3)
+        if not all(isinstance(v, int) and v > 0 for v in (*size, channels)):
+            return None
+        frames = _ints(config, "num_frames")
+        return (1, *(frames or []), channels, *size)  # type: ignore[return-value]
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if isinstance(kernels, (list, tuple)) and isinstance(strides, (list, tuple)) and len(kernels) == len(strides):
+        length = 8
+        for kernel, stride in zip(reversed(kernels), reversed(strides)):
+            length = (length - 1) * stride + kernel
+        return (1, length)
+    found = _ints(config, "max_length", "num_mel_bins")
+    return (1, *found) if found else None
+
+
 def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
-    """One short sequence for the check's forward pass: token ids, or random speech frames for a model
-    that reads ``input_features`` (batch, frames, features); the decoder's token ids where it has one."""
+    """One short example for the check's forward pass: token ids, or for a model that reads none, random
+    values of the shape ``_signal_shape`` gives; the decoder's token ids where it has one."""
     config = getattr(base, "config", None)
     vocab = getattr(config, "vocab_size", None)
     vocab = vocab if isinstance(vocab, int) and vocab > 8 else 8
@@ -302,12 +354,14 @@ def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
         parameters = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return batch
-    features = _feature_width(config)
-    if "input_ids" not in parameters and "input_features" in parameters and features is not None:
-        # a speech encoder reading (batch, frames, features), Speech2Text's layout
-        generator = torch.Generator().manual_seed(0)
-        dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
-        batch = {"input_features": torch.randn(1, 16, features, generator=generator).to(device, dtype)}
+    if "input_ids" not in parameters:
+        shapes = {name: shape for name in ("input_features", "pixel_values", "input_values")
+                  if name in parameters and (shape := _signal_shape(name, config)) is not None}
+        if shapes:
+            name, shape = next(iter(shapes.items()))
+            generator = torch.Generator().manual_seed(0)
+            dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+            batch = {name: torch.randn(shape, generator=generator).to(device, dtype)}
     if "use_cache" in parameters:
         batch["use_cache"] = False  # type: ignore[assignment]
     if "decoder_input_ids" in parameters:  # an encoder-decoder model: its decoder reads the encoder's output
@@ -355,6 +409,9 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
         lists = _find_layers(base, LAYERS)
         where = f"its layer class {type(lists[0][1][0]).__name__} has the modules of no known layout" if lists else \
             f"it has no non-empty layer list at {', '.join(LAYERS)}"
+        if lists and lists[0][0].startswith("encoder.") and isinstance(getattr(base, "decoder", None), nn.Module):
+            where = (f"its encoder's layers ({type(lists[0][1][0]).__name__}) and its decoder's match no "
+                     f"encoder-decoder layout, and adapters in the encoder alone would leave out the decoder")
         raise ValueError(f"{refuse}. Such a model is not recognized: {where}; {hint}")
     if any(p.is_meta for p in base.parameters()):
         layout = candidates[0][0]

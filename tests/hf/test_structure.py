@@ -207,12 +207,12 @@ def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weight
 
 
 def check_against_hand(model: nn.Module, placement: str, expected_layout: str, monkeypatch: pytest.MonkeyPatch,
-                       launches: Any, seq2seq: bool = False) -> None:
+                       launches: Any, seq2seq: bool = False, batch: dict[str, Any] | None = None) -> None:
     """(1) no active adapter computes the base model bit for bit; (2) the adapters change the output;
     (3) one hook call per layer and site, each running the fused kernel; (4) parity with adapters added
     by hand in float64 at the sites of ``expected_layout``, the layout the model must be recognized as.
     ``seq2seq``: an encoder-decoder model, whose adapters also sit after the decoder's cross-attention
-    (``cross_adapter=True``)."""
+    (``cross_adapter=True``). ``batch``: the model's inputs, where they are not token ids."""
     calls: Counter[tuple[str, str]] = Counter()
     apply = hf_model._Site.apply
 
@@ -221,7 +221,7 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
         return apply(self, module, args, output)
 
     monkeypatch.setattr(hf_model._Site, "apply", counting)
-    x = inputs(seq2seq, getattr(model.config, "input_feat_per_channel", None))
+    x = batch if batch is not None else inputs(seq2seq, getattr(model.config, "input_feat_per_channel", None))
     reference = float64_if_it_runs(model, x)
     with torch.no_grad():
         base = model(**x).last_hidden_state
@@ -302,6 +302,56 @@ def test_encoder_decoder_layers_are_recognized_by_structure(model_type: str, pla
     check_against_hand(model, placement, SEQ2SEQ_EXPECTED[model_type], monkeypatch, launches, seq2seq=True)
 
 
+VIT = "pre-norm ViT-style layer (layernorm_before, attention; layernorm_after, intermediate, output: dense, dropout)"
+VIT_MLP = "pre-norm layer (layernorm_before, attention; layernorm_after, mlp)"  # ViT's layout on transformers 5
+SCALED = "pre-norm layer with layer scale (norm1, attention, layer_scale1; norm2, mlp, layer_scale2)"
+SPEECH_POST = "post-norm speech encoder layer (attention, layer_norm; feed_forward, final_layer_norm)"
+SPEECH_PRE = "pre-norm speech encoder layer (layer_norm, attention; final_layer_norm, feed_forward)"
+IMAGE = {"image_size": 32, "patch_size": 8}
+AUDIO = {"conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2], "num_conv_pos_embeddings": 4,
+         "num_conv_pos_embedding_groups": 2}
+# Vision and audio encoders recognized by structure: (model type, config overrides, the layout it must get)
+SIGNALS: dict[str, tuple[str, dict[str, Any], str]] = {
+    **{t: (t, IMAGE, VIT) for t in ("deit", "vit_mae", "vit_msn", "ijepa", "dpt")},
+    "vivit": ("vivit", {**IMAGE, "num_frames": 4, "tubelet_size": [2, 8, 8]}, VIT),
+    "videomae": ("videomae", {**IMAGE, "num_frames": 4, "tubelet_size": 2}, VIT),
+    "audio-spectrogram-transformer": ("audio-spectrogram-transformer", {"max_length": 32, "num_mel_bins": 16,
+                                                                        "frequency_stride": 8, "time_stride": 8}, VIT),
+    "dinov2": ("dinov2", IMAGE, SCALED),
+    "dinov2_with_registers": ("dinov2_with_registers", IMAGE, SCALED),
+    **{t: (t, AUDIO, SPEECH_POST) for t in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "unispeech",
+                                            "unispeech-sat")},
+    "wav2vec2-stable-layer-norm": ("wav2vec2", {**AUDIO, "do_stable_layer_norm": True}, SPEECH_PRE),
+}
+
+
+def signal_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Two random images, videos, spectrograms or raw audio clips for ``model``'s main input."""
+    config, generator = model.config, torch.Generator().manual_seed(1)
+    if model.main_input_name == "pixel_values":
+        frames = (config.num_frames,) if hasattr(config, "num_frames") else ()
+        batch = {"pixel_values": torch.randn(2, *frames, 3, 32, 32, generator=generator)}
+        if config.model_type == "vit_mae":  # the random masking, fixed
+            batch["noise"] = torch.rand(2, 16, generator=generator)
+        return batch
+    if hasattr(config, "conv_kernel"):  # raw audio through the convolutional feature encoder
+        return {"input_values": torch.randn(2, 400, generator=generator)}
+    return {"input_values": torch.randn(2, config.max_length, config.num_mel_bins, generator=generator)}
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_vision_and_audio_encoders_are_recognized_by_structure(name: str, placement: str,
+                                                               monkeypatch: pytest.MonkeyPatch, launches: Any) -> None:
+    """Their dummy batch is an image, a video, a spectrogram or a raw audio clip, of the config's shape."""
+    model_type, overrides, expected = SIGNALS[name]
+    model = build(model_type, **overrides)
+    layer = _find_layers(model.base_model, LAYERS)[0][1][0]
+    if expected == VIT and hasattr(layer, "mlp"):
+        expected = VIT_MLP
+    check_against_hand(model, placement, expected, monkeypatch, launches, batch=signal_inputs(model))
+
+
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_config_variants_get_their_own_layout(variant: str, placement: str, monkeypatch: pytest.MonkeyPatch,
@@ -353,7 +403,8 @@ def test_recognition_runs_once_per_model_and_survives_copies() -> None:
 
 
 def test_tested_types_are_listed() -> None:
-    assert set(STRUCTURALLY_TESTED_MODEL_TYPES) == {*MODEL_TYPES, *SEQ2SEQ_EXPECTED}
+    assert set(STRUCTURALLY_TESTED_MODEL_TYPES) == {*MODEL_TYPES, *SEQ2SEQ_EXPECTED,
+                                                    *(model_type for model_type, _, _ in SIGNALS.values())}
 
 
 class _Mystery(nn.Module):
@@ -378,6 +429,29 @@ def test_unrecognized_layer_is_refused() -> None:
                                          r"adapter_fused.register_model_layout"):
         add_adapter(model, "a", "pfeiffer")
     assert not hasattr(model, "fused_adapters")
+
+
+def test_encoder_of_an_unrecognized_encoder_decoder_is_not_taken_alone() -> None:
+    """Layers under ``encoder`` that a one-stack layout would fit are not adapted when the model also has
+    a decoder no layout describes: the error says why."""
+    class _Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(model_type="pair", hidden_size=8, vocab_size=16)
+            self.encoder = _Mystery(_SkipsNorm)
+            self.decoder = nn.Linear(8, 8)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.encoder(input_ids))
+
+    model = _Pair()
+    with pytest.raises(ValueError, match=r"its encoder's layers \(_SkipsNorm\) and its decoder's match no "
+                                         r"encoder-decoder layout, and adapters in the encoder alone would leave out "
+                                         r"the decoder; describe its layers"):
+        add_adapter(model, "a", "pfeiffer")
+    assert not hasattr(model, "fused_adapters")
+    add_adapter(model.encoder, "a", "pfeiffer")  # the encoder alone, asked for, is recognized
+    assert model_layers(model.encoder)[0].name == "parallel block (input_layernorm, self_attn and mlp)"
 
 
 class _SkipsNorm(nn.Module):
