@@ -115,6 +115,31 @@ def test_albert_attention_adapters_reproduce_adapterhub(variant: str, tmp_path: 
     _check_parity(hub, "albert", config, tmp_path, based)
 
 
+def test_albert_gradients_match_adapterhub(tmp_path: Path, based: Callable) -> None:
+    """Through ALBERT's swapped attention site and its feed-forward site, every adapter parameter gets
+    AdapterHub's gradient (houlsby, a loss along a fixed random projection of the outputs)."""
+    from adapter_fused.hf.adapterhub import weights_from_adapterhub
+    from adapter_fused.hf.architectures import adapterhub_weights_by_layer
+
+    base, batch, plain = based("albert")
+    hub = _hub_model("albert", "double_seq_bn", based)
+    hub.save_adapter(str(tmp_path), "hub")
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path)
+    set_active_adapters(model, "hub")
+    hub.set_active_adapters("hub")
+    probe = torch.randn(plain.shape, generator=torch.Generator().manual_seed(7))
+    (outputs(hub, batch) * probe).sum().backward()
+    (outputs(model, batch) * probe).sum().backward()
+    grads = {n: p.grad for n, p in hub.named_parameters() if "adapters.hub." in n}
+    _, expected = weights_from_adapterhub(adapterhub_weights_by_layer(model, grads, "grads"), "grads")
+    ours = dict(model.base_model.fused_adapters["hub"].named_parameters())
+    assert sorted(ours) == sorted(expected) and any(".attention." in name for name in ours)
+    for name, parameter in ours.items():
+        assert parameter.grad is not None and parameter.grad.abs().max() > 0, name
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_phi_parallel_adapter_fails_in_adapterhub_too(based: Callable) -> None:
     """Phi's feed-forward block has no residual of its own; AdapterHub's parallel adapter there reads
     that missing residual and its forward fails, so refusing such an adapter loses nothing."""
