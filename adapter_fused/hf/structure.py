@@ -44,9 +44,13 @@ from torch import nn
 
 from .architectures import Architecture, ModelLayout, SiteSpec, _find_layers, _get, call_argument, missing_modules
 
-LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer", "encoder.layers")
+LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer", "encoder.layers",
+          "vision_model.encoder.layers", "transformer.layers", "layer")
 """Where, from the base model, a layer list is looked for (the first path present is used). A list under
-``encoder`` is not taken for a one-stack layout when the base model also has a ``decoder``."""
+``encoder`` (``vision_model``) is not taken for a one-stack layout when the base model also has a
+``decoder`` (``text_model``): see ``_PAIRED``."""
+_PAIRED = {"encoder": "decoder", "vision_model": "text_model"}
+"""A stack's top module -> the module beside it whose layers a one-stack layout would leave out."""
 ENCODER_DECODER_LAYERS = ("encoder.layers", "decoder.layers")
 """The encoder's and the decoder's layer lists of encoder-decoder candidates, from the base model."""
 
@@ -126,6 +130,12 @@ STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
             _pre("layernorm_before", "attention"), _pre("layernorm_after", "mlp")),
     _layout("pre-norm layer with layer scale (norm1, attention, layer_scale1; norm2, mlp, layer_scale2)",
             _pre("norm1", "layer_scale1"), _pre("norm2", "layer_scale2")),
+    _layout("pre-norm layer (layer_norm1, self_attn; layer_norm2, mlp)",  # CLIP's and SigLIP's names
+            _pre("layer_norm1", "self_attn"), _pre("layer_norm2", "mlp")),
+    _layout("pre-norm layer (rms_norm1, attention; rms_norm2, ffn)", _pre("rms_norm1", "attention"),
+            _pre("rms_norm2", "ffn")),
+    _layout("pre-norm layer (attention_norm, attention; ffn_norm, feed_forward)", _pre("attention_norm", "attention"),
+            _pre("ffn_norm", "feed_forward")),
     # wav2vec 2.0's encoder layers, post-norm or (do_stable_layer_norm) pre-norm
     _layout("post-norm speech encoder layer (attention, layer_norm; feed_forward, final_layer_norm)",
             SiteSpec("attention", "attention", 0, ("hidden_states",), "layer_norm"),
@@ -147,6 +157,7 @@ STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
     "speech_to_text", "nllb-moe",
     "deit", "vit_mae", "vit_msn", "ijepa", "dpt", "vivit", "videomae", "audio-spectrogram-transformer", "dinov2",
     "dinov2_with_registers", "wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "unispeech", "unispeech-sat",
+    "siglip_vision_model", "idefics3_vision", "aimv2_vision_model", "pixtral",
 )
 """Model types recognized by structure whose tiny random models the tests check against adapters
 added by hand in float64."""
@@ -295,11 +306,17 @@ def _stacks(layout: Architecture, base: nn.Module) -> list[tuple[ModelLayout, nn
         lists = _find_layers(base, stack.layers)  # type: ignore[arg-type]
         if not lists or missing_modules(lists[0][1][0], *(site for _, site in _sites(stack))):
             return None
-        if len(layout.stacks) == 1 and lists[0][0].startswith("encoder.") and \
-                isinstance(getattr(base, "decoder", None), nn.Module):
-            return None  # the encoder of an encoder-decoder model: adapters there alone would leave out the decoder
+        if len(layout.stacks) == 1 and _beside(base, lists[0][0]) is not None:
+            return None  # an encoder-decoder model's encoder alone would leave out the decoder
         found.append((stack, lists[0][1]))
     return found
+
+
+def _beside(base: nn.Module, path: str) -> str | None:
+    """The name of the module beside the one holding the layers at ``path`` whose layers a one-stack
+    layout would leave out (``_PAIRED``), or None."""
+    paired = _PAIRED.get(path.split(".", 1)[0])
+    return paired if paired is not None and isinstance(getattr(base, paired, None), nn.Module) else None
 
 
 def _ints(config: object, *names: str) -> list[int] | None:
@@ -409,9 +426,11 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
         lists = _find_layers(base, LAYERS)
         where = f"its layer class {type(lists[0][1][0]).__name__} has the modules of no known layout" if lists else \
             f"it has no non-empty layer list at {', '.join(LAYERS)}"
-        if lists and lists[0][0].startswith("encoder.") and isinstance(getattr(base, "decoder", None), nn.Module):
-            where = (f"its encoder's layers ({type(lists[0][1][0]).__name__}) and its decoder's match no "
-                     f"encoder-decoder layout, and adapters in the encoder alone would leave out the decoder")
+        paired = _beside(base, lists[0][0]) if lists else None
+        if paired is not None:
+            top = lists[0][0].split(".", 1)[0]
+            where = (f"the layers of its {top} ({type(lists[0][1][0]).__name__}) and of its {paired} match no "
+                     f"layout of both, and adapters in the {top} alone would leave out the {paired}")
         raise ValueError(f"{refuse}. Such a model is not recognized: {where}; {hint}")
     if any(p.is_meta for p in base.parameters()):
         layout = candidates[0][0]

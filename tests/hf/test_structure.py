@@ -5,6 +5,7 @@ and site, and clear refusals of layers laid out differently."""
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -305,6 +306,7 @@ def test_encoder_decoder_layers_are_recognized_by_structure(model_type: str, pla
 VIT = "pre-norm ViT-style layer (layernorm_before, attention; layernorm_after, intermediate, output: dense, dropout)"
 VIT_MLP = "pre-norm layer (layernorm_before, attention; layernorm_after, mlp)"  # ViT's layout on transformers 5
 SCALED = "pre-norm layer with layer scale (norm1, attention, layer_scale1; norm2, mlp, layer_scale2)"
+CLIP_LIKE = "pre-norm layer (layer_norm1, self_attn; layer_norm2, mlp)"
 SPEECH_POST = "post-norm speech encoder layer (attention, layer_norm; feed_forward, final_layer_norm)"
 SPEECH_PRE = "pre-norm speech encoder layer (layer_norm, attention; final_layer_norm, feed_forward)"
 IMAGE = {"image_size": 32, "patch_size": 8}
@@ -319,6 +321,11 @@ SIGNALS: dict[str, tuple[str, dict[str, Any], str]] = {
                                                                         "frequency_stride": 8, "time_stride": 8}, VIT),
     "dinov2": ("dinov2", IMAGE, SCALED),
     "dinov2_with_registers": ("dinov2_with_registers", IMAGE, SCALED),
+    "siglip_vision_model": ("siglip_vision_model", IMAGE, CLIP_LIKE),
+    "idefics3_vision": ("idefics3_vision", IMAGE, CLIP_LIKE),
+    "aimv2_vision_model": ("aimv2_vision_model", IMAGE, "pre-norm layer (rms_norm1, attention; rms_norm2, ffn)"),
+    "pixtral": ("pixtral", {**IMAGE, "head_dim": 16},
+                "pre-norm layer (attention_norm, attention; ffn_norm, feed_forward)"),
     **{t: (t, AUDIO, SPEECH_POST) for t in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "unispeech",
                                             "unispeech-sat")},
     "wav2vec2-stable-layer-norm": ("wav2vec2", {**AUDIO, "do_stable_layer_norm": True}, SPEECH_PRE),
@@ -328,7 +335,7 @@ SIGNALS: dict[str, tuple[str, dict[str, Any], str]] = {
 def signal_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """Two random images, videos, spectrograms or raw audio clips for ``model``'s main input."""
     config, generator = model.config, torch.Generator().manual_seed(1)
-    if model.main_input_name == "pixel_values":
+    if "pixel_values" in inspect.signature(model.forward).parameters:
         frames = (config.num_frames,) if hasattr(config, "num_frames") else ()
         batch = {"pixel_values": torch.randn(2, *frames, 3, 32, 32, generator=generator)}
         if config.model_type == "vit_mae":  # the random masking, fixed
@@ -445,13 +452,29 @@ def test_encoder_of_an_unrecognized_encoder_decoder_is_not_taken_alone() -> None
             return self.decoder(self.encoder(input_ids))
 
     model = _Pair()
-    with pytest.raises(ValueError, match=r"its encoder's layers \(_SkipsNorm\) and its decoder's match no "
-                                         r"encoder-decoder layout, and adapters in the encoder alone would leave out "
+    with pytest.raises(ValueError, match=r"the layers of its encoder \(_SkipsNorm\) and of its decoder match no "
+                                         r"layout of both, and adapters in the encoder alone would leave out "
                                          r"the decoder; describe its layers"):
         add_adapter(model, "a", "pfeiffer")
     assert not hasattr(model, "fused_adapters")
     add_adapter(model.encoder, "a", "pfeiffer")  # the encoder alone, asked for, is recognized
     assert model_layers(model.encoder)[0].name == "parallel block (input_layernorm, self_attn and mlp)"
+
+
+def test_one_tower_of_a_two_tower_model_is_not_taken_alone() -> None:
+    """SigLIP's vision tower alone is recognized (see SIGNALS); the two-tower model is refused rather
+    than adapted in its vision tower only."""
+    from transformers import AutoConfig, AutoModel
+
+    tower = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    config = AutoConfig.for_model("siglip", text_config={**tower, "vocab_size": VOCAB},
+                                  vision_config={**tower, **IMAGE})
+    model = AutoModel.from_config(config).eval()
+    with pytest.raises(ValueError, match=r"the layers of its vision_model \(SiglipEncoderLayer\) and of its "
+                                         r"text_model match no layout of both, and adapters in the vision_model "
+                                         r"alone would leave out the text_model"):
+        add_adapter(model, "a", "houlsby")
+    assert not hasattr(model.base_model, "fused_adapters")
 
 
 class _SkipsNorm(nn.Module):
