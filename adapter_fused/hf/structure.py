@@ -371,14 +371,14 @@ def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
         parameters = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return batch
-    if "input_ids" not in parameters:
-        shapes = {name: shape for name in ("input_features", "pixel_values", "input_values")
-                  if name in parameters and (shape := _signal_shape(name, config)) is not None}
-        if shapes:
-            name, shape = next(iter(shapes.items()))
-            generator = torch.Generator().manual_seed(0)
-            dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
-            batch = {name: torch.randn(shape, generator=generator).to(device, dtype)}
+    signal = None if "input_ids" in parameters else next(
+        ((name, shape) for name in ("input_features", "pixel_values", "input_values")
+         if name in parameters and (shape := _signal_shape(name, config)) is not None), None)
+    if signal is not None:
+        name, shape = signal
+        generator = torch.Generator().manual_seed(0)
+        dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+        batch = {name: torch.randn(shape, generator=generator).to(device, dtype)}
     if "use_cache" in parameters:
         batch["use_cache"] = False  # type: ignore[assignment]
     if "decoder_input_ids" in parameters:  # an encoder-decoder model: its decoder reads the encoder's output
@@ -389,7 +389,8 @@ def _dummy_batch(base: nn.Module) -> dict[str, torch.Tensor]:
 _Candidate = tuple[Architecture, list[tuple[ModelLayout, nn.ModuleList]]]
 
 
-def _run(base: nn.Module, candidates: list[_Candidate]) -> _Recording:
+def _run(base: nn.Module, candidates: list[_Candidate], batch: dict[str, Any]) -> _Recording:
+    """Run ``base`` on ``batch`` (evaluation mode, no gradients), recording every candidate's modules."""
     record = _Recording()
     training = {m: m.training for m in base.modules()}
     try:
@@ -402,7 +403,7 @@ def _run(base: nn.Module, candidates: list[_Candidate]) -> _Recording:
                             record.watch(_get(layer, path), keep=position == 0)  # type: ignore[arg-type]
         base.eval()
         with torch.no_grad():
-            base(**_dummy_batch(base))
+            base(**batch)
     finally:
         record.remove()
         for module, mode in training.items():
@@ -438,10 +439,11 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
                       f"layers cannot be checked on a forward pass; assuming the {layout.name}", stacklevel=3)
         chosen = layout
     else:
+        batch = _dummy_batch(base)
         try:
-            record = _run(base, candidates)
+            record = _run(base, candidates, batch)
         except Exception as error:
-            given = ", ".join(k for k, v in _dummy_batch(base).items() if torch.is_tensor(v))
+            given = ", ".join(k for k, v in batch.items() if torch.is_tensor(v))
             raise ValueError(f"{refuse}. Its layers were not recognized: a forward pass of the base model on a "
                              f"dummy batch (of {given}), run to check the layout, failed "
                              f"({type(error).__name__}: {error}); {hint}") from error
