@@ -54,6 +54,14 @@ SiteAdapter = Callable[..., torch.Tensor]
 (see ``multitask``)."""
 
 
+def _captured(x: torch.Tensor | None) -> torch.Tensor:
+    """The block residual ``x`` a placement needs; RuntimeError where the site's residual module did
+    not run before its output module (the hooks cannot compute the right numbers without it)."""
+    if x is None:
+        raise RuntimeError("adapter_fused: the block residual of this site was not captured")
+    return x
+
+
 def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x: torch.Tensor | None,
                  norm: nn.Module | None) -> torch.Tensor:
     """The new sub-block output ``h'`` of one site, so that the layer's own ``LN(h' + x)`` (or
@@ -67,8 +75,7 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
     and the caller makes the layer's norm return A in place of ``LN(... + x)``.
     """
     if placement.parallel or placement.original_ln_before:
-        if x is None:
-            raise RuntimeError("adapter_fused: the block residual of this site was not captured")
+        x = _captured(x)
         if placement.parallel:
             z, residual = x, h
         else:
@@ -81,9 +88,7 @@ def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x:
     out = adapter(z) if residual is z else adapter(z, residual=residual)
     if placement.original_ln_after or norm is not None:
         return out
-    if x is None:
-        raise RuntimeError("adapter_fused: the block residual of this site was not captured")
-    return out - x
+    return out - _captured(x)
 
 
 def no_residual_placement(placement: Placement, where: str) -> Placement:
@@ -182,8 +187,7 @@ class _Site:
         if not self.spec.swapped:
             new = site_forward(adapter, placement, h, x, norm)
         else:  # the adapter reads x as its input and h as its residual
-            if x is None:
-                raise RuntimeError("adapter_fused: the block residual of this site was not captured")
+            x = _captured(x)
             new = site_forward(adapter, placement, x, h, norm)
             if placement.original_ln_after and norm is not None:  # LN(new + h), not the layer's LN(new + x)
                 call.norm_outputs[self.key] = norm(new + h)
@@ -482,9 +486,10 @@ def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfei
     config: ``"houlsby"`` / ``"double_seq_bn"``, ``"pfeiffer"`` / ``"seq_bn"`` or an ``AdapterConfig``
     (``cross_adapter=True``: also after the cross-attention of decoder layers, ValueError on a model
     where that adds no adapter). Each adapter maps (..., d) -> (..., d) with width
-    r = ``hidden_size // reduction_factor`` and has 2*d*r + r + d parameters. Base parameters are not touched; activate with ``set_active_adapters``
-    or ``train_adapter``. After ``train_adapter`` the new adapter starts frozen (``requires_grad=False``):
-    only the adapter being trained (and its head) train until ``train_adapter`` picks another.
+    r = ``hidden_size // reduction_factor`` and has 2*d*r + r + d parameters. Base parameters are not
+    touched; activate with ``set_active_adapters`` or ``train_adapter``. After ``train_adapter`` the
+    new adapter starts frozen (``requires_grad=False``): only the adapter being trained (and its
+    head) train until ``train_adapter`` picks another.
     Raises ValueError for unsupported models, a bad config or a name already in use; the model is
     then left exactly as it was (no new modules, parameters or hooks).
     """

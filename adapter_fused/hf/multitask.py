@@ -55,9 +55,9 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
     """Within the block, sample i of a batch uses adapter ``names[i]`` (None: the base model).
 
     The adapters named must share a placement (and ``cross_adapter``), bottleneck widths, layers,
-    activation and scale, and use none of the options beyond the plain bottleneck (layer norms, gating, dropout, a learned
-    scale: ValueError naming the adapter and option). The batch must
-    have ``len(names)`` samples along its first dimension. Outputs equal running each sample alone
+    activation and scale, and use none of the options beyond the plain bottleneck (layer norms,
+    gating, dropout, a learned scale: ValueError naming the adapter and option). The batch must have
+    ``len(names)`` samples along its first dimension. Outputs equal running each sample alone
     with its adapter active. Restores the previous state (active adapter) on exit.
 
     The block holds for the calls made in the thread that entered it: other threads calling the
