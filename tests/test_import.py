@@ -120,3 +120,43 @@ def test_extras_are_declared() -> None:
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {"test", "bench", "hf", "adapterhub"} <= set(extras)
+
+
+def test_hugging_face_kernels_package_is_not_shadowed_from_the_repo_root() -> None:
+    """From the repository root (the first entry of ``sys.path`` for ``python -c`` and scripts run
+    there), ``import kernels`` is Hugging Face's package, which transformers imports when it loads a
+    model; the library's Triton code is ``adapter_fused.kernels``. One model workload runs there too:
+    a transformers model with a fused adapter, whose import of the model classes goes through
+    Hugging Face's ``kernels``."""
+    import importlib.metadata
+
+    pytest.importorskip("transformers")
+    try:
+        distribution = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed")
+    theirs = Path(distribution.locate_file("kernels")).resolve()
+    code = (
+        "import pathlib, kernels, torch, transformers\n"
+        "import adapter_fused.kernels as ours\n"
+        "from adapter_fused import add_adapter, set_active_adapters\n"
+        "print(pathlib.Path(kernels.__file__).resolve().parent)\n"
+        "print(pathlib.Path(ours.__file__).resolve().parent)\n"
+        "torch.manual_seed(0)\n"
+        "model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50))\n"
+        "ids = torch.randint(0, 50, (1, 5))\n"
+        "with torch.no_grad():\n"
+        "    base = model(ids).last_hidden_state\n"
+        "    add_adapter(model, 'task', 'houlsby')\n"
+        "    set_active_adapters(model, 'task')\n"
+        "    for p in model.fused_adapters.parameters(): p.normal_(std=0.5)\n"
+        "    adapted = model(ids).last_hidden_state\n"
+        "print(float((adapted - base).abs().max()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    hf_kernels, our_kernels, change = proc.stdout.split()[-3:]
+    assert Path(hf_kernels) == theirs, f"'import kernels' found {hf_kernels}, not Hugging Face's {theirs}"
+    assert Path(our_kernels) == ROOT / "adapter_fused" / "kernels"
+    assert float(change) > 1e-3, "the adapter did not change the model's output"
