@@ -28,7 +28,7 @@ def test_train_preset_end_to_end(tmp_path: Path) -> None:
     (path,) = tmp_path.glob("adapter_bench_cpu_*.json")
     result = json.loads(path.read_text(encoding="utf-8"))
     assert tuple(result) == report.TOP_LEVEL_KEYS and result["records"] == []
-    assert result["train"]["spec"]["name"] == train.TINY_SPEC.name
+    assert result["train"]["spec"]["model"]["name"] == train.TINY_SPEC.model.name
     records = {r["variant"]: r for r in result["train"]["records"]}
     assert tuple(records) == train.VARIANTS
     losses = []
@@ -39,7 +39,7 @@ def test_train_preset_end_to_end(tmp_path: Path) -> None:
             continue
         assert record["skipped"] is None, record
         spec = train.TINY_SPEC
-        assert record["tokens_per_s"] == pytest.approx(spec.samples * spec.seq / record["epoch_s"])
+        assert record["tokens_per_s"] == pytest.approx(spec.samples * spec.model.seq / record["epoch_s"])
         assert record["trainable_params"] > 0 and record["peak_mem_kind"]
         losses.append(record["train_loss"])
         assert math.isfinite(record["train_loss"])

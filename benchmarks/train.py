@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .models import ModelSpec
+
 VARIANTS = ("adapterhub", "adapterhub_accelerated", "ours")
 RECORD_KEYS = ("variant", "model", "path", "samples", "seq", "batch", "epoch_s", "tokens_per_s", "train_loss",
                "trainable_params", "peak_mem_bytes", "peak_mem_kind", "skipped")
@@ -37,24 +39,19 @@ RECORD_KEYS = ("variant", "model", "path", "samples", "seq", "batch", "epoch_s",
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """The model (BERT sizes), the synthetic data set (samples of seq tokens) and the batch size."""
+    """The model (BERT sizes, batch and sequence length; its rank is hidden / 16, the default reduction
+    factor of ``double_seq_bn``) and the number of samples in the synthetic data set."""
 
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab: int
-    seq: int
+    model: ModelSpec
     samples: int
-    batch: int
 
 
-CPU_SPEC = TrainSpec("bert-small", hidden=128, layers=4, heads=4, intermediate=512, vocab=2048, seq=64, samples=256,
-                     batch=16)
-GPU_SPEC = TrainSpec("bert-base-sized", hidden=768, layers=12, heads=12, intermediate=3072, vocab=30522, seq=128,
-                     samples=8192, batch=32)
-TINY_SPEC = TrainSpec("bert-tiny", hidden=32, layers=2, heads=2, intermediate=64, vocab=128, seq=8, samples=16, batch=4)
+CPU_SPEC = TrainSpec(ModelSpec("bert-small", hidden=128, layers=4, heads=4, intermediate=512, vocab=2048, batch=16,
+                               seq=64, rank=8), samples=1024)
+GPU_SPEC = TrainSpec(ModelSpec("bert-base-sized", hidden=768, layers=12, heads=12, intermediate=3072, vocab=30522,
+                               batch=32, seq=128, rank=48), samples=8192)
+TINY_SPEC = TrainSpec(ModelSpec("bert-tiny", hidden=32, layers=2, heads=2, intermediate=64, vocab=128, batch=4, seq=8,
+                                rank=2), samples=16)
 
 
 class SyntheticTask:
@@ -65,8 +62,8 @@ class SyntheticTask:
         import torch
 
         gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, spec.vocab, (spec.samples, spec.seq), generator=gen)
-        self.labels = (self.ids[:, 0] < spec.vocab // 2).long()
+        self.ids = torch.randint(0, spec.model.vocab, (spec.samples, spec.model.seq), generator=gen)
+        self.labels = (self.ids[:, 0] < spec.model.vocab // 2).long()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,9 +93,10 @@ def build(spec: TrainSpec, variant: str, seed: int = 0) -> Any:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
-                        num_attention_heads=spec.heads, intermediate_size=spec.intermediate,
-                        max_position_embeddings=max(512, spec.seq), num_labels=2)
+    size = spec.model
+    config = BertConfig(vocab_size=size.vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
+                        num_attention_heads=size.heads, intermediate_size=size.intermediate,
+                        max_position_embeddings=max(512, size.seq), num_labels=2)
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
     if variant == "ours":
@@ -164,7 +162,8 @@ def run_variant(spec: TrainSpec, variant: str, device: str, seed: int = 0) -> di
     from adapter_fused.ops import kernels_available
 
     record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
-    record.update(variant=variant, model=spec.name, samples=spec.samples, seq=spec.seq, batch=spec.batch)
+    record.update(variant=variant, model=spec.model.name, samples=spec.samples, seq=spec.model.seq,
+                  batch=spec.model.batch)
     reason = unavailable(variant)
     if reason is not None:
         record["skipped"] = reason
@@ -181,7 +180,7 @@ def run_variant(spec: TrainSpec, variant: str, device: str, seed: int = 0) -> di
     with tempfile.TemporaryDirectory() as out:
         def trainer(**options: Any) -> Any:
             arguments = TrainingArguments(
-                output_dir=out, num_train_epochs=1, per_device_train_batch_size=spec.batch, seed=seed,
+                output_dir=out, num_train_epochs=1, per_device_train_batch_size=spec.model.batch, seed=seed,
                 report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
                 dataloader_num_workers=0, use_cpu=not cuda, bf16=cuda, **options)
             return Trainer(model=model, args=arguments, train_dataset=data)
@@ -200,7 +199,8 @@ def run_variant(spec: TrainSpec, variant: str, device: str, seed: int = 0) -> di
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-    record.update(epoch_s=seconds, tokens_per_s=spec.samples * spec.seq / seconds, train_loss=output.training_loss)
+    record.update(epoch_s=seconds, tokens_per_s=spec.samples * spec.model.seq / seconds,
+                  train_loss=output.training_loss)
     if cuda:
         record.update(peak_mem_bytes=torch.cuda.max_memory_allocated(), peak_mem_kind="cuda max_memory_allocated")
     elif rss.growth is not None:
@@ -222,8 +222,9 @@ def markdown(records: list[dict[str, Any]], spec: TrainSpec, head: str) -> str:
         memory = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r["peak_mem_bytes"] is not None else "not measured"
         rows.append((r["variant"], r["path"], f"{r['epoch_s']:.1f}", f"{r['tokens_per_s']:.0f}", ratio, memory,
                      f"{r['trainable_params']:,}", f"{r['train_loss']:.4f}"))
-    size = (f"{spec.name}: {spec.layers} layers, d {spec.hidden}, r {spec.hidden // 16}; {spec.samples} samples × "
-            f"{spec.seq} tokens, batch {spec.batch}, one epoch")
+    m = spec.model
+    size = f"{m.name}: {m.layers} layers, d {m.hidden}, r {m.rank}; {spec.samples} samples × {m.seq} tokens, batch " \
+        f"{m.batch}, one epoch"
     return f"{head}\n{size}\n\n" + md_table(
         ("variant", "our op runs", "epoch s", "tokens/s", "vs AdapterHub", "peak MiB", "trainable", "loss"), rows)
 
@@ -244,12 +245,12 @@ def main(device: str, tiny: bool, out: Path | None, command: str, seed: int = 0)
         "figures")
     records, failed = [], []
     for variant in VARIANTS:
-        print(f"train: {variant} ({spec.name}, {spec.samples} samples) ...", flush=True)
+        print(f"train: {variant} ({spec.model.name}, {spec.samples} samples) ...", flush=True)
         try:
             records.append(run_variant(spec, variant, device, seed))
         except Exception as exc:  # noqa: BLE001 - recorded; the other variants still run
             failed.append(variant)
-            records.append({**dict.fromkeys(RECORD_KEYS), "variant": variant, "model": spec.name,
+            records.append({**dict.fromkeys(RECORD_KEYS), "variant": variant, "model": spec.model.name,
                             "skipped": f"failed: {harness._short(exc)}"})
     versions = {name: _version(name) for name in ("transformers", "adapters")}
     head = (f"{label} · {when:%Y-%m-%d %H:%M} UTC · torch {torch.__version__} · transformers "
