@@ -320,14 +320,16 @@ def run(args: argparse.Namespace, device_name: str, command: str) -> int:
     return EXIT_INTERRUPTED if interrupted else int(bool(failed))
 
 
-def plan(args: argparse.Namespace, harness: Any, grouped: Any) -> tuple[list[tuple[Any, tuple[str, ...], list[str]]],
-                                                                       Any, list[str]]:
+Job = tuple[Any, tuple[str, ...], list[str]]  # a kernel case, its ops, its providers
+
+
+def plan(args: argparse.Namespace, harness: Any, grouped: Any) -> tuple[list[Job], Any, list[str]]:
     """(kernel jobs as (case, ops, providers), the mixed-batch spec, its providers) of ``args``: the
     preset's, or the grid narrowed by the options. ValueError for unknown names."""
     if args.preset == "headline":
         size = "smoke" if args.smoke else "gpu"
-        jobs = [(harness.Case(M=M, d=d, r=r, dtype=harness.DTYPES[dtype]), ops, list(providers))
-                for M, d, r, dtype, ops, providers in HEADLINE_KERNELS[size]]
+        jobs: list[Job] = [(harness.Case(M=M, d=d, r=r, dtype=harness.DTYPES[dtype]), tuple(ops), list(providers))
+                           for M, d, r, dtype, ops, providers in HEADLINE_KERNELS[size]]
         (batch, seq), d, r, dtype, n = HEADLINE_GROUPED[size]
         gspec = grouped.GroupedSpec(batches=((batch, seq),), d=(d,), r=(r,), dtypes=(dtype,), n_adapters=(n,),
                                     index_kinds=("sequence",))

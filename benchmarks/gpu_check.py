@@ -95,7 +95,11 @@ class Run:
         self.say("$ " + " ".join(argv))
         proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 text=True, errors="replace", start_new_session=True)
-        copier = threading.Thread(target=lambda: [self.say(line.rstrip("\n")) for line in proc.stdout or ()])
+        def copy() -> None:
+            for line in proc.stdout or ():
+                self.say(line.rstrip("\n"))
+
+        copier = threading.Thread(target=copy)
         copier.start()
         try:
             code, timed_out = proc.wait(timeout=limit), False

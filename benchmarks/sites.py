@@ -124,7 +124,6 @@ def _eager(workload: str) -> Setup:
 def _adapterhub(accelerated: bool) -> Setup:
     def setup(model: Any) -> tuple[int, None]:
         import adapters
-        from adapters.methods.modeling import Adapter
 
         from adapter_fused import accelerate
 
@@ -134,7 +133,9 @@ def _adapterhub(accelerated: bool) -> Setup:
         model.set_active_adapters("a")
         if accelerated:
             accelerate(model)
-        return sum(isinstance(m, Adapter) for m in model.modules()), None
+        (info,) = [row for row in model.adapter_summary(as_dict=True) if row["name"] == "a"]
+        r = HIDDEN // 16
+        return info["#param"] // (2 * HIDDEN * r + r + HIDDEN), None
     return setup
 
 
@@ -235,7 +236,7 @@ def _measure_here(workload: str, path: str, repeats: int, layers: int | None = N
                 print(f"sites: {workload}, {path} path: {rep - WARMUP + 1}/{repeats} repetitions", file=sys.stderr,
                       flush=True)
     step_us = {key: statistics.median(values) / 1e3 for key, values in times.items()}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for v in chosen:
         base = step_us["base_2" if v.batch == 2 else "base"]
         per_site = (step_us[v.key] - base) / sites[v.key] if sites[v.key] else None

@@ -96,9 +96,10 @@ def build(spec: TrainSpec, variant: str, seed: int = 0) -> Any:
     size = spec.model
     config = BertConfig(vocab_size=size.vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
                         num_attention_heads=size.heads, intermediate_size=size.intermediate,
-                        max_position_embeddings=max(512, size.seq), num_labels=2)
+                        max_position_embeddings=max(512, size.seq))
+    config.num_labels = 2
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
+    model: Any = BertForSequenceClassification(config)
     if variant == "ours":
         import adapter_fused
 
@@ -257,7 +258,7 @@ def main(device: str, tiny: bool, out: Path | None, command: str, seed: int = 0)
             f"{versions['transformers']} · adapters {versions['adapters']} · `{command}`")
     print(markdown(records, spec, head), flush=True)
     if out is not None:
-        result = {"device": label, **harness.versions(), "date": when.isoformat(timespec="seconds"),
+        result: dict[str, Any] = {"device": label, **harness.versions(), "date": when.isoformat(timespec="seconds"),
                   "command": command, "copy_bw_gbps": None, "records": [], "models": [], "grouped": [],
                   "host_cost": None, "train": {"spec": asdict(spec), "versions": versions, "records": records}}
         print(f"wrote {report.write_json(out / f'{report.file_stem(label, when)}.json', result)}")
