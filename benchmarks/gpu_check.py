@@ -95,6 +95,7 @@ class Run:
         self.say("$ " + " ".join(argv))
         proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 text=True, errors="replace", start_new_session=True)
+
         def copy() -> None:
             for line in proc.stdout or ():
                 self.say(line.rstrip("\n"))
@@ -104,11 +105,11 @@ class Run:
         try:
             code, timed_out = proc.wait(timeout=limit), False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGINT)
+            _signal_group(proc.pid, signal.SIGINT)
             try:
                 code = proc.wait(timeout=GRACE)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc.pid, signal.SIGKILL)
                 code = proc.wait()
             timed_out = True
         copier.join()
@@ -122,6 +123,14 @@ class Run:
         argv = [sys.executable, "-m", "benchmarks", "--preset", "headline", part, "--out", str(out), "--no-progress",
                 "--time-limit", f"{own_limit:.0f}"]
         return self.command(argv + (["--smoke"] if self.dry_run else []), limit)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group a stage's command leads (it may have ended meanwhile)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def stage_install(run: Run, limit: float) -> Result:

@@ -43,12 +43,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass
 class LaunchPath:
-    """What ``gpu_launch_path`` hands out: the launches that reached the (stubbed) launcher, and a
-    switch for binding compiled kernels (``set_binding(False)``: every launch through Triton's
-    ``JITFunction.run``)."""
+    """What ``gpu_launch_path`` hands out: the launches that reached the (stubbed) launcher, a switch
+    for binding compiled kernels (``set_binding(False)``: every launch through Triton's
+    ``JITFunction.run``), and ``bound``. What these read of the library's internals is here too."""
 
     launches: list[int] = field(default_factory=list)
     set_binding: Callable[[bool], None] = lambda on: None
+
+    @staticmethod
+    def bound(module: Any) -> bool:
+        """Whether a ``FusedAdapter`` holds a bound launch (it launches its compiled kernel directly)."""
+        checked = getattr(module, "_checked", None)
+        return bool(checked is not None and any(checked.plans.values()))
 
 
 @contextmanager
@@ -144,7 +150,7 @@ def _measure_here(calls: int, repeats: int) -> dict[str, Any]:
         weight, bias = eager[0].weight, eager[0].bias
         with torch.no_grad():
             adapter(x)  # first call: config choice, memo and binding
-            results["bound"] = any(adapter._checked.plans.values()) if adapter._checked else False
+            results["bound"] = path.bound(adapter)
             path.launches.clear()
             record("fused_module", lambda: adapter(x))
             results["launches_per_call"] = len(path.launches) / (calls * repeats)
@@ -227,8 +233,7 @@ def launch_overhead(device: Any, d: int, r: int, dtype: str, iters: int, repeats
             modules[0](x)
         path.set_binding(False)
         modules[1](x)
-        checked = modules[0]._checked
-        figures = {"module_bound": bool(checked is not None and any(checked.plans.values())),
+        figures = {"module_bound": path.bound(modules[0]),
                    "empty_loop_us": per_call(lambda: None),
                    "fused_call_us": per_call(lambda: fused_adapter(x, *params, "relu", 1.0)),
                    "module_triton_launch_us": per_call(lambda: modules[1](x))}
