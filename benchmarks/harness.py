@@ -545,19 +545,23 @@ def device_label(device: torch.device) -> str:
     """The results file's ``device`` field: the GPU name, or the CPU marked as the Triton interpreter."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = "CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mode = "Triton interpreter" if kernels_available(device) else "no Triton kernels"
     threads = torch.get_num_threads()
     return (f"CPU / {mode} ({cpu}, {threads} torch thread{'s' if threads != 1 else ''}); "
             "CPU timings, not comparable with GPU figures")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; ``CPU`` where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
 
 
 def versions() -> dict[str, str]:

@@ -64,15 +64,17 @@ class WithAdapter(nn.Module):
         return self.adapter(self.base(x))
 
 
-def insert_adapters(model: nn.Module, paths: Sequence[str], factory: Callable[[], nn.Module]) -> list[nn.Module]:
-    """Wrap each submodule named in ``paths`` (dotted names) as ``WithAdapter(layer, factory())``;
-    returns the adapters in order."""
+def insert_adapters(model: nn.Module, paths: Sequence[str], factory: Callable[[], nn.Module],
+                    wrap: Callable[[nn.Module, nn.Module], nn.Module] = WithAdapter) -> list[nn.Module]:
+    """Replace each submodule named in ``paths`` (dotted names) by ``wrap(layer, factory())`` (by
+    default ``WithAdapter``; ``nn.Sequential`` gives the same order of calls); returns the adapters in
+    order."""
     adapters: list[nn.Module] = []
     for path in paths:
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name)
         adapter = factory()
-        setattr(parent, child, WithAdapter(getattr(parent, child), adapter))
+        setattr(parent, child, wrap(getattr(parent, child), adapter))
         adapters.append(adapter)
     return adapters
 

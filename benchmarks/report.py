@@ -1,24 +1,40 @@
-"""Results: the JSON file, the PNG plots and the terminal tables."""
+"""Results: the JSON file, the PNG plots, the terminal and markdown tables, and the targets table.
+
+``rich`` (terminal tables) and ``matplotlib`` (plots) are imported by the functions that use them, so
+the results file, the markdown tables and the targets need neither.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from .grouped import TARGET_ADAPTERS, TARGET_RATIO
 from .harness import OPS, Skip, tflops
-from .naming import file_stem as file_stem  # re-exported: the results file name
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TOP_LEVEL_KEYS: tuple[str, ...] = ("device", "torch", "triton", "date", "command", "copy_bw_gbps", "records", "models",
-                                   "grouped", "host_cost")
+                                   "grouped", "host_cost", "train")
+
+
+def file_stem(device: str, when: datetime) -> str:
+    """``adapter_bench_<device>_<date>``, e.g. ``adapter_bench_nvidia-h200_2025-01-31_120501``."""
+    if device.startswith("CPU"):
+        slug = "cpu-interpreter" if "interpreter" in device else "cpu"
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
+    return f"adapter_bench_{slug}_{when:%Y-%m-%d_%H%M%S}"
 
 
 def write_json(path: Path, result: dict[str, Any]) -> Path:
@@ -29,6 +45,16 @@ def write_json(path: Path, result: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: result[k] for k in TOP_LEVEL_KEYS}, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table (None or "" prints as ``—``)."""
+    def cell(value: Any) -> str:
+        return "—" if value is None or value == "" else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _geomean(values: Sequence[float]) -> float:
@@ -144,6 +170,8 @@ def _mib(value: int | None) -> str:
 
 def kernel_table(records: Sequence[dict[str, Any]], title: str) -> Table:
     """One row per (op, shape): fused's figures, then each other provider's median and fused's speedup."""
+    from rich.table import Table
+
     providers = [p for p in dict.fromkeys(r["provider"] for r in records) if p != "fused"]
     table = Table(title=title, title_justify="left")
     for name in ("op", "dtype", "M", "d", "r", "fused ms", "p20–p80", "GB/s", "% copy", "TFLOP/s", "peak MiB"):
@@ -175,6 +203,8 @@ def kernel_table(records: Sequence[dict[str, Any]], title: str) -> Table:
 
 def model_table(models: Sequence[dict[str, Any]], title: str) -> Table:
     """Model-level results, with fused's ratio to each provider (tokens/s for training, time for latency)."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name in ("model", "task", "provider", "batch×seq", "dtype", "ms median", "p20–p80", "tokens/s", "peak MiB",
                  "ratio"):
@@ -204,6 +234,8 @@ def grouped_table(grouped: Sequence[dict[str, Any]], title: str, gpu: bool) -> T
     """One row per (op, shape, index kind, adapter count): the single-adapter time, then each provider's
     median and its ratio to the single adapter; ``target`` judges the grouped kernel at
     ``TARGET_ADAPTERS`` adapters against ``TARGET_RATIO`` (GPU runs only)."""
+    from rich.table import Table
+
     providers = [p for p in dict.fromkeys(r["provider"] for r in grouped) if p != "single"]
     table = Table(title=title, title_justify="left")
     for name in ("op", "dtype", "B×S", "d", "r", "index", "adapters", "single ms"):
@@ -242,6 +274,8 @@ def grouped_table(grouped: Sequence[dict[str, Any]], title: str, gpu: bool) -> T
 
 def skip_table(skips: Sequence[Skip]) -> Table:
     """Skipped measurements grouped by provider, op kind and reason."""
+    from rich.table import Table
+
     table = Table(title="Skipped, or measured differently than planned", title_justify="left")
     for name in ("provider", "op", "count", "reason"):
         table.add_column(name)
@@ -269,3 +303,114 @@ def print_tables(console: Console, result: dict[str, Any], skips: Sequence[Skip]
                                     f"rows){note}", gpu=not cpu))
     if skips:
         console.print(skip_table(skips))
+
+
+# ---------------------------------------------------------------- targets (judged on GPU runs)
+
+FORWARD_COPY_BW_PCT = 85.0
+FORWARD_MIN_ELEMENTS = 2**25
+FWD_BWD_VS = {"eager": 2.5, "compile": 1.5}
+FWD_BWD_MIN_ROWS = 4096
+GPT2_MAX_OVERHEAD = 0.05
+
+
+@dataclass
+class TargetRow:
+    """One line of the targets table: ``verdict`` is met, missed, not measured or n/a (not judged);
+    a miss carries the measured ``gap``."""
+
+    target: str
+    case: str
+    measured: str
+    verdict: str
+    gap: str | None = None
+    value: float | None = None
+    threshold: float | None = None
+
+
+def evaluate_targets(result: dict[str, Any], judge: bool = True) -> list[TargetRow]:
+    """Each target against every measurement of ``result`` (a results file) it applies to: met, or
+    missed with the gap. ``judge=False`` (CPU runs at tiny sizes) drops the size conditions, applies
+    every target and judges none (verdict ``n/a``), so the plumbing is exercised."""
+    records, models, grouped = result.get("records") or [], result.get("models") or [], result.get("grouped") or []
+    rows: list[TargetRow] = []
+
+    def add(name: str, case: str, value: float | None, threshold: float, met: bool, measured: str, gap: str) -> None:
+        verdict = ("met" if met else "missed") if judge else "n/a (not judged)"
+        rows.append(TargetRow(name, case, measured, verdict, None if met or not judge else gap, value, threshold))
+
+    def label(r: dict[str, Any]) -> str:
+        return f"M={r['M']} d={r['d']} r={r['r']} {r['dtype']}"
+
+    def fused(op: str, big: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        return [r for r in records if r["provider"] == "fused" and r["op"] == op and (big(r) or not judge)]
+
+    size = f"rows·d ≥ 2^{int(math.log2(FORWARD_MIN_ELEMENTS))}"
+    name = f"forward ≥ {FORWARD_COPY_BW_PCT:.0f}% of copy bandwidth ({size})"
+    chosen = fused("forward", lambda r: r["M"] * r["d"] >= FORWARD_MIN_ELEMENTS)
+    for r in chosen:
+        pct = r["pct_of_copy_bw"]
+        if pct is None:
+            rows.append(TargetRow(name, label(r), "not measured", "not measured"))
+        else:
+            add(name, label(r), pct, FORWARD_COPY_BW_PCT, pct >= FORWARD_COPY_BW_PCT,
+                f"{pct:.1f}% ({r['gbps']:.0f} GB/s)", f"{FORWARD_COPY_BW_PCT - pct:.1f} points short")
+    if not chosen:
+        rows.append(TargetRow(name, "—", "no fused forward record of that size", "not measured"))
+    for provider, need in FWD_BWD_VS.items():
+        name = f"forward+backward ≥ {need}× {provider} (rows ≥ {FWD_BWD_MIN_ROWS})"
+        chosen = fused("forward_backward", lambda r: r["M"] >= FWD_BWD_MIN_ROWS)
+        for r in chosen:
+            other = next((o["ms_median"] for o in records if o["provider"] == provider and o["ms_median"] and all(
+                o[k] == r[k] for k in ("op", "dtype", "M", "d", "r"))), None)
+            if r["ms_median"] is None or other is None:
+                rows.append(TargetRow(name, label(r), f"fused or {provider} not measured", "not measured"))
+                continue
+            speedup = other / r["ms_median"]
+            add(name, label(r), speedup, need, speedup >= need,
+                f"{speedup:.2f}× ({r['ms_median']:.3f} vs {other:.3f} ms)",
+                f"fused must take {100 * (1 - speedup / need):.0f}% less time")
+        if not chosen:
+            rows.append(TargetRow(name, "—", "no fused forward+backward record of that size", "not measured"))
+    name = f"GPT-2 medium batch-1 latency ≤ +{GPT2_MAX_OVERHEAD:.0%} over the base model"
+    latency = {m["provider"]: m for m in models if m["task"] == "inference" and m["ms_median"] is not None}
+    if "base" in latency and "fused" in latency:
+        base, ours = latency["base"], latency["fused"]
+        overhead = ours["ms_median"] / base["ms_median"] - 1
+        eager = latency.get("eager")
+        extra = f"; eager adapters {100 * (eager['ms_median'] / base['ms_median'] - 1):+.1f}%" if eager else ""
+        add(name, f"{ours['model']} {ours['batch']}×{ours['seq']} {ours['dtype']}", overhead, GPT2_MAX_OVERHEAD,
+            overhead <= GPT2_MAX_OVERHEAD,
+            f"{100 * overhead:+.1f}% ({ours['ms_median']:.3f} vs {base['ms_median']:.3f} ms{extra})",
+            f"{100 * (overhead - GPT2_MAX_OVERHEAD):.1f} points over")
+    else:
+        rows.append(TargetRow(name, "—", "base or fused latency not measured", "not measured"))
+    host = (result.get("host_cost") or {}).get("target")
+    name = "FusedAdapter call (no grad, one row) on the host up to the launch"
+    if host:
+        name += f" ≤ {host['target_us']:g} µs"
+        add(name, f"d={result['host_cost']['d']} r={result['host_cost']['r']} {result['host_cost']['dtype']}",
+            host["measured_us"], host["target_us"], host["met"],
+            f"{host['measured_us']:.1f} µs (median {host['median_us']:.1f})",
+            f"{host['measured_us'] - host['target_us']:.1f} µs over")
+    else:
+        rows.append(TargetRow(name, "—", "host cost not measured", "not measured"))
+    name = f"{TARGET_ADAPTERS} adapters in one grouped batch ≤ {TARGET_RATIO}× one adapter"
+    chosen = [g for g in grouped if g["provider"] == "grouped" and g["n_adapters"] == TARGET_ADAPTERS]
+    for g in chosen:
+        case = f"{g['op']} {g['batch']}×{g['seq']} d={g['d']} r={g['r']} {g['dtype']} ({g['index']})"
+        ratio = g["ratio_to_single"]
+        if ratio is None:
+            rows.append(TargetRow(name, case, "not measured", "not measured"))
+        else:
+            add(name, case, ratio, TARGET_RATIO, ratio <= TARGET_RATIO, f"{ratio:.2f}×",
+                f"{ratio - TARGET_RATIO:.2f}× over")
+    if not chosen:
+        rows.append(TargetRow(name, "—", f"no batch of {TARGET_ADAPTERS} adapters measured", "not measured"))
+    return rows
+
+
+def targets_markdown(rows: Sequence[TargetRow]) -> str:
+    """The targets table in markdown."""
+    return md_table(("target", "case", "measured", "verdict", "gap"),
+                    [(r.target, r.case, r.measured, r.verdict, r.gap) for r in rows])

@@ -94,8 +94,9 @@ def test_compile_backward_replays() -> None:
     """Every op of torch.compile's module is measured, the backward-only op too: it replays one
     compiled graph's backward, which AOTAutograd refuses when it donated the graph's buffers (seen
     with the smoke run's cases in order, on one thread)."""
-    if provider_unavailable("compile", DEVICE) is not None:
-        pytest.skip(provider_unavailable("compile", DEVICE))
+    reason = provider_unavailable("compile", DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
     skips: list[Skip] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,8 +1,10 @@
 """The command line checks the optional packages the chosen options need before doing any work."""
 
 import importlib.util
+import json
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,45 @@ def test_nothing_missing_here() -> None:
         if sys.modules.get(package) is None and importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed")
     assert cli.missing_extras(cli.parse_args(["--quick", "--out", "d"])) == ([], [])
+
+
+def test_a_preset_fixes_the_workloads() -> None:
+    """The grid options cannot narrow a preset; the training preset needs neither rich nor matplotlib."""
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--preset", "headline", "--providers", "fused"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--preset", "headline", "--quick"])
+    args = cli.parse_args(["--preset", "headline", "--smoke", "--no-models", "--time-limit", "30"])
+    assert args.preset == "headline" and args.time_limit == 30.0
+
+
+def test_train_preset_needs_only_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without(monkeypatch, ["rich", "matplotlib", "adapters"])
+    lines, notes = cli.missing_extras(cli.parse_args(["--preset", "train", "--out", "d"]))
+    assert lines == [] and len(notes) == 1  # AdapterHub's variants are skipped, with a note
+
+
+def test_headline_plan() -> None:
+    """The headline preset's kernel jobs, mixed batch and providers, as the GPU acceptance run times them."""
+    from benchmarks import grouped, harness
+
+    for size, dtype in (("gpu", "bfloat16"), ("smoke", "float32")):
+        argv = ["--preset", "headline", "--no-models"] + (["--smoke"] if size == "smoke" else [])
+        jobs, gspec, providers = cli.plan(cli.parse_args(argv), harness, grouped)
+        assert [(c.M, c.d, c.r) for c, _, _ in jobs] == [row[:3] for row in cli.HEADLINE_KERNELS[size]]
+        assert {c.dtype_name for c, _, _ in jobs} == {dtype} == set(gspec.dtypes)
+        assert all(set(ops) <= set(harness.OPS) and set(p) <= set(harness.PROVIDERS) for _, ops, p in jobs)
+        assert gspec.n_adapters == (grouped.TARGET_ADAPTERS,) and providers == ["single", "grouped"]
+    jobs, _, _ = cli.plan(cli.parse_args(["--preset", "headline", "--models-only"]), harness, grouped)
+    assert jobs == []
+
+
+def test_time_limit_skips_what_does_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no time left every step is recorded as skipped, the results file is still written, and the run
+    is not a failure."""
+    assert cli.main(["--smoke", "--no-models", "--no-grouped", "--rows", "1", "--providers", "fused,eager",
+                     "--time-limit", "0", "--no-progress", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["records"] == [] and result["host_cost"] is None and result["copy_bw_gbps"] > 0
+    assert "not started: time limit of 0 s reached" in capsys.readouterr().out

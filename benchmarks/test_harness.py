@@ -141,14 +141,18 @@ def test_smoke_results_file(tmp_path: Path) -> None:
 
 
 def test_smoke_models(tmp_path: Path) -> None:
-    """The model-level part of the smoke run: every provider measured, tokens/s consistent with time."""
+    """The model-level part of the smoke run: every provider measured (AdapterHub's where it is installed,
+    else skipped with the reason), tokens/s consistent with time."""
     assert main(["--smoke", "--models-only", "--out", str(tmp_path), "--no-progress"]) == 0
     (json_path,) = tmp_path.glob("*.json")
     result = json.loads(json_path.read_text())
-    assert result["records"] == [] and result["grouped"] == []
+    assert result["records"] == [] and result["grouped"] == [] and result["host_cost"] is None
     seen = {(m["model"], m["provider"]) for m in result["models"]}
     assert seen == {(models.BERT_SMOKE.name, p) for p in models.BERT_PROVIDERS} | {
         (models.GPT2_SMOKE.name, p) for p in models.GPT2_PROVIDERS}
     for m in result["models"]:
+        if m["provider"] == "adapterhub" and harness.adapterhub_available():
+            assert m["skipped"] == harness.adapterhub_available() and m["ms_median"] is None
+            continue
         assert m["skipped"] is None
         assert m["tokens_per_s"] == pytest.approx(m["batch"] * m["seq"] / (m["ms_median"] * 1e-3))
