@@ -3,9 +3,12 @@
 AdapterHub's model (``adapters.init``, ``add_adapter``, ``train_adapter``) and this library's, built
 from the same base weights, start from the same adapter weights (AdapterHub saves its freshly added
 adapter; ``load_adapter`` reads it) and train 32 AdamW steps on the fixed task of ``training``.
-Every step's loss, the trained weights (AdapterHub's saved and loaded back into this library's model)
-and the trained model's log-probabilities must agree within 1e-5 (relative) in float32; this
-library's run uses the fused kernels.
+Every step's loss and the trained model's log-probabilities must agree within 1e-5 (relative) in
+float32, the trained weights (AdapterHub's saved and loaded back into this library's model) within
+1e-4 (why not 1e-5: see test_fused_vs_reference); this library's run uses the fused kernels.
+Measured, worst over the 3 x 3 matrix: weights 3.7e-6, losses 4.1e-7, log-probabilities 3.3e-7;
+AdapterHub's own float32 run ends up to 1.9e-5 from the float64 run of the same training (Llama,
+double_seq_bn); this library's reference path reproduced AdapterHub's runs bit for bit (measured).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ adapters = pytest.importorskip("adapters")
 pytestmark = pytest.mark.adapterhub
 
 FP32_RTOL = 1e-5
+PARAMS_RTOL = 1e-4
 CONFIGS = {"double_seq_bn": "houlsby", "seq_bn": "pfeiffer", "par_bn": "parallel"}
 DEFAULT_CASES = {("bert", "double_seq_bn"), ("gpt2", "seq_bn"), ("llama", "par_bn")}
 CASES = [pytest.param(arch, config, marks=() if (arch, config) in DEFAULT_CASES else pytest.mark.slow)
@@ -68,7 +72,8 @@ def check_launches(names: list[str], adapters_run: int) -> None:
 def compare(ours: Run, hub: Run, hub_loaded: nn.Module, what: str) -> None:
     """``hub_loaded``: a model of this library holding AdapterHub's trained adapter (and head)."""
     loaded = trainable(hub_loaded)
-    assert_same_run(ours, Run(hub.losses, {n: loaded[n] for n in ours.params}, hub.logprobs), FP32_RTOL, what)
+    expected = Run(hub.losses, {n: loaded[n] for n in ours.params}, hub.logprobs)
+    assert_same_run(ours, expected, FP32_RTOL, PARAMS_RTOL, what)
 
 
 @pytest.mark.parametrize("arch, config", CASES)

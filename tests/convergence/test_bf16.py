@@ -5,11 +5,11 @@ whatever the gradient's size, so a gradient element whose sign flips between two
 weight by 2·lr, and every later step starts from different weights. A bf16 run of the fused kernels
 therefore cannot match the reference path's bf16 run the way float32 runs do. What it must do: take
 the same loss curve within Liger-Kernel's bf16 tolerances (atol 1e-2, rtol 5e-2), and end no further
-from the float32 run of the same model than the reference path's bf16 run ends (within a factor 2),
+from the float32 run of the same model than the reference path's bf16 run ends (within a factor 2.5),
 for the trained weights (distance relative to how far training moved them) and for the
 log-probabilities (relative L2 distance). Measured on the cases below: the fused run's distance is
-0.94 to 1.05 times the reference's for the weights, 0.75 to 1.23 times for the log-probabilities;
-the two bf16 runs' losses differ by at most 0.047 (losses 2 to 4).
+0.94 to 1.19 times the reference's for the weights, 0.91 to 1.45 times for the log-probabilities;
+the two bf16 runs' losses differ by at most 0.034 (losses 2 to 4).
 
 Two precisions: bf16 weights (``model.to(torch.bfloat16)``, as Liger-Kernel's convergence tests run
 their models) and float32 weights under ``torch.autocast(dtype=torch.bfloat16)`` (mixed precision, as
@@ -35,7 +35,7 @@ from .training import (
     trainable,
 )
 
-FACTOR = 2.0
+FACTOR = 2.5
 
 
 def weight_distance(run: Run, truth: Run, start: dict[str, torch.Tensor]) -> float:

@@ -2,8 +2,17 @@
 
 Each test builds the same tiny model with the same adapter weights twice and trains it for 32 AdamW
 steps on the fixed task of ``training``: once on the Triton kernels (the interpreter on CPU), once on
-the reference path. Every step's loss, the trained parameters and the trained model's
-log-probabilities must agree within 1e-5 (relative) in float32, and the loss must go down.
+the reference path. Every step's loss and the trained model's log-probabilities must agree within
+1e-5 (relative) in float32, the trained parameters within 1e-4, and the loss must go down.
+
+Why 1e-4 for the parameters: 32 AdamW steps amplify rounding. Adam divides each gradient element by
+its running RMS, so an element whose gradient is near zero moves by up to lr from rounding-level
+differences, and later steps start from there. The reference path's own float32 run ends up to
+7e-6 (relative, worst tensor) from the float64 run of the same training here, and up to 1.9e-5 on
+AdapterHub's weights (see test_adapterhub_training); two float32 runs that round differently can
+part by as much. Measured fused against reference, worst tensor over the 3 x 3 matrix: 4.2e-6
+(losses 2.9e-7, log-probabilities 3.7e-7); with AdamW's eps at 1e-6 instead of 1e-8, one case
+(Llama, houlsby, AdapterHub's initial weights) reached 2.8e-5, with both runs 5e-5 from float64.
 
 One case per architecture and placement runs by default (each architecture and each placement
 once); the rest of the 3 x 3 matrix is marked ``slow``.
@@ -35,6 +44,7 @@ from .training import (
 )
 
 FP32_RTOL = 1e-5
+PARAMS_RTOL = 1e-4
 DEFAULT_CASES = {("bert", "pfeiffer"), ("gpt2", "houlsby"), ("llama", "parallel")}
 CASES = [pytest.param(arch, placement, marks=() if (arch, placement) in DEFAULT_CASES else pytest.mark.slow)
          for arch in ("bert", "gpt2", "llama") for placement in PLACEMENTS]
@@ -58,7 +68,7 @@ def test_training_matches_the_reference_path(arch: str, placement: str, monkeypa
 
     fused = train(adapted_model(arch, placement), task_kind(arch))
     check_launches(launches.names, LAYERS * SITES_PER_LAYER[placement])
-    assert_same_run(fused, reference, FP32_RTOL, f"{arch} {placement} float32")
+    assert_same_run(fused, reference, FP32_RTOL, PARAMS_RTOL, f"{arch} {placement} float32")
 
 
 def classifier() -> torch.nn.Module:
@@ -85,4 +95,4 @@ def test_training_with_a_prediction_head_matches_the_reference_path(monkeypatch:
 
     fused = train(classifier(), "classify")
     check_launches(launches.names, LAYERS * SITES_PER_LAYER["houlsby"])
-    assert_same_run(fused, reference, FP32_RTOL, "bert houlsby + classification head, float32")
+    assert_same_run(fused, reference, FP32_RTOL, PARAMS_RTOL, "bert houlsby + classification head, float32")

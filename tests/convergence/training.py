@@ -37,10 +37,6 @@ LENGTH = 8  # BATCH * LENGTH = 16 rows: one program per kernel launch in the int
 N_BATCHES = 4
 STEPS = 32
 LR = 1e-2
-# AdamW's eps: with the default 1e-8, a weight whose gradient is near zero takes steps of up to lr
-# from rounding-level differences in that gradient (Adam divides by sqrt(v)); 1e-6 damps that noise
-# (worst per-tensor fp32 difference over 32 steps, BERT pfeiffer: 4.2e-6 with 1e-8, 1.8e-6 with 1e-6).
-EPS = 1e-6
 REDUCTION_FACTOR = 4  # bottleneck 8
 LABELS = 2
 
@@ -135,7 +131,7 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(model: nn.Module, kind: str, steps: int = STEPS, autocast: torch.dtype | None = None) -> Run:
-    """``steps`` AdamW steps (lr ``LR``, eps ``EPS``, weight decay 0.01) on the task's fixed batches,
+    """``steps`` AdamW steps (lr ``LR``, weight decay 0.01) on the task's fixed batches,
     cycled, in training mode (dropout on, its masks fixed by a seed), on the parameters that require
     grad; the loss is the model's own (``labels`` in the batch). ``autocast``: run the forward
     passes under ``torch.autocast("cpu", dtype=autocast)`` (the parameters stay in their dtype)."""
@@ -143,7 +139,7 @@ def train(model: nn.Module, kind: str, steps: int = STEPS, autocast: torch.dtype
     held_out = make_batch(kind, seed=N_BATCHES)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "nothing to train"
-    optimizer = torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=0.01, foreach=False)
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=False)
     mixed = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     torch.manual_seed(99)  # dropout masks
     model.train()
@@ -184,9 +180,10 @@ def assert_learns(run: Run, factor: float = 0.85) -> None:
     assert last < factor * first, f"the loss did not go down: {first:.4f} -> {last:.4f} (expected < {factor} x)"
 
 
-def assert_same_run(actual: Run, expected: Run, rtol: float, what: str) -> None:
-    """Every step's loss, every trained parameter tensor and the log-probabilities agree within
-    ``rtol``, each measured as max |difference| / max |expected| (losses: per step)."""
+def assert_same_run(actual: Run, expected: Run, rtol: float, params_rtol: float, what: str) -> None:
+    """Every step's loss and the log-probabilities agree within ``rtol``, every trained parameter
+    tensor within ``params_rtol``, each measured as max |difference| / max |expected| (losses: per
+    step)."""
     assert actual.params.keys() == expected.params.keys(), f"{what}: different trained parameters"
     loss_err = ((actual.losses - expected.losses).abs() / expected.losses.abs())
     step = int(loss_err.argmax())
@@ -194,7 +191,7 @@ def assert_same_run(actual: Run, expected: Run, rtol: float, what: str) -> None:
                                     f"(relative {loss_err[step]:.2e} > {rtol:.0e})")
     for name, value in expected.params.items():
         err = relative(actual.params[name], value)
-        assert err <= rtol, f"{what}: trained {name} differs by {err:.2e} (relative) > {rtol:.0e}"
+        assert err <= params_rtol, f"{what}: trained {name} differs by {err:.2e} (relative) > {params_rtol:.0e}"
     err = relative(actual.logprobs, expected.logprobs)
     assert err <= rtol, f"{what}: log-probabilities differ by {err:.2e} (relative) > {rtol:.0e}"
 
