@@ -51,21 +51,21 @@ def bert_config() -> object:
                                    pad_token_id=0, initializer_range=INIT)
 
 
-def task_model(arch: str, seed: int = 0) -> nn.Module:
-    """A 2-layer float32 model of width 32 with its pre-training head (masked LM for BERT, causal LM
-    for GPT-2 and Llama); the same seed gives the same weights. Dropout as the configs default it
-    (0.1 for BERT and GPT-2, none in Llama)."""
+def task_model(arch: str, seed: int = 0, hidden: int = HIDDEN) -> nn.Module:
+    """A 2-layer float32 model of width ``hidden`` (BERT: 32 only) with its pre-training head (masked
+    LM for BERT, causal LM for GPT-2 and Llama); the same seed gives the same weights. Dropout as the
+    configs default it (0.1 for BERT and GPT-2, none in Llama)."""
     t = transformers
     torch.manual_seed(seed)
     if arch == "bert":
         return t.BertForMaskedLM(bert_config())
     if arch == "gpt2":
-        return t.GPT2LMHeadModel(t.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=2, vocab_size=VOCAB, n_positions=32,
+        return t.GPT2LMHeadModel(t.GPT2Config(n_embd=hidden, n_layer=LAYERS, n_head=2, vocab_size=VOCAB, n_positions=32,
                                               bos_token_id=0, eos_token_id=0, initializer_range=INIT))
     if arch == "llama":
         return t.LlamaForCausalLM(t.LlamaConfig(
-            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=2 * HIDDEN, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0,
+            hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=2 * hidden, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0,
             eos_token_id=0, pad_token_id=0, initializer_range=INIT))
     raise ValueError(arch)  # pragma: no cover
 
