@@ -14,6 +14,7 @@ double_seq_bn); this library's reference path reproduced AdapterHub's runs bit f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def compare(ours: Run, hub: Run, hub_loaded: nn.Module, what: str) -> None:
 
 @pytest.mark.parametrize("arch, config", CASES)
 def test_training_follows_adapterhub(arch: str, config: str, tmp_path: Path, launches) -> None:  # type: ignore[no-untyped-def]
-    hub = task_model(arch)
+    hub: Any = task_model(arch)
     adapters.init(hub)
     hub.add_adapter("a", config=hub_config(config))
     hub.train_adapter("a")
@@ -118,8 +119,8 @@ def test_training_follows_adapterhub(arch: str, config: str, tmp_path: Path, lau
     compare(ours_run, hub_run, loaded, f"{arch} {config}")
 
 
-def hub_classifier(base_dir: Path) -> nn.Module:
-    model = adapters.AutoAdapterModel.from_pretrained(str(base_dir))
+def hub_classifier(base_dir: Path) -> Any:
+    model: Any = adapters.AutoAdapterModel.from_pretrained(str(base_dir))
     model.add_adapter("a", config=hub_config("seq_bn"))
     model.add_classification_head("a", num_labels=LABELS)
     model.train_adapter("a")
@@ -134,7 +135,7 @@ def test_training_with_a_prediction_head_follows_adapterhub(tmp_path: Path, laun
     hub.save_adapter(str(tmp_path / "start"), "a")
     assert (tmp_path / "start" / "head_config.json").is_file()
 
-    ours = adapter_fused.AutoAdapterModel.from_pretrained(tmp_path / "base")
+    ours: Any = adapter_fused.AutoAdapterModel.from_pretrained(tmp_path / "base")
     assert ours.load_adapter(tmp_path / "start") == "a"
     ours.train_adapter("a")
     hub_trained, ours_trained = trained_names(hub), trained_names(ours)
@@ -149,7 +150,7 @@ def test_training_with_a_prediction_head_follows_adapterhub(tmp_path: Path, laun
     check_launches(launches.names, LAYERS * SITES_PER_LAYER["pfeiffer"])
 
     hub.save_adapter(str(tmp_path / "end"), "a")
-    loaded = adapter_fused.AutoAdapterModel.from_pretrained(tmp_path / "base")
+    loaded: Any = adapter_fused.AutoAdapterModel.from_pretrained(tmp_path / "base")
     loaded.load_adapter(tmp_path / "end")
     loaded.train_adapter("a")
     compare(ours_run, hub_run, loaded, "bert seq_bn + classification head")
@@ -165,13 +166,12 @@ def test_training_with_a_prediction_head_follows_adapterhub(tmp_path: Path, laun
         "freezes the output embeddings (freeze_embeddings) unless train_embeddings=True"))),
 ])
 def test_train_adapter_trains_what_adapterhub_trains(arch: str, tmp_path: Path) -> None:
-    hub = task_model(arch)
+    hub: Any = task_model(arch)
     adapters.init(hub)
     hub.add_adapter("a", config=hub_config("seq_bn"))
     hub.train_adapter("a")
     hub.save_adapter(str(tmp_path), "a")
-    ours = task_model(arch)
-    adapter_fused.init(ours)
+    ours: Any = adapter_fused.init(task_model(arch))
     ours.load_adapter(str(tmp_path))
     ours.train_adapter("a")
     assert {n for n in trained_names(ours) if "fused_adapters." not in n} == {

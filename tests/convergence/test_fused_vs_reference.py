@@ -20,6 +20,8 @@ once); the rest of the 3 x 3 matrix is marked ``slow``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -71,10 +73,10 @@ def test_training_matches_the_reference_path(arch: str, placement: str, monkeypa
     assert_same_run(fused, reference, FP32_RTOL, PARAMS_RTOL, f"{arch} {placement} float32")
 
 
-def classifier() -> torch.nn.Module:
+def classifier() -> Any:
     """An AutoAdapterModel BERT with adapter and classification head "a", both training."""
     torch.manual_seed(0)
-    model = AutoAdapterModel.from_config(bert_config())
+    model: Any = AutoAdapterModel.from_config(bert_config())
     model.add_adapter("a", config=AdapterConfig("houlsby", reduction_factor=REDUCTION_FACTOR))
     model.add_classification_head("a", num_labels=LABELS)
     model.train_adapter("a")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def bert_config() -> object:
                                    pad_token_id=0, initializer_range=INIT)
 
 
-def task_model(arch: str, seed: int = 0, hidden: int = HIDDEN) -> nn.Module:
+def task_model(arch: str, seed: int = 0, hidden: int = HIDDEN) -> Any:
     """A 2-layer float32 model of width ``hidden`` (BERT: 32 only) with its pre-training head (masked
     LM for BERT, causal LM for GPT-2 and Llama); the same seed gives the same weights. Dropout as the
     configs default it (0.1 for BERT and GPT-2, none in Llama)."""
@@ -202,3 +203,13 @@ def kernel_calls(names: list[str]) -> dict[str, int]:
     for name in names:
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (autouse where imported): the tiny models' eager ops otherwise
+    spend most of their time synchronising threads on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

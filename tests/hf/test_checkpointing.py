@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -19,22 +20,13 @@ from torch import nn
 from adapter_fused import Average, Parallel, Stack
 from adapter_fused.hf import add_adapter, per_sample_adapters, train_adapter
 
+from ..convergence.training import one_thread  # noqa: F401 (autouse fixture)
 from ..tolerances import relative_error
 from .models import make_inputs, make_model, randomize
 
 transformers = pytest.importorskip("transformers")
 
 SETUPS = ("one", "per_sample", "stack", "parallel", "average")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: the tiny models' eager ops spend most of their time synchronising threads
-    on a loaded 2-core machine otherwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 
@@ -46,9 +38,10 @@ def build(arch: str, setup: str) -> nn.Module:
     for name in names:
         add_adapter(model, name, "houlsby")
     torch.manual_seed(5)
-    randomize(model.base_model.fused_adapters.parameters(), std=0.1)
-    train_adapter(model, {"one": "a", "per_sample": Stack("a", "b"), "stack": Stack("a", "b"),
-                          "parallel": Parallel("a", "b"), "average": Average("a", "b")}[setup])
+    randomize([p for n, p in model.named_parameters() if "fused_adapters." in n], std=0.1)
+    setups: dict[str, Any] = {"one": "a", "per_sample": Stack("a", "b"), "stack": Stack("a", "b"),
+                              "parallel": Parallel("a", "b"), "average": Average("a", "b")}
+    train_adapter(model, setups[setup])
     assert model.training
     return model
 
@@ -63,10 +56,10 @@ def count_calls(module: nn.Module) -> Iterator[list[int]]:
         handle.remove()
 
 
-def step(model: nn.Module, setup: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+def step(model: Any, setup: str) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], int]:
     """One forward and backward pass (dropout masks fixed by a seed); returns the loss, the adapter
     gradients by name and how often a module of the first layer ran."""
-    inputs = make_inputs(batch=2, length=5)
+    inputs: dict[str, Any] = dict(make_inputs(batch=2, length=5))
     if model.config.model_type == "gpt2":
         inputs["use_cache"] = False  # what checkpointing forces anyway: both runs alike
     model.zero_grad(set_to_none=True)
@@ -85,7 +78,7 @@ def step(model: nn.Module, setup: str) -> tuple[torch.Tensor, dict[str, torch.Te
     return loss.detach(), grads, calls[0]
 
 
-def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
+def enable_checkpointing(model: Any, reentrant: bool) -> None:
     with warnings.catch_warnings():  # transformers 5 deprecates the name in favour of activation_checkpointing_enable
         warnings.filterwarnings("ignore", "`gradient_checkpointing_enable` is deprecated", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -125,7 +118,9 @@ def test_checkpointed_gradients_equal_plain_ones(arch: str, reentrant: bool, set
     missing = [n for n, g in ck_grads.items() if g is None]
     assert not missing, f"no gradient with checkpointing: {missing}"
     for name, grad in grads.items():
-        err = relative_error(ck_grads[name], grad)
+        ck_grad = ck_grads[name]
+        assert grad is not None and ck_grad is not None
+        err = relative_error(ck_grad, grad)
         assert err <= 1e-6, f"{name}: gradient with checkpointing differs by {err:.2e}"
 
 
@@ -139,7 +134,7 @@ def test_default_checkpointing_trains_the_adapters_with_a_task_head() -> None:
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                      vocab_size=97, max_position_embeddings=64)
-    model = transformers.BertForSequenceClassification(config)
+    model: Any = transformers.BertForSequenceClassification(config)
     add_adapter(model, "a", "houlsby")
     train_adapter(model, "a")
     with warnings.catch_warnings():

@@ -8,8 +8,8 @@ Skipped where bitsandbytes is missing or cannot quantize and run a layer on this
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from adapter_fused import AdapterConfig, add_adapter, load_adapter, save_adapter, set_active_adapters, train_adapter
 
-from ..convergence.training import make_batch, task_model
+from ..convergence.training import make_batch, one_thread, task_model  # noqa: F401 (one_thread: autouse fixture)
 from ..tolerances import relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -43,7 +43,7 @@ def _bitsandbytes_runs() -> str | None:
 _REASON = _bitsandbytes_runs()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
-QUANTIZATIONS = {
+QUANTIZATIONS: dict[str, dict[str, Any]] = {
     "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
     "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": torch.float32},
     "int8": {"load_in_8bit": True},
@@ -51,12 +51,6 @@ QUANTIZATIONS = {
 STEPS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +63,10 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def quantized(directory: Path, kind: str, **kwargs: object) -> nn.Module:
-    """The model at ``directory`` quantized on load; checks that its layers' linear layers are."""
-    config = transformers.BitsAndBytesConfig(**{**QUANTIZATIONS[kind], **kwargs.pop("quantization", {})})
+def quantized(directory: Path, kind: str, quantization: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """The model at ``directory`` quantized on load (``quantization``: options over those of ``kind``);
+    checks that its layers' linear layers are."""
+    config = transformers.BitsAndBytesConfig(**{**QUANTIZATIONS[kind], **(quantization or {})})
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu",
                                                               **kwargs)
     layer = model.model.layers[0].self_attn.q_proj
@@ -113,7 +108,8 @@ def test_adapter_trains_saves_and_loads_on_a_quantized_base(base_dir: Path, kind
         if step == 0:
             with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
             assert with_grad == adapter_names, sorted(with_grad ^ adapter_names)
-            assert all(model.get_parameter(n).grad.abs().max() > 0 for n in adapter_names)
+            assert all(p.grad is not None and p.grad.abs().max() > 0
+                       for n, p in model.named_parameters() if n in adapter_names)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
