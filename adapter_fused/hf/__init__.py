@@ -10,19 +10,13 @@ Nothing here imports ``transformers`` or ``adapters`` at import time.
 """
 
 from .adapterhub import AccelerateReport, accelerate
-from .architectures import (
-    SUPPORTED_MODEL_TYPES,
-    ModelLayout,
-    SiteSpec,
-    register_model_layout,
-    unregister_model_layout,
-)
 from .bottleneck import BottleneckAdapter
 from .checkpoints import restore_adapters
 from .composition import Average, BatchSplit, Composition, Parallel, Stack
 from .config import AdapterConfig, Placement
 from .heads import AutoAdapterModel
 from .io import load_adapter, save_adapter
+from .layouts import SUPPORTED_MODEL_TYPES, ModelLayout, SiteSpec, register_model_layout, unregister_model_layout
 from .methods import init
 from .model import (
     AdapterInfo,

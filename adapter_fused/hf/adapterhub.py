@@ -27,6 +27,7 @@ from torch import nn
 from ..activations import ACTIVATIONS, canonical_activation
 from ..ops import fused_adapter
 from .config import PLACEMENTS, AdapterConfig, Placement
+from .layouts import model_layers
 
 ADAPTERHUB_CONFIG = "adapter_config.json"
 ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -117,7 +118,7 @@ _PARTS = {  # AdapterHub's parameter name in an adapter -> ours (adapter_down.N:
 
 
 def _site_of(location: str) -> str | None:
-    """Our site for an AdapterHub location: ``cross`` (a location ``architectures.adapterhub_weights_by_layer``
+    """Our site for an AdapterHub location: ``cross`` (a location ``adapterhub_weights_by_layer``
     gave), a location naming attention, else the feed-forward site; None for a cross-attention location
     no site was found for."""
     if location == "cross":
@@ -175,6 +176,42 @@ def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> t
     if len(names) != 1:
         raise ValueError(f"{source}: expected the weights of one adapter, found names {sorted(names) or 'none'}")
     return names.pop(), out
+
+
+def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], source: str) -> dict[str, Any]:
+    """AdapterHub weight names (``<layer path>.<location>.adapters.<name>.<projection>``) renamed to
+    ``<layer number>.attention.adapters...`` or ``<layer number>.output.adapters...`` by matching each
+    name's layer path and location against this model's layers and sites, so that the weights of an
+    encoder-decoder model reach the right stack (``<layer number>.cross.adapters...`` for the sites
+    after cross-attention). Models whose sites do not say where AdapterHub keeps them (structural or
+    registered layouts) get ``weights`` unchanged. ValueError naming ``source`` for adapter weights at a
+    location no site of this model has."""
+    arch, layers = model_layers(model)
+    table: dict[str, tuple[int, str]] = {}
+    locations = {"attention": "attention", "cross": "cross", "ffn": "output"}
+    for layer in layers:
+        for name, spec in layer.sites.items():
+            location = spec.hub_location
+            if location is None:
+                return weights
+            table[f"{layer.path}.{location}"] = (layer.index, locations[name])
+            if arch.hub_layers is not None:
+                position = layer.path.rsplit(".", 1)[-1]
+                table[f"{arch.hub_layers}.{position}.{location}"] = table[f"{layer.path}.{location}"]
+    out: dict[str, Any] = {}
+    for key, value in weights.items():
+        head, sep, tail = key.partition(".adapters.")
+        matches = [k for k in table if head == k or head.endswith("." + k)] if sep else []
+        if not sep:
+            out[key] = value  # not an adapter weight: weights_from_adapterhub names it
+            continue
+        if not matches:
+            raise ValueError(f"{source}: {key} is not at an adapter site of this model (its sites hold adapters "
+                             f"after self-attention, after cross-attention in decoder layers and after the "
+                             f"feed-forward block)")
+        index, site = table[max(matches, key=len)]
+        out[f"{index}.{site}.adapters.{tail}"] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import model as _model
-from .architectures import find_architecture, hidden_size
+from .layouts import find_architecture, hidden_size
 from .methods import AdapterMethodsMixin, subclass_for
 
 logger = logging.getLogger(__name__)

@@ -26,12 +26,7 @@ from torch import nn
 
 from ..activations import ACTIVATIONS
 from ..ops import fused_adapter
-from .architectures import get_submodule
-
-EMBEDDING_MODULES: dict[str, str] = {"bert": "embeddings", "roberta": "embeddings", "distilbert": "embeddings",
-                                     "gpt2": "drop"}
-"""Path (from the base model) of the module whose output the invertible adapter transforms, by
-architecture name; other architectures (Llama-like) use ``embed_tokens``."""
+from .layouts import embedding_module
 
 
 class _Activation(nn.Module):
@@ -93,16 +88,6 @@ class NiceCoupling(nn.Module):
             return torch.cat((y1, self._step(self.G, y1, b, 1.0)), -1)
         x2 = self._step(self.G, a, b, -1.0)
         return torch.cat((self._step(self.F, x2, a, -1.0), x2), -1)
-
-
-def embedding_module(base: nn.Module, arch_name: str) -> nn.Module:
-    """The module of ``base`` whose output the invertible adapter transforms; ValueError if missing."""
-    path = EMBEDDING_MODULES.get(arch_name, "embed_tokens")
-    module = get_submodule(base, path)
-    if module is None:
-        raise ValueError(f"adapter_fused: invertible adapters need the embedding module {path!r}, which "
-                         f"{type(base).__name__} lacks")
-    return module
 
 
 class InvertibleHook:

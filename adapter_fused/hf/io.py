@@ -36,9 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapterhub import ADAPTERHUB_WEIGHTS, config_from_adapterhub, is_adapterhub_config, weights_from_adapterhub
-from .architectures import adapterhub_weights_by_layer, find_architecture, hidden_size
+from .adapterhub import (
+    ADAPTERHUB_WEIGHTS,
+    adapterhub_weights_by_layer,
+    config_from_adapterhub,
+    is_adapterhub_config,
+    weights_from_adapterhub,
+)
 from .config import AdapterConfig
+from .layouts import find_architecture, hidden_size
 from .model import (
     _check_name,
     adapter_config,

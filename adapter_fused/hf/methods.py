@@ -32,8 +32,8 @@ from torch import nn
 
 from . import io as _io
 from . import model as _model
-from .architectures import find_architecture
 from .config import resolve_config
+from .layouts import find_architecture
 
 logger = logging.getLogger(__name__)
 

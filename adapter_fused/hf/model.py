@@ -5,7 +5,7 @@ keyed ``<name>.<layer index>.<site>`` (site ``"attention"``, ``"cross"`` or ``"f
 ``config.SITES``), each a ``FusedAdapter`` (a
 ``BottleneckAdapter`` when the config has options beyond the plain bottleneck; layers in ``leave_out``
 have no entry). Forward
-hooks on the layers' existing modules (see ``architectures``) run the active adapter; base modules and
+hooks on the layers' existing modules (see ``layouts``) run the active adapter; base modules and
 parameter names are left as they are, and with no active adapter the hooks return nothing, so the
 model computes exactly what it computed before.
 
@@ -28,11 +28,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import (
+from .bottleneck import site_adapter
+from .composition import RAW, Composition, active_names, check_setup, composition_site, install_replication, parse_setup
+from .config import SITES, AdapterConfig, Placement, resolve_config
+from .invertible import NiceCoupling, hook_invertible
+from .layouts import (
     Architecture,
     ModelLayer,
     SiteSpec,
     call_argument,
+    embedding_module,
     find_architecture,
     get_submodule,
     hidden_size,
@@ -40,10 +45,6 @@ from .architectures import (
     model_layers,
     resolve_layers,
 )
-from .bottleneck import site_adapter
-from .composition import RAW, Composition, active_names, check_setup, composition_site, install_replication, parse_setup
-from .config import SITES, AdapterConfig, Placement, resolve_config
-from .invertible import NiceCoupling, embedding_module, hook_invertible
 
 MODULE_NAME = "fused_adapters"
 STATE_NAME = "_fused_adapter_state"

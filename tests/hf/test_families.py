@@ -16,7 +16,7 @@ from torch import nn
 
 from adapter_fused.hf import AdapterConfig, Placement, add_adapter, set_active_adapters
 from adapter_fused.hf import model as hf_model
-from adapter_fused.hf.architectures import model_layers
+from adapter_fused.hf.layouts import model_layers
 
 from .families import MODEL_TYPES, build, inputs, outputs
 from .models import randomize
@@ -105,7 +105,7 @@ def test_vision_sites_match_a_hand_written_adapter_on_this_transformers(model_ty
     added by hand in float64 after the attention block and after the feed-forward block (BEiT: on the
     first and second output of ``drop_path``, after the layer scale), and AdapterHub's weight names
     (which follow transformers 4) reach the same layers."""
-    from adapter_fused.hf.architectures import adapterhub_weights_by_layer
+    from adapter_fused.hf.adapterhub import adapterhub_weights_by_layer
 
     model, batch = build(model_type), inputs(model_type)
     reference = copy.deepcopy(model).double()

@@ -118,8 +118,7 @@ def test_albert_attention_adapters_reproduce_adapterhub(variant: str, tmp_path: 
 def test_albert_gradients_match_adapterhub(tmp_path: Path, based: Callable) -> None:
     """Through ALBERT's swapped attention site and its feed-forward site, every adapter parameter gets
     AdapterHub's gradient (houlsby, a loss along a fixed random projection of the outputs)."""
-    from adapter_fused.hf.adapterhub import weights_from_adapterhub
-    from adapter_fused.hf.architectures import adapterhub_weights_by_layer
+    from adapter_fused.hf.adapterhub import adapterhub_weights_by_layer, weights_from_adapterhub
 
     base, batch, plain = based("albert")
     hub = _hub_model("albert", "double_seq_bn", based)
@@ -196,7 +195,7 @@ def _check_parity(hub: nn.Module, model_type: str, config: str, tmp_path: Path, 
 def test_xmod_with_its_own_adapter_layer_norm(config: str, tmp_path: Path) -> None:
     """X-MOD built with ``adapter_layer_norm=True`` gives its language adapters their own norm, which
     AdapterHub's feed-forward adapter then reads: the layout picks that norm, and outputs match."""
-    from adapter_fused.hf.architectures import model_layers
+    from adapter_fused.hf.layouts import model_layers
 
     from .families import CONFIGS
 
