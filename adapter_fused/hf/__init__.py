@@ -9,8 +9,7 @@
 Nothing here imports ``transformers`` or ``adapters`` at import time.
 """
 
-from .adapterhub import AccelerateReport, accelerate
-from .bottleneck import BottleneckAdapter
+from .adapterhub.accelerate import AccelerateReport, accelerate
 from .checkpoints import restore_adapters
 from .composition import Average, BatchSplit, Composition, Parallel, Stack
 from .config import AdapterConfig, Placement
@@ -29,6 +28,7 @@ from .model import (
     set_active_adapters,
     train_adapter,
 )
+from .modules import BottleneckAdapter
 from .multitask import per_sample_adapters
 
 __all__ = [

@@ -120,7 +120,7 @@ def write_setup(model: nn.Module, directory: str | os.PathLike[str]) -> None:
     if not names and not heads:
         (target / SETUP_FILE).unlink(missing_ok=True)
         return
-    state = _model._state(model)
+    state = _model.model_state(model)
     meta: dict[str, Any] = {
         "format": SETUP_FORMAT,
         "format_version": SETUP_FORMAT_VERSION,
@@ -231,7 +231,7 @@ def restore_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> lis
 
     built: list[tuple[str, AdapterConfig, nn.ModuleDict]] = []
     for name, data in adapters.items():
-        name = _model._check_name(name)
+        name = _model.check_name(name)
         try:
             config = AdapterConfig.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
@@ -242,7 +242,7 @@ def restore_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> lis
         built.append((name, config, modules))
     built_heads = []
     for name, config in heads.items():
-        _model._check_name(name)
+        _model.check_name(name)
         try:
             head = build_head(model, name, config)
         except (TypeError, ValueError) as exc:

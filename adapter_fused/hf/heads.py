@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import model as _model
+from .adapterhub.convert import ADAPTERHUB_HEAD_WEIGHTS, head_config_from_adapterhub
 from .layouts import find_architecture, hidden_size
 from .methods import AdapterMethodsMixin, subclass_for
 
@@ -359,7 +360,7 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
             self.active_head = head.name
 
     def _add(self, cls: type[PredictionHead], head_name: str, overwrite_ok: bool, **config: Any) -> None:
-        _model._check_name(head_name)
+        _model.check_name(head_name)
         self.add_prediction_head(cls(self, head_name, config), overwrite_ok)  # type: ignore[arg-type]
 
     def add_classification_head(self, head_name: str, num_labels: int = 2, layers: int = 2,
@@ -530,7 +531,7 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
             if not hub_weights:
                 raise FileNotFoundError(f"{root}: no AdapterHub head weights ({' or '.join(ADAPTERHUB_HEAD_WEIGHTS)})")
             weights_path = hub_weights[0]
-            config = _config_from_adapterhub(meta["config"], self, str(config_path))  # type: ignore[arg-type]
+            config = head_config_from_adapterhub(meta["config"], self, str(config_path))  # type: ignore[arg-type]
             prefix = f"heads.{name}."
         else:
             raise ValueError(f"{config_path}: neither an adapter_fused nor an AdapterHub prediction head config "
@@ -550,51 +551,6 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
     def _install_head(self, name: str, head: PredictionHead) -> None:
         head.name = name
         self.add_prediction_head(head, overwrite_ok=True, set_active=True)
-
-
-ADAPTERHUB_HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
-"""The weight files of a head saved by AdapterHub beside its ``head_config.json``."""
-
-_ADAPTERHUB_HEAD_OPTIONS: dict[str, set[str]] = {
-    "classification": {"num_labels", "layers", "activation_function", "use_pooler", "bias", "dropout_prob"},
-    "multilabel_classification": {"num_labels", "layers", "activation_function", "use_pooler", "bias",
-                                  "dropout_prob"},
-    "tagging": {"num_labels", "layers", "activation_function", "bias", "dropout_prob"},
-    "question_answering": {"num_labels", "layers", "activation_function", "bias", "dropout_prob"},
-    "multiple_choice": {"num_choices", "layers", "activation_function", "use_pooler", "bias", "dropout_prob"},
-    "causal_lm": {"layers", "activation_function", "layer_norm", "bias", "dropout_prob", "shift_labels",
-                  "vocab_size", "embedding_size"},
-}
-
-
-def _config_from_adapterhub(config: dict[str, Any], model: nn.Module, source: str) -> dict[str, Any]:
-    """Our head config for a head config saved by AdapterHub (same layout of layers); options this
-    package does not implement raise ValueError naming them."""
-    head_type = config.get("head_type")
-    allowed = _ADAPTERHUB_HEAD_OPTIONS.get(head_type)  # type: ignore[arg-type]
-    if allowed is None:
-        raise ValueError(f"{source}: AdapterHub head type {head_type!r} is not supported (supported: "
-                         f"{', '.join(_ADAPTERHUB_HEAD_OPTIONS)})")
-    unknown = sorted(set(config) - allowed - {"head_type", "label2id"})
-    if unknown:
-        raise ValueError(f"{source}: AdapterHub head options not supported: {', '.join(unknown)}")
-    out = {k: v for k, v in config.items() if k in allowed and k not in ("shift_labels", "vocab_size",
-                                                                         "embedding_size")}
-    if head_type == "multilabel_classification":
-        out["head_type"], out["multilabel"] = "classification", True
-    else:
-        out["head_type"] = head_type
-    if head_type == "causal_lm":
-        if config.get("shift_labels", True) is not True:
-            raise ValueError(f"{source}: causal LM head with shift_labels={config['shift_labels']!r} is not supported")
-        for key, expected in (("vocab_size", getattr(model.config, "vocab_size", None)),
-                              ("embedding_size", hidden_size(model))):
-            if config.get(key) not in (None, expected):
-                raise ValueError(f"{source}: head {key} {config[key]} does not match the model's {expected}")
-    label2id = config.get("label2id")
-    if isinstance(label2id, dict):
-        out["id2label"] = {str(v): str(k) for k, v in label2id.items()}
-    return out
 
 
 def load_head_weights(head: PredictionHead, tensors: dict[str, torch.Tensor], source: str) -> None:

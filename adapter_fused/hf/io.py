@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapterhub import (
+from .adapterhub.convert import (
     ADAPTERHUB_WEIGHTS,
     adapterhub_weights_by_layer,
     config_from_adapterhub,
@@ -46,11 +46,11 @@ from .adapterhub import (
 from .config import AdapterConfig
 from .layouts import find_architecture, hidden_size
 from .model import (
-    _check_name,
     adapter_config,
     adapter_modules,
     attach_adapter,
     build_adapter_modules,
+    check_name,
     head_parameters,
     list_adapters,
 )
@@ -273,7 +273,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     saved_d = meta.get("hidden_size")
     if saved_d is not None and saved_d != d:
         raise ValueError(f"{config_path}: adapter was saved for hidden size {saved_d}, the model has {d}")
-    name = _check_name(name if name is not None else (saved_name or root.name))
+    name = check_name(name if name is not None else (saved_name or root.name))
     if name in list_adapters(model):
         raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it or pass another name")
     head = _read_head(model, root) if with_head and not is_adapterhub_config(meta) else None

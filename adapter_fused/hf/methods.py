@@ -271,7 +271,7 @@ class AdapterMethodsMixin:
 
 
 def _adapter_parameter_ids(model: Any) -> set[int]:
-    state = _model._state(model)
+    state = _model.model_state(model)
     return {id(p) for p in state.modules.parameters()} if state is not None else set()
 
 

@@ -118,7 +118,7 @@ def test_albert_attention_adapters_reproduce_adapterhub(variant: str, tmp_path: 
 def test_albert_gradients_match_adapterhub(tmp_path: Path, based: Callable) -> None:
     """Through ALBERT's swapped attention site and its feed-forward site, every adapter parameter gets
     AdapterHub's gradient (houlsby, a loss along a fixed random projection of the outputs)."""
-    from adapter_fused.hf.adapterhub import adapterhub_weights_by_layer, weights_from_adapterhub
+    from adapter_fused.hf.adapterhub.convert import adapterhub_weights_by_layer, weights_from_adapterhub
 
     base, batch, plain = based("albert")
     hub = _hub_model("albert", "double_seq_bn", based)

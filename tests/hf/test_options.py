@@ -21,7 +21,7 @@ from adapter_fused.hf import (
     save_adapter,
     set_active_adapters,
 )
-from adapter_fused.hf.bottleneck import BottleneckAdapter
+from adapter_fused.hf.modules import BottleneckAdapter
 from adapter_fused.reference import reference_adapter
 
 from .models import hidden_states, make_inputs, make_model, randomize
@@ -258,7 +258,7 @@ def test_own_config_matches_adapterhub(tmp_path: Path) -> None:
     add_adapter(model, "hub", AdapterConfig("houlsby", reduction_factor={"default": 8, "0": 4}, ln_before=True,
                                             use_gating=True, scale="channel"))
     hub.save_adapter(str(tmp_path), "hub")
-    from adapter_fused.hf.adapterhub import weights_from_adapterhub
+    from adapter_fused.hf.adapterhub.convert import weights_from_adapterhub
 
     _, weights = weights_from_adapterhub(torch.load(tmp_path / "pytorch_adapter.bin"), "test")
     model.base_model.fused_adapters["hub"].load_state_dict(weights)
@@ -364,7 +364,7 @@ def test_nice_block_matches_adapterhub_forward_and_inverse(d: int, launches) -> 
     pytest.importorskip("adapters")
     from adapters.methods.modeling import NICECouplingBlock
 
-    from adapter_fused.hf.invertible import NiceCoupling
+    from adapter_fused.hf.modules import NiceCoupling
 
     theirs = NICECouplingBlock([[d]], non_linearity="swish", reduction_factor=2)
     randomize(theirs.parameters(), seed=8, std=0.3)
@@ -401,7 +401,7 @@ def test_gradients_match_adapterhub() -> None:
     """Gradients of every adapter parameter (layer norms, gate, channel scale included) through the
     whole model equal AdapterHub's."""
     adapters = pytest.importorskip("adapters")
-    from adapter_fused.hf.adapterhub import weights_from_adapterhub
+    from adapter_fused.hf.adapterhub.convert import weights_from_adapterhub
 
     config = adapters.DoubleSeqBnConfig(ln_before=True, ln_after=True, use_gating=True, scaling="channel",
                                         reduction_factor={"default": 8, "1": 4})

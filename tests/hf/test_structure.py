@@ -30,6 +30,7 @@ from adapter_fused.hf import (
 from adapter_fused.hf import model as hf_model
 from adapter_fused.hf.layouts import find_layers, model_layers
 from adapter_fused.hf.layouts.structure import LAYERS, STRUCTURALLY_TESTED_MODEL_TYPES
+from adapter_fused.hf.sites import Site
 
 from .models import randomize
 
@@ -215,13 +216,13 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
     ``seq2seq``: an encoder-decoder model, whose adapters also sit after the decoder's cross-attention
     (``cross_adapter=True``). ``batch``: the model's inputs, where they are not token ids."""
     calls: Counter[tuple[str, str]] = Counter()
-    apply = hf_model._Site.apply
+    apply = Site.apply
 
-    def counting(self: hf_model._Site, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def counting(self: Site, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         calls[self.key] += 1
         return apply(self, module, args, output)
 
-    monkeypatch.setattr(hf_model._Site, "apply", counting)
+    monkeypatch.setattr(Site, "apply", counting)
     x = batch if batch is not None else inputs(seq2seq, getattr(model.config, "input_feat_per_channel", None))
     reference = float64_if_it_runs(model, x)
     with torch.no_grad():
