@@ -5,6 +5,7 @@ with save_adapter / load_adapter; Trainer trains the adapter and its head."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from .models import HIDDEN, LAYERS, VOCAB, make_inputs, randomize
 transformers = pytest.importorskip("transformers")
 
 from adapter_fused import AutoAdapterModel
-from adapter_fused.hf import list_adapters
-from adapter_fused.hf.heads import HEAD_CONFIG_FILE
+from adapter_fused.hf import init, list_adapters
+from adapter_fused.hf.formats import HEAD_CONFIG_FILE
 
 
 def bert_config(**extra: object) -> object:
@@ -216,6 +217,42 @@ def test_head_travels_with_its_adapter(tmp_path: Path) -> None:
     assert "b" not in list_adapters(fresh) and "b" not in fresh.heads
 
 
+def test_a_head_saved_in_the_earlier_layout_still_loads(tmp_path: Path) -> None:
+    """A prediction head saved as ``head_config.json`` of format ``adapter_fused_prediction_head`` 1."""
+    model = two_headed()
+    model.set_active_adapters("b")
+    randomize(model.heads.parameters(), seed=4, std=0.1)
+    expected = model(**make_inputs()).logits
+    model.save_adapter(tmp_path, "b")
+    meta = json.loads((tmp_path / HEAD_CONFIG_FILE).read_text())
+    legacy = {"format": "adapter_fused_prediction_head", "format_version": 1, "name": meta["name"],
+              "hidden_size": meta["hidden_size"], "config": meta["config"]}
+    (tmp_path / HEAD_CONFIG_FILE).write_text(json.dumps(legacy))
+    torch.manual_seed(0)
+    fresh = AutoAdapterModel.from_config(bert_config()).eval()
+    assert fresh.load_adapter(tmp_path, set_active=True) == "b"
+    assert fresh.active_head == "b"
+    assert torch.equal(fresh(**make_inputs()).logits, expected)
+
+
+def test_task_heads_and_prediction_heads_do_not_cross(tmp_path: Path) -> None:
+    """A task model's own head is not a prediction head, nor the reverse: each model loads the adapter
+    and leaves a head of the other kind where it is."""
+    torch.manual_seed(0)
+    task = init(transformers.BertForSequenceClassification(bert_config(num_labels=3)).eval())
+    task.add_adapter("t")
+    task.save_adapter(tmp_path / "task", "t")
+    assert json.loads((tmp_path / "task" / HEAD_CONFIG_FILE).read_text())["config"] is None
+    flexible = two_headed()
+    assert flexible.load_adapter(tmp_path / "task") == "t"
+    assert list(flexible.heads) == ["a", "b"]
+    flexible.save_adapter(tmp_path / "flexible", "a")
+    other = init(transformers.BertForSequenceClassification(bert_config(num_labels=3)).eval())
+    head = {n: p.detach().clone() for n, p in other.classifier.named_parameters()}
+    assert other.load_adapter(tmp_path / "flexible") == "a"
+    assert all(torch.equal(p, head[n]) for n, p in other.classifier.named_parameters())
+
+
 def manual_logits(model: nn.Module, head: str, hidden: torch.Tensor) -> torch.Tensor:
     """A head's Sequential applied in float64 by hand (eval mode: dropout is the identity)."""
     x = hidden.double()
@@ -400,8 +437,6 @@ def test_loads_an_adapterhub_adapter_with_its_head(tmp_path: Path, kind: str) ->
         assert ours.active_head == "t"
         torch.testing.assert_close(ours(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
     if kind == "classification":  # an option this package does not implement is refused, nothing changes
-        import json
-
         meta = json.loads((tmp_path / "head_config.json").read_text())
         meta["config"]["layer_norm_after"] = True
         (tmp_path / "head_config.json").write_text(json.dumps(meta))

@@ -14,7 +14,7 @@ from .models import hidden_states, make_inputs, make_model, randomize
 
 from adapter_fused.hf import accelerate, add_adapter, delete_adapter, set_active_adapters  # noqa: E402
 from adapter_fused.hf.model import STATE_NAME, adapter_modules  # noqa: E402
-from adapter_fused.hf.sites import MODULE_NAME  # noqa: E402
+from adapter_fused.hf.sites import MODULE_NAME
 
 CASES = [("bert", "houlsby"), ("bert", "pfeiffer"), ("llama", "houlsby"), ("llama", "pfeiffer")]
 

@@ -26,7 +26,7 @@ from adapter_fused.hf import (
     list_adapters,
     set_active_adapters,
 )
-from adapter_fused.hf.io import HEAD_CONFIG_FILE
+from adapter_fused.hf.formats import HEAD_CONFIG_FILE
 from adapter_fused.hf.methods import AdapterMethodsMixin
 
 LABELS = 3
