@@ -245,7 +245,7 @@ class SavedHead:
 def task_head(model: nn.Module, name: str) -> HeadToSave | None:
     """The task head of a transformers task model (its parameters outside ``model.base_model``, see
     ``model.head_parameters``) to save beside adapter ``name``; None for a model without one."""
-    head = {n: p for n, p in head_parameters(model)}
+    head: dict[str, torch.Tensor] = {n: p for n, p in head_parameters(model)}
     return HeadToSave(name, None, head) if head else None
 
 

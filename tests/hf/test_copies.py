@@ -92,6 +92,7 @@ def test_pickled_model_keeps_its_adapters() -> None:
         assert not torch.equal(hidden_states(loaded, inputs), hidden_states(model, inputs))
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_deepcopy_of_accelerated_adapterhub_model(arch: str, config: str) -> None:

@@ -77,6 +77,7 @@ def test_methods_compute_what_the_free_functions_compute() -> None:
     assert torch.equal(logits(ours), logits(free))
 
 
+@pytest.mark.adapterhub
 def test_signatures_and_defaults_follow_adapterhub() -> None:
     adapters = pytest.importorskip("adapters")
     theirs = adapters.model_mixin.ModelAdaptersMixin

@@ -19,8 +19,8 @@ from adapter_fused.hf import model as hf_model
 from adapter_fused.hf.layouts import model_layers
 from adapter_fused.hf.sites import Site
 
-from .families import MODEL_TYPES, build, inputs, outputs
-from .models import randomize
+from ..families import MODEL_TYPES, build, inputs, outputs
+from ..models import randomize
 
 # layers per model, across its stacks (ALBERT shares one layer between its 2 layer calls)
 LAYERS = {"albert": 1, "bart": 4, "plbart": 4, "mbart": 4, "whisper": 4, "t5": 4, "mt5": 4, "clip": 4,

@@ -32,7 +32,7 @@ from adapter_fused.hf.layouts import find_layers, model_layers
 from adapter_fused.hf.layouts.structure import LAYERS, STRUCTURALLY_TESTED_MODEL_TYPES
 from adapter_fused.hf.sites import Site
 
-from .models import randomize
+from ..models import randomize
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,11 +15,12 @@ from torch import nn
 
 from adapter_fused.hf import load_adapter, set_active_adapters
 
-from .families import MODEL_TYPES, build, encoder_decoder, inputs, outputs
-from .models import randomize
+from ..families import MODEL_TYPES, build, encoder_decoder, inputs, outputs
+from ..models import randomize
 
 adapters = pytest.importorskip("adapters")
 
+pytestmark = pytest.mark.adapterhub
 CONFIGS = ["double_seq_bn", "seq_bn", "par_bn"]
 # AdapterHub's own models of these types compute other outputs than transformers' on the same weights
 # with no adapter active (their attention differs), so the adapter is loaded into a copy of AdapterHub's
@@ -197,7 +198,7 @@ def test_xmod_with_its_own_adapter_layer_norm(config: str, tmp_path: Path) -> No
     AdapterHub's feed-forward adapter then reads: the layout picks that norm, and outputs match."""
     from adapter_fused.hf.layouts import model_layers
 
-    from .families import CONFIGS
+    from ..families import CONFIGS
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

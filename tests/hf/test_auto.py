@@ -178,6 +178,7 @@ def test_active_head_follows_the_active_adapter() -> None:
         model.add_classification_head("b")
 
 
+@pytest.mark.adapterhub
 def test_stack_activates_the_head_of_its_last_adapter() -> None:
     composition = pytest.importorskip("adapters.composition")
     model = two_headed()
@@ -317,6 +318,7 @@ def copy_head(theirs: nn.Module, ours: nn.Module, name: str) -> None:
     ours.heads[name].load_state_dict(theirs.heads[name].state_dict())
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("kind", ["classification", "tagging", "qa", "multiple_choice"])
 def test_heads_match_adapterhub(kind: str) -> None:
     theirs, ours = adapterhub_pair(bert_config)
@@ -345,6 +347,7 @@ def test_heads_match_adapterhub(kind: str) -> None:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.adapterhub
 def test_causal_lm_head_matches_adapterhub() -> None:
     theirs, ours = adapterhub_pair(gpt2_config)
     theirs.add_causal_lm_head("lm")
@@ -415,6 +418,7 @@ def test_copies_keep_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(nn.DataParallel(model)(**make_inputs()).logits, expected)
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("kind", ["classification", "tagging"])
 def test_loads_an_adapterhub_adapter_with_its_head(tmp_path: Path, kind: str) -> None:
     """save_adapter of AdapterHub's AutoAdapterModel writes the adapter and its head; our
