@@ -9,6 +9,7 @@ of the package, else of ``pkg`` itself. The implicit import of a parent package 
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,30 @@ def test_no_private_name_crosses_a_file() -> None:
                     and private(node.attr)):
                 crossing.append(f"{source}:{node.lineno} reads {aliases[node.value.id]}.{node.attr}")
     assert not crossing, "private names used outside their file: " + "; ".join(sorted(crossing))
+
+
+def documented_layers() -> list[str]:
+    """The layers of ``adapter_fused.hf``, lowest first, as its package docstring lists them
+    (``N. ``module``: ...``), as module names relative to ``adapter_fused.hf``."""
+    doc = ast.get_docstring(ast.parse(MODULES["adapter_fused.hf"].read_text(encoding="utf-8"))) or ""
+    return re.findall(r"^\d+\. ``([\w.]+)``", doc, re.MULTILINE)
+
+
+def test_hf_imports_follow_the_documented_layers() -> None:
+    """Every module of ``adapter_fused.hf`` sits in a layer its docstring names, and imports only
+    modules of its own layer or of the layers before it."""
+    layers = documented_layers()
+    assert len(layers) >= 10 and "sites" in layers and "model" in layers
+
+    def layer(module: str) -> int | None:
+        name = module.removeprefix("adapter_fused.hf.")
+        return next((i for i, top in enumerate(layers) if name == top or name.startswith(top + ".")), None)
+
+    inner = [m for m in MODULES if m.startswith("adapter_fused.hf.") and m != "adapter_fused.hf.adapterhub"]
+    assert not [m for m in inner if layer(m) is None], "modules in no documented layer"
+    upward = sorted({f"{i.source} imports {i.target}" for i in IMPORTS
+                     if i.source in inner and i.target in inner and layer(i.target) > layer(i.source)})  # type: ignore[operator]
+    assert not upward, "imports of a later layer: " + "; ".join(upward)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

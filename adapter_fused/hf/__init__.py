@@ -8,8 +8,8 @@
 
 Nothing here imports ``transformers`` or ``adapters`` at import time.
 
-Layers, lowest first; a module imports only modules of the layers before its own (``tests/test_layering.py``
-checks that the imports form no cycle):
+Layers, lowest first: a module imports only modules of its own layer or the layers before it, never
+inside a function (``tests/test_layering.py`` checks this list against the imports):
 
 1. ``config``: ``AdapterConfig`` and ``Placement``, what an adapter is and where it sits.
 2. ``modules``: the modules adapters are made of (``BottleneckAdapter``, ``NiceCoupling``).
