@@ -7,22 +7,35 @@
     name = load_adapter(other_model, "out/task"); set_active_adapters(other_model, name)
 
 Nothing here imports ``transformers`` or ``adapters`` at import time.
+
+Layers, lowest first: a module imports only modules of its own layer or the layers before it, never
+inside a function (``tests/test_layering.py`` checks this list against the imports):
+
+1. ``config``: ``AdapterConfig`` and ``Placement``, what an adapter is and where it sits.
+2. ``modules``: the modules adapters are made of (``BottleneckAdapter``, ``NiceCoupling``).
+3. ``layouts``: where the sites are in a model (``SiteSpec``, ``ModelLayout``, the table of known
+   architectures, recognition by structure, ``register_model_layout``, ``find_architecture``).
+4. ``adapterhub.convert``: AdapterHub's configs, weight names, head configs and composition blocks in
+   this package's terms.
+5. ``composition``: the composition blocks (``Stack``, ``Parallel``, ``Average``, ``BatchSplit``), parsing
+   and checking a setup.
+6. ``sites``: what runs on every forward pass: the hooks, the state of one call, ``site_forward`` and
+   compositions at a site.
+7. ``model``: adding, activating, training and deleting adapters; summaries.
+8. ``multitask``: ``per_sample_adapters``, a different adapter for each sample of a batch.
+9. ``heads``: the prediction heads.
+10. ``formats``: every file read or written: adapter directories, heads, the checkpoint setup file.
+11. ``methods``: the methods ``init`` gives a model, and flexible heads on a base model.
+12. ``auto``: ``AutoAdapterModel`` and ``restore_adapters``.
+13. ``adapterhub.accelerate``: ``accelerate()``, the fused kernel in a model built with AdapterHub.
 """
 
-from .adapterhub import AccelerateReport, accelerate
-from .architectures import (
-    SUPPORTED_MODEL_TYPES,
-    ModelLayout,
-    SiteSpec,
-    register_model_layout,
-    unregister_model_layout,
-)
-from .bottleneck import BottleneckAdapter
-from .checkpoints import restore_adapters
+from .adapterhub.accelerate import AccelerateReport, accelerate
+from .auto import AutoAdapterModel, restore_adapters
 from .composition import Average, BatchSplit, Composition, Parallel, Stack
 from .config import AdapterConfig, Placement
-from .heads import AutoAdapterModel
-from .io import load_adapter, save_adapter
+from .formats import load_adapter, save_adapter
+from .layouts import SUPPORTED_MODEL_TYPES, ModelLayout, SiteSpec, register_model_layout, unregister_model_layout
 from .methods import init
 from .model import (
     AdapterInfo,
@@ -35,6 +48,7 @@ from .model import (
     set_active_adapters,
     train_adapter,
 )
+from .modules import BottleneckAdapter
 from .multitask import per_sample_adapters
 
 __all__ = [

@@ -113,7 +113,7 @@ class AdapterConfig:
         (z: (batch, seq, d) the adapter input) multiplying the adapter's term.
     dropout: dropout probability on the adapter's term ``s * f(z)`` in training mode.
     inv_adapter: ``"nice"`` adds a MAD-X invertible adapter (a NICE coupling block) on the embedding
-        output and its inverse before the output embeddings (see ``invertible``), with bottleneck
+        output and its inverse before the output embeddings (see ``modules.NiceCoupling``), with bottleneck
         MLPs of width ``half of d // inv_adapter_reduction_factor``. AdapterHub's ``"glow"`` is refused
         (AdapterHub's GLOW block fails on (batch, seq, d) inputs).
     cross_adapter: also an adapter after the cross-attention block of every decoder layer of an

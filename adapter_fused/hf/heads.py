@@ -1,58 +1,31 @@
-"""Flexible prediction heads and ``AutoAdapterModel``: a transformers base model with AdapterHub's
-adapter methods (see ``methods``) and named heads on top.
+"""Prediction heads: what an ``AutoAdapterModel`` (see ``auto``, and ``methods.FlexibleHeadsMixin`` for
+the head methods) puts on top of its base model, built from a JSON-serialisable config
+(``build_head``).
 
-    model = AutoAdapterModel.from_pretrained(path)          # transformers AutoModel + the methods
-    model.add_adapter("sst2")
-    model.add_classification_head("sst2", num_labels=2)     # becomes the active head
-    model.train_adapter("sst2")                             # adapter + its head train
-    out = model(input_ids=ids, attention_mask=mask, labels=y)   # SequenceClassifierOutput with loss
-
-Heads live in ``model.heads`` (an ``nn.ModuleDict``, state-dict keys ``heads.<name>.<index>.*``).
 As in AdapterHub, a head is a stack of ``layers`` blocks: ``layers - 1`` times dropout, a d x d
 linear layer and the activation, then dropout and the output layer (the causal LM head instead
 uses linear, activation and layer norm blocks before a d x vocab output layer, without dropout,
-and is not tied to the input embeddings). The active head is the one named like the last adapter
-of the active setup when such a head exists (``set_active_adapters``, ``train_adapter``), else the
-head last added or set via ``active_head``; ``forward(..., head="name")`` picks one for a call.
-The loss is computed when ``labels`` (``start_positions`` and ``end_positions`` for question
-answering) are passed, so ``transformers.Trainer`` can train the model; outputs are transformers
-``ModelOutput`` classes.
+and is not tied to the input embeddings). Each head computes its outputs (transformers
+``ModelOutput`` classes) from the base model's, with the loss when ``labels`` (``start_positions``
+and ``end_positions`` for question answering) are passed.
 
 Classification and multiple-choice heads read the first token in post-LN encoders (BERT, RoBERTa,
 DistilBERT), the last position of ``attention_mask`` (right padding) in decoders, or the pooler
 output with ``use_pooler=True``.
 
-``AutoAdapterModel.from_pretrained`` of a checkpoint saved from a task model with a head it knows
-(e.g. ``BertForSequenceClassification``, see ``STATIC_HEADS``) turns that head into a flexible head
-named ``"default"`` with the same weights and logits.
+``STATIC_HEADS`` lists the heads of transformers task models (e.g. ``BertForSequenceClassification``)
+that ``static_head`` turns into a prediction head with the same weights and logits.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import model as _model
-from .architectures import find_architecture, hidden_size
-from .methods import AdapterMethodsMixin, subclass_for
-
-logger = logging.getLogger(__name__)
-
-HEAD_CONFIG_FILE = "head_config.json"
-HEAD_WEIGHTS_FILE = "head_model.safetensors"
-HEAD_FORMAT = "adapter_fused_prediction_head"
-HEAD_FORMAT_VERSION = 1
-HEADS_MODULE = "heads"
-
-_MULTIPLE_CHOICE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+from .layouts import find_architecture, hidden_size
 
 
 def _dropout(model_config: Any, config: dict[str, Any]) -> float:
@@ -301,300 +274,17 @@ def build_head(model: nn.Module, name: str, config: dict[str, Any]) -> Predictio
     return HEAD_TYPES[head_type](model, name, options)
 
 
-def _head_name(setup: Any) -> str | None:
+def head_name_for(setup: Any) -> str | None:
     """The head AdapterHub activates for an adapter setup: the last adapter of a name, list or
     Stack; None for Fuse, Average, Parallel and BatchSplit (several heads are not supported)."""
     if setup is None or isinstance(setup, str):
         return setup
     if isinstance(setup, (list, tuple)):
-        return _head_name(setup[-1]) if setup else None
+        return head_name_for(setup[-1]) if setup else None
     children = getattr(setup, "children", None)
     if type(setup).__name__ == "Stack" and isinstance(children, list) and children:
-        return _head_name(children[-1])
+        return head_name_for(children[-1])
     return None
-
-
-class FlexibleHeadsMixin(AdapterMethodsMixin):
-    """Named prediction heads on a base model; see the module docstring."""
-
-    accepts_loss_kwargs = False  # the heads average their loss themselves
-
-    @classmethod
-    def _prepare_subclass(cls, subclass: type) -> None:
-        """Give the subclass a ``forward`` that runs the heads, with the base forward's parameters
-        plus the label inputs in its signature (read by transformers' Trainer)."""
-        def forward(self: FlexibleHeadsMixin, *args: Any, **kwargs: Any) -> Any:
-            return self._heads_forward(*args, **kwargs)
-
-        base = subclass._fused_base_class  # type: ignore[attr-defined]
-        forward.__doc__ = cls._heads_forward.__doc__
-        forward.__signature__ = _forward_signature(base)  # type: ignore[attr-defined]
-        subclass.forward = forward  # type: ignore[attr-defined]
-        params = list(inspect.signature(base.forward).parameters.values())[1:]
-        subclass._fused_positional = tuple(  # type: ignore[attr-defined]
-            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-        subclass._fused_takes_return_dict = any(p.name == "return_dict" for p in params)  # type: ignore[attr-defined]
-
-    heads: nn.ModuleDict
-
-    @property
-    def active_head(self) -> str | None:
-        """The name of the head run by ``forward``, or None (base model outputs); settable."""
-        return self.__dict__.get("_active_head")
-
-    @active_head.setter
-    def active_head(self, name: str | None) -> None:
-        if name is not None and name not in self.heads:
-            known = ", ".join(self.heads) or "none"
-            raise ValueError(f"adapter_fused: no prediction head named {name!r} (heads: {known})")
-        self.__dict__["_active_head"] = name
-
-    def add_prediction_head(self, head: PredictionHead, overwrite_ok: bool = False, set_active: bool = True) -> None:
-        """Add ``head`` under ``head.name`` (replacing one of that name only with ``overwrite_ok``)."""
-        if head.name in self.heads and not overwrite_ok:
-            raise ValueError(f"adapter_fused: a prediction head named {head.name!r} already exists; pass "
-                             f"overwrite_ok=True to replace it")
-        self.heads[head.name] = head
-        if set_active:
-            self.active_head = head.name
-
-    def _add(self, cls: type[PredictionHead], head_name: str, overwrite_ok: bool, **config: Any) -> None:
-        _model._check_name(head_name)
-        self.add_prediction_head(cls(self, head_name, config), overwrite_ok)  # type: ignore[arg-type]
-
-    def add_classification_head(self, head_name: str, num_labels: int = 2, layers: int = 2,
-                                activation_function: str | None = "tanh", overwrite_ok: bool = False,
-                                multilabel: bool = False, id2label: dict[int, str] | None = None,
-                                use_pooler: bool = False) -> None:
-        """Add a sequence classification head (logits (batch, num_labels)) and make it active."""
-        self._add(ClassificationHead, head_name, overwrite_ok, num_labels=num_labels, layers=layers,
-                  activation_function=activation_function, multilabel=multilabel, id2label=_labels(id2label),
-                  use_pooler=use_pooler)
-
-    def add_multiple_choice_head(self, head_name: str, num_choices: int = 2, layers: int = 2,
-                                 activation_function: str | None = "tanh", overwrite_ok: bool = False,
-                                 id2label: dict[int, str] | None = None, use_pooler: bool = False) -> None:
-        """Add a multiple choice head (inputs (batch, num_choices, length)) and make it active."""
-        self._add(MultipleChoiceHead, head_name, overwrite_ok, num_choices=num_choices, layers=layers,
-                  activation_function=activation_function, id2label=_labels(id2label), use_pooler=use_pooler)
-
-    def add_tagging_head(self, head_name: str, num_labels: int = 2, layers: int = 1,
-                         activation_function: str | None = "tanh", overwrite_ok: bool = False,
-                         id2label: dict[int, str] | None = None) -> None:
-        """Add a token classification head (logits (batch, length, num_labels)) and make it active."""
-        self._add(TaggingHead, head_name, overwrite_ok, num_labels=num_labels, layers=layers,
-                  activation_function=activation_function, id2label=_labels(id2label))
-
-    def add_qa_head(self, head_name: str, num_labels: int = 2, layers: int = 1,
-                    activation_function: str | None = "tanh", overwrite_ok: bool = False,
-                    id2label: dict[int, str] | None = None) -> None:
-        """Add an extractive question answering head (start and end logits (batch, length)) and make
-        it active; the first two outputs are the start and end logits."""
-        if isinstance(num_labels, int) and not isinstance(num_labels, bool) and num_labels < 2:
-            raise ValueError(f"adapter_fused: head {head_name!r}: a question answering head needs num_labels >= 2")
-        self._add(QuestionAnsweringHead, head_name, overwrite_ok, num_labels=num_labels, layers=layers,
-                  activation_function=activation_function, id2label=_labels(id2label))
-
-    def add_causal_lm_head(self, head_name: str, activation_function: str | None = "gelu", layers: int = 2,
-                           overwrite_ok: bool = False) -> None:
-        """Add a causal language modelling head (logits (batch, length, vocab)) and make it active."""
-        self._add(CausalLMHead, head_name, overwrite_ok, activation_function=activation_function, layers=layers,
-                  layer_norm=True, bias=True)
-
-    def delete_head(self, head_name: str) -> None:
-        """Remove head ``head_name`` (an unknown name only logs a warning, as in AdapterHub)."""
-        if head_name not in self.heads:
-            logger.warning("adapter_fused: no prediction head named %r to delete", head_name)
-            return
-        del self.heads[head_name]
-        if self.active_head == head_name:
-            self.active_head = None
-
-    # -- forward ---------------------------------------------------------------------------------
-
-    def _heads_forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward, then the active head (or ``head=``) with its loss."""
-        head_name = kwargs.pop("head", None)
-        targets = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
-        cls = type(self)
-        base_forward = cls._fused_base_class.forward
-        positional = cls._fused_positional  # type: ignore[attr-defined]
-        if len(args) > len(positional):
-            raise TypeError(f"forward() takes at most {len(positional)} positional arguments ({len(args)} given)")
-        for key, value in zip(positional, args):
-            if key in kwargs:
-                raise TypeError(f"forward() got multiple values for argument {key!r}")
-            kwargs[key] = value
-        head_name = head_name if head_name is not None else self.active_head
-        if head_name is None:
-            given = [k for k, v in targets.items() if v is not None]
-            if given:
-                raise ValueError(f"adapter_fused: {', '.join(given)} given but the model has no active prediction "
-                                 f"head; add one (e.g. add_classification_head) or set active_head")
-            return base_forward(self, **kwargs)
-        if head_name not in self.heads:
-            raise ValueError(f"adapter_fused: no prediction head named {head_name!r} (heads: "
-                             f"{', '.join(self.heads) or 'none'})")
-        head: PredictionHead = self.heads[head_name]  # type: ignore[assignment]
-        return_dict = kwargs.pop("return_dict", None)
-        if return_dict is None:
-            return_dict = getattr(self.config, "use_return_dict", True)  # type: ignore[attr-defined]
-        if cls._fused_takes_return_dict:  # type: ignore[attr-defined]
-            kwargs["return_dict"] = True
-        inputs = dict(kwargs)
-        if isinstance(head, MultipleChoiceHead):
-            reference = kwargs.get("input_ids")
-            if reference is None:
-                reference = kwargs.get("inputs_embeds")
-            if reference is None or reference.dim() < 3:
-                raise ValueError(f"adapter_fused: multiple choice head {head_name!r} expects inputs of shape "
-                                 f"(batch, num_choices, length)")
-            inputs["_num_choices"] = reference.shape[1]
-            for key in _MULTIPLE_CHOICE_INPUTS:
-                value = kwargs.get(key)
-                if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                    kwargs[key] = value.reshape(-1, value.shape[-1])
-            if isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
-                embeds = kwargs["inputs_embeds"]
-                kwargs["inputs_embeds"] = embeds.reshape(-1, *embeds.shape[-2:])
-            inputs["attention_mask"] = kwargs.get("attention_mask")
-        outputs = base_forward(self, **kwargs)
-        result = head.predict(self, outputs, inputs, targets)  # type: ignore[arg-type]
-        return result if return_dict else result.to_tuple()
-
-    # -- hooks of the adapter methods ------------------------------------------------------------
-
-    def _after_activation(self, adapter_setup: Any) -> None:
-        name = _head_name(adapter_setup)
-        if name is not None and name in self.heads:
-            self.active_head = name
-
-    def _after_train(self, train_head: bool) -> None:
-        active = self.active_head
-        for name, head in self.heads.items():
-            for parameter in head.parameters():
-                parameter.requires_grad_(bool(train_head and name == active))
-
-    def _save_head(self, save_directory: str | os.PathLike[str], adapter_name: str, with_head: bool) -> None:
-        from safetensors.torch import save
-
-        from .io import _write_atomic
-
-        target = Path(save_directory)
-        head: PredictionHead | None = None
-        if with_head:
-            if adapter_name in self.heads:
-                head = self.heads[adapter_name]  # type: ignore[assignment]
-            elif self.active_head is not None and _head_name(self.active_adapters) == adapter_name:
-                head = self.heads[self.active_head]  # type: ignore[assignment]
-        if head is None:
-            for stale in (HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE):
-                (target / stale).unlink(missing_ok=True)
-            return
-        meta = {"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "name": head.name,
-                "hidden_size": hidden_size(self), "config": head.config}  # type: ignore[arg-type]
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
-        files = [(HEAD_WEIGHTS_FILE, save(tensors, metadata={"format": "pt"})),
-                 (HEAD_CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())]
-        pending = []
-        try:
-            for file_name, data in files:
-                pending.append((_write_atomic(target / file_name, data), target / file_name))
-        except BaseException:
-            for temp, _ in pending:
-                temp.unlink(missing_ok=True)
-            raise
-        for temp, final in pending:
-            os.replace(temp, final)
-
-    def _read_head(self, directory: str | os.PathLike[str]) -> PredictionHead | None:
-        from .io import _read_json, _read_weights
-
-        root = Path(directory)
-        config_path = root / HEAD_CONFIG_FILE
-        hub_weights = [root / f for f in ADAPTERHUB_HEAD_WEIGHTS if (root / f).is_file()]
-        if not config_path.exists():
-            if (root / HEAD_WEIGHTS_FILE).exists() or hub_weights:
-                raise FileNotFoundError(f"{config_path}: head config not found (the directory has head weights)")
-            return None
-        meta = _read_json(config_path)
-        if meta.get("hidden_size") not in (None, hidden_size(self)):  # type: ignore[arg-type]
-            raise ValueError(f"{config_path}: head was saved for hidden size {meta['hidden_size']}, the model has "
-                             f"{hidden_size(self)}")  # type: ignore[arg-type]
-        name = str(meta.get("name") or "head")
-        if meta.get("format") == HEAD_FORMAT and meta.get("format_version") == HEAD_FORMAT_VERSION:
-            weights_path = root / HEAD_WEIGHTS_FILE
-            config = meta.get("config")
-            prefix = ""
-        elif "format" not in meta and isinstance(meta.get("config"), dict) and "head_type" in meta["config"]:
-            if not hub_weights:
-                raise FileNotFoundError(f"{root}: no AdapterHub head weights ({' or '.join(ADAPTERHUB_HEAD_WEIGHTS)})")
-            weights_path = hub_weights[0]
-            config = _config_from_adapterhub(meta["config"], self, str(config_path))  # type: ignore[arg-type]
-            prefix = f"heads.{name}."
-        else:
-            raise ValueError(f"{config_path}: neither an adapter_fused nor an AdapterHub prediction head config "
-                             f"(format {meta.get('format')!r}, format_version {meta.get('format_version')!r})")
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path}: head weights not found (the directory has {HEAD_CONFIG_FILE})")
-        try:
-            head = build_head(self, name, config)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{config_path}: invalid head config ({exc})") from exc
-        tensors = _read_weights(weights_path)
-        if prefix:
-            tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
-        load_head_weights(head, tensors, str(weights_path))
-        return head
-
-    def _install_head(self, name: str, head: PredictionHead) -> None:
-        head.name = name
-        self.add_prediction_head(head, overwrite_ok=True, set_active=True)
-
-
-ADAPTERHUB_HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
-"""The weight files of a head saved by AdapterHub beside its ``head_config.json``."""
-
-_ADAPTERHUB_HEAD_OPTIONS: dict[str, set[str]] = {
-    "classification": {"num_labels", "layers", "activation_function", "use_pooler", "bias", "dropout_prob"},
-    "multilabel_classification": {"num_labels", "layers", "activation_function", "use_pooler", "bias",
-                                  "dropout_prob"},
-    "tagging": {"num_labels", "layers", "activation_function", "bias", "dropout_prob"},
-    "question_answering": {"num_labels", "layers", "activation_function", "bias", "dropout_prob"},
-    "multiple_choice": {"num_choices", "layers", "activation_function", "use_pooler", "bias", "dropout_prob"},
-    "causal_lm": {"layers", "activation_function", "layer_norm", "bias", "dropout_prob", "shift_labels",
-                  "vocab_size", "embedding_size"},
-}
-
-
-def _config_from_adapterhub(config: dict[str, Any], model: nn.Module, source: str) -> dict[str, Any]:
-    """Our head config for a head config saved by AdapterHub (same layout of layers); options this
-    package does not implement raise ValueError naming them."""
-    head_type = config.get("head_type")
-    allowed = _ADAPTERHUB_HEAD_OPTIONS.get(head_type)  # type: ignore[arg-type]
-    if allowed is None:
-        raise ValueError(f"{source}: AdapterHub head type {head_type!r} is not supported (supported: "
-                         f"{', '.join(_ADAPTERHUB_HEAD_OPTIONS)})")
-    unknown = sorted(set(config) - allowed - {"head_type", "label2id"})
-    if unknown:
-        raise ValueError(f"{source}: AdapterHub head options not supported: {', '.join(unknown)}")
-    out = {k: v for k, v in config.items() if k in allowed and k not in ("shift_labels", "vocab_size",
-                                                                         "embedding_size")}
-    if head_type == "multilabel_classification":
-        out["head_type"], out["multilabel"] = "classification", True
-    else:
-        out["head_type"] = head_type
-    if head_type == "causal_lm":
-        if config.get("shift_labels", True) is not True:
-            raise ValueError(f"{source}: causal LM head with shift_labels={config['shift_labels']!r} is not supported")
-        for key, expected in (("vocab_size", getattr(model.config, "vocab_size", None)),
-                              ("embedding_size", hidden_size(model))):
-            if config.get(key) not in (None, expected):
-                raise ValueError(f"{source}: head {key} {config[key]} does not match the model's {expected}")
-    label2id = config.get("label2id")
-    if isinstance(label2id, dict):
-        out["id2label"] = {str(v): str(k) for k, v in label2id.items()}
-    return out
 
 
 def load_head_weights(head: PredictionHead, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -611,46 +301,6 @@ def load_head_weights(head: PredictionHead, tensors: dict[str, torch.Tensor], so
     with torch.no_grad():
         for key, parameter in head.state_dict(keep_vars=True).items():
             parameter.copy_(tensors[key].to(device=parameter.device, dtype=parameter.dtype))
-
-
-def _labels(id2label: dict[Any, str] | None) -> dict[str, str] | None:
-    return None if id2label is None else {str(k): str(v) for k, v in id2label.items()}
-
-
-def _forward_signature(base: type) -> inspect.Signature:
-    """The base forward's parameters plus ``labels``, ``start_positions``, ``end_positions`` and
-    ``head`` (so that transformers' Trainer finds the label names and keeps the input columns)."""
-    params = list(inspect.signature(base.forward).parameters.values())
-    kinds = inspect.Parameter
-    plain = [p for p in params if p.kind not in (kinds.VAR_KEYWORD, kinds.VAR_POSITIONAL, kinds.KEYWORD_ONLY)]
-    keyword = [p for p in params if p.kind == kinds.KEYWORD_ONLY]
-    names = {p.name for p in params}
-    extra = [kinds(n, kinds.KEYWORD_ONLY, default=None)
-             for n in ("labels", "start_positions", "end_positions", "head") if n not in names]
-    var = [p for p in params if p.kind == kinds.VAR_KEYWORD]
-    return inspect.Signature([*plain, *keyword, *extra, *var])
-
-
-def flexible_class(base: type) -> type:
-    """The subclass of the base model class ``base`` with adapter methods and flexible heads."""
-    return subclass_for(base, FlexibleHeadsMixin)
-
-
-def with_flexible_heads(model: nn.Module) -> nn.Module:
-    """Turn a transformers base model (what ``AutoModel`` returns) into one with adapter methods and
-    flexible heads, in place; returns it. A model that already has them is returned unchanged."""
-    if isinstance(model, FlexibleHeadsMixin):
-        return model
-    if getattr(model, "base_model", model) is not model:
-        raise ValueError(f"adapter_fused: AutoAdapterModel wraps a base model (as transformers' AutoModel returns); "
-                         f"{type(model).__name__} is a task model, use adapter_fused.init for it")
-    find_architecture(model)
-    if HEADS_MODULE in model._modules or hasattr(model, HEADS_MODULE):
-        raise ValueError(f"adapter_fused: {type(model).__name__} already has an attribute {HEADS_MODULE!r}")
-    model.__class__ = flexible_class(type(model))
-    model.add_module(HEADS_MODULE, nn.ModuleDict())
-    model.__dict__["_active_head"] = None
-    return model
 
 
 STATIC_HEADS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
@@ -683,7 +333,9 @@ STATIC_HEADS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
 STATIC_HEAD_NAME = "default"
 
 
-def _static_head(model: nn.Module, task: nn.Module, architecture: str) -> PredictionHead:
+def static_head(model: nn.Module, task: nn.Module, architecture: str) -> PredictionHead:
+    """The prediction head ``"default"`` of ``model`` (the base model of ``task``, with flexible heads)
+    equal to the head of ``task``, a task model of the class ``architecture`` listed in ``STATIC_HEADS``."""
     config, modules = STATIC_HEADS[architecture]
     config = dict(config)
     config["num_labels"] = int(task.config.num_labels)  # type: ignore[union-attr]
@@ -696,64 +348,3 @@ def _static_head(model: nn.Module, task: nn.Module, architecture: str) -> Predic
             tensors[f"{index}.{key}"] = value
     load_head_weights(head, tensors, f"{architecture} head")
     return head
-
-
-class AutoAdapterModel:
-    """``AutoAdapterModel.from_pretrained(path)``: transformers' ``AutoModel`` of ``path`` with
-    AdapterHub's adapter methods and flexible prediction heads (see the module docstring)."""
-
-    def __init__(self) -> None:
-        raise OSError("AutoAdapterModel is created with AutoAdapterModel.from_pretrained(path) or from_config(config)")
-
-    @classmethod
-    def from_config(cls, config: Any, **kwargs: Any) -> nn.Module:
-        """A freshly initialised base model for ``config`` with the methods and heads."""
-        from transformers import AutoModel
-
-        return with_flexible_heads(AutoModel.from_config(config, **kwargs))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any,
-                        **kwargs: Any) -> nn.Module:
-        """Load the base model saved at ``pretrained_model_name_or_path`` (keyword arguments go to
-        transformers' ``from_pretrained``) with the methods and heads.
-
-        A checkpoint of a task model listed in ``STATIC_HEADS`` brings its head as the flexible head
-        ``"default"`` (active); other task heads are dropped with a warning. A checkpoint saved from
-        a model with adapters (``save_pretrained`` or ``Trainer.save_model`` of an init-ed model or
-        an AutoAdapterModel) gets its adapters, heads and active setup back (see
-        ``checkpoints.restore_adapters``)."""
-        import transformers
-
-        from .checkpoints import SETUP_FILE, restore_adapters
-
-        config = kwargs.pop("config", None)
-        if config is None:
-            config = transformers.AutoConfig.from_pretrained(
-                pretrained_model_name_or_path,
-                **{k: kwargs[k] for k in ("trust_remote_code", "revision", "cache_dir", "local_files_only")
-                   if k in kwargs})
-        architecture = (getattr(config, "architectures", None) or [None])[0]
-        base_class = transformers.AutoModel._model_mapping[type(config)]
-        if architecture in STATIC_HEADS:
-            task_class = getattr(transformers, architecture)
-            task = subclass_for(task_class, AdapterMethodsMixin).from_pretrained(
-                pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-            model = task.base_model
-            with_flexible_heads(model)
-            model.add_prediction_head(_static_head(model, task, architecture))
-        else:
-            if architecture is not None and architecture != base_class.__name__:
-                logger.warning("adapter_fused: %s was saved from %s; its task head is not turned into a flexible head "
-                               "and is dropped (heads converted: %s)", pretrained_model_name_or_path, architecture,
-                               ", ".join(STATIC_HEADS))
-            model = flexible_class(base_class).from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                               config=config, **kwargs)
-            find_architecture(model)  # ValueError for a model the adapters do not support
-            model.add_module(HEADS_MODULE, nn.ModuleDict())
-            model.__dict__["_active_head"] = None
-        if (Path(pretrained_model_name_or_path) / SETUP_FILE).is_file():
-            restore_adapters(model, pretrained_model_name_or_path)
-        return model
-
-

@@ -1,4 +1,5 @@
-"""AdapterHub-style methods on a transformers model: ``adapter_fused.init(model)``.
+"""AdapterHub-style methods on a transformers model: ``adapter_fused.init(model)`` (``AdapterMethodsMixin``),
+and named prediction heads on a base model (``FlexibleHeadsMixin``, as ``AutoAdapterModel`` gives).
 
     import adapter_fused
     adapter_fused.init(model)                  # once; calling it again changes nothing
@@ -18,11 +19,19 @@ replicas keep it. Each method delegates to the free functions of ``adapter_fused
 are passed through to them unchanged.
 
 ``save_pretrained`` (and so ``Trainer.save_model`` and Trainer's checkpoints) of an init-ed model
-also records the adapters' configs and the active setup (see ``checkpoints``).
+also records the adapters' configs and the active setup (see ``formats``).
+
+``with_flexible_heads`` gives a base model both: its heads live in ``model.heads`` (an ``nn.ModuleDict``,
+state-dict keys ``heads.<name>.<index>.*``, see ``heads``). The active head is the one named like the
+last adapter of the active setup when such a head exists (``set_active_adapters``, ``train_adapter``),
+else the head last added or set via ``active_head``; ``forward(..., head="name")`` picks one for a
+call. The loss is computed when ``labels`` (``start_positions`` and ``end_positions`` for question
+answering) are passed, so ``transformers.Trainer`` can train the model.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any, TypeVar
@@ -30,10 +39,22 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from . import io as _io
+from . import formats
 from . import model as _model
-from .architectures import find_architecture
 from .config import resolve_config
+from .formats import HeadToSave
+from .heads import (
+    CausalLMHead,
+    ClassificationHead,
+    MultipleChoiceHead,
+    PredictionHead,
+    QuestionAnsweringHead,
+    TaggingHead,
+    build_head,
+    head_name_for,
+    load_head_weights,
+)
+from .layouts import find_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +63,12 @@ DEFAULT_CONFIG = "seq_bn"
 
 IGNORE_ON_LOAD = (r"(^|\.)fused_adapters\.", r"^heads\.")
 """State-dict keys that transformers' ``from_pretrained`` of an init-ed class leaves for
-``checkpoints.restore_adapters`` to load (instead of warning that they were not used)."""
+``auto.restore_adapters`` to load (instead of warning that they were not used)."""
+
+HEADS_MODULE = "heads"
+"""The attribute of a model with flexible heads holding them, an ``nn.ModuleDict``."""
+
+_MULTIPLE_CHOICE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -60,7 +86,7 @@ def subclass_for(base: type, mixin: type) -> type:
 
     It keeps ``base``'s name (``config.architectures`` written by ``save_pretrained`` names the
     original class) and ignores, when loading weights, the adapter and head keys that
-    ``checkpoints.restore_adapters`` loads."""
+    ``auto.restore_adapters`` loads."""
     if isinstance(base, type) and issubclass(base, AdapterMethodsMixin):
         base = base._fused_base_class  # type: ignore[attr-defined]
     key = (base, mixin)
@@ -201,8 +227,8 @@ class AdapterMethodsMixin:
         """Save adapter ``adapter_name`` to ``save_directory`` (AdapterHub's argument order); see
         ``adapter_fused.hf.save_adapter``. with_head: also save the task head (a plain task model's
         own head; for an ``AutoAdapterModel`` the adapter's prediction head)."""
-        _io.save_adapter(self, adapter_name, save_directory, with_head=with_head)  # type: ignore[arg-type]
-        self._save_head(save_directory, adapter_name, with_head)
+        head = self._head_to_save(adapter_name) if with_head else None
+        formats.write_adapter(self, adapter_name, save_directory, head)  # type: ignore[arg-type]
 
     def load_adapter(self, adapter_name_or_path: str | os.PathLike[str], load_as: str | None = None,
                      with_head: bool = True, set_active: bool = False) -> str:
@@ -222,12 +248,12 @@ class AdapterMethodsMixin:
                                     f"adapters saved to a local directory (no downloads from a hub)")
         head = self._read_head(adapter_name_or_path) if with_head else None
         if load_as is None:
-            name = _peek_name(adapter_name_or_path)
+            name = formats.saved_adapter_name(adapter_name_or_path)
         else:
             name = load_as
         created = not (name is not None and name in _model.list_adapters(model))
         if created:
-            name = _io.load_adapter(model, adapter_name_or_path, load_as, with_head=with_head)
+            name = formats.load_adapter(model, adapter_name_or_path, load_as, with_head=with_head)
         else:
             name = _overwrite_adapter(model, adapter_name_or_path, name, with_head)  # type: ignore[arg-type]
         if head is not None:
@@ -242,16 +268,14 @@ class AdapterMethodsMixin:
         return name
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``save_pretrained``, plus the adapter setup file of ``checkpoints`` (written
+        """transformers' ``save_pretrained``, plus the adapter setup file (``formats.write_setup``, written
         by the main process only), so that ``from_pretrained`` of this package restores it."""
         result = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
         if kwargs.get("is_main_process", True):
-            from .checkpoints import write_setup
-
-            write_setup(self, save_directory)  # type: ignore[arg-type]
+            formats.write_setup(self, save_directory)  # type: ignore[arg-type]
         return result
 
-    # -- hooks for models with prediction heads (overridden in ``heads``) -----------------------
+    # -- hooks for models with prediction heads (overridden in ``FlexibleHeadsMixin``) --------------
 
     def _after_activation(self, adapter_setup: Any) -> None:
         """Called after the active adapters change."""
@@ -259,8 +283,9 @@ class AdapterMethodsMixin:
     def _after_train(self, train_head: bool) -> None:
         """Called at the end of ``train_adapter``."""
 
-    def _save_head(self, save_directory: str | os.PathLike[str], adapter_name: str, with_head: bool) -> None:
-        """Called at the end of ``save_adapter``."""
+    def _head_to_save(self, adapter_name: str) -> HeadToSave | None:
+        """The head ``save_adapter`` writes beside adapter ``adapter_name``: the task head, if any."""
+        return formats.task_head(self, adapter_name)  # type: ignore[arg-type]
 
     def _read_head(self, directory: str | os.PathLike[str]) -> Any:
         """A head saved beside an adapter, checked before anything changes; None when there is none."""
@@ -271,18 +296,8 @@ class AdapterMethodsMixin:
 
 
 def _adapter_parameter_ids(model: Any) -> set[int]:
-    state = _model._state(model)
+    state = _model.model_state(model)
     return {id(p) for p in state.modules.parameters()} if state is not None else set()
-
-
-def _peek_name(directory: str | os.PathLike[str]) -> str | None:
-    """The name an adapter directory was saved under (None if it records none); errors come later."""
-    try:
-        meta = _io._read_json(_io.Path(directory) / _io.CONFIG_FILE)
-    except (FileNotFoundError, ValueError):
-        return None
-    name = meta.get("name")
-    return name if isinstance(name, str) else None
 
 
 def _overwrite_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str, with_head: bool) -> str:
@@ -292,7 +307,7 @@ def _overwrite_adapter(model: nn.Module, directory: str | os.PathLike[str], name
     while staging in _model.list_adapters(model):
         staging = "_" + staging
     logger.warning("adapter_fused: overwriting the weights of existing adapter %r with %s", name, directory)
-    _io.load_adapter(model, directory, staging, with_head=with_head)
+    formats.load_adapter(model, directory, staging, with_head=with_head)
     try:
         old, new = _model.adapter_config(model, name), _model.adapter_config(model, staging)
         if old != new:
@@ -320,4 +335,229 @@ def init(model: M) -> M:
         raise TypeError(f"adapter_fused.init expects a transformers model, got {type(model).__name__}")
     find_architecture(model)
     model.__class__ = subclass_for(type(model), AdapterMethodsMixin)
+    return model
+
+
+class FlexibleHeadsMixin(AdapterMethodsMixin):
+    """Named prediction heads on a base model; see the module docstring."""
+
+    accepts_loss_kwargs = False  # the heads average their loss themselves
+
+    @classmethod
+    def _prepare_subclass(cls, subclass: type) -> None:
+        """Give the subclass a ``forward`` that runs the heads, with the base forward's parameters
+        plus the label inputs in its signature (read by transformers' Trainer)."""
+        def forward(self: FlexibleHeadsMixin, *args: Any, **kwargs: Any) -> Any:
+            return self._heads_forward(*args, **kwargs)
+
+        base = subclass._fused_base_class  # type: ignore[attr-defined]
+        forward.__doc__ = cls._heads_forward.__doc__
+        forward.__signature__ = _forward_signature(base)  # type: ignore[attr-defined]
+        subclass.forward = forward  # type: ignore[attr-defined]
+        params = list(inspect.signature(base.forward).parameters.values())[1:]
+        subclass._fused_positional = tuple(  # type: ignore[attr-defined]
+            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        subclass._fused_takes_return_dict = any(p.name == "return_dict" for p in params)  # type: ignore[attr-defined]
+
+    heads: nn.ModuleDict
+
+    @property
+    def active_head(self) -> str | None:
+        """The name of the head run by ``forward``, or None (base model outputs); settable."""
+        return self.__dict__.get("_active_head")
+
+    @active_head.setter
+    def active_head(self, name: str | None) -> None:
+        if name is not None and name not in self.heads:
+            known = ", ".join(self.heads) or "none"
+            raise ValueError(f"adapter_fused: no prediction head named {name!r} (heads: {known})")
+        self.__dict__["_active_head"] = name
+
+    def add_prediction_head(self, head: PredictionHead, overwrite_ok: bool = False, set_active: bool = True) -> None:
+        """Add ``head`` under ``head.name`` (replacing one of that name only with ``overwrite_ok``)."""
+        if head.name in self.heads and not overwrite_ok:
+            raise ValueError(f"adapter_fused: a prediction head named {head.name!r} already exists; pass "
+                             f"overwrite_ok=True to replace it")
+        self.heads[head.name] = head
+        if set_active:
+            self.active_head = head.name
+
+    def _add(self, cls: type[PredictionHead], head_name: str, overwrite_ok: bool, **config: Any) -> None:
+        _model.check_name(head_name)
+        self.add_prediction_head(cls(self, head_name, config), overwrite_ok)  # type: ignore[arg-type]
+
+    def add_classification_head(self, head_name: str, num_labels: int = 2, layers: int = 2,
+                                activation_function: str | None = "tanh", overwrite_ok: bool = False,
+                                multilabel: bool = False, id2label: dict[int, str] | None = None,
+                                use_pooler: bool = False) -> None:
+        """Add a sequence classification head (logits (batch, num_labels)) and make it active."""
+        self._add(ClassificationHead, head_name, overwrite_ok, num_labels=num_labels, layers=layers,
+                  activation_function=activation_function, multilabel=multilabel, id2label=_labels(id2label),
+                  use_pooler=use_pooler)
+
+    def add_multiple_choice_head(self, head_name: str, num_choices: int = 2, layers: int = 2,
+                                 activation_function: str | None = "tanh", overwrite_ok: bool = False,
+                                 id2label: dict[int, str] | None = None, use_pooler: bool = False) -> None:
+        """Add a multiple choice head (inputs (batch, num_choices, length)) and make it active."""
+        self._add(MultipleChoiceHead, head_name, overwrite_ok, num_choices=num_choices, layers=layers,
+                  activation_function=activation_function, id2label=_labels(id2label), use_pooler=use_pooler)
+
+    def add_tagging_head(self, head_name: str, num_labels: int = 2, layers: int = 1,
+                         activation_function: str | None = "tanh", overwrite_ok: bool = False,
+                         id2label: dict[int, str] | None = None) -> None:
+        """Add a token classification head (logits (batch, length, num_labels)) and make it active."""
+        self._add(TaggingHead, head_name, overwrite_ok, num_labels=num_labels, layers=layers,
+                  activation_function=activation_function, id2label=_labels(id2label))
+
+    def add_qa_head(self, head_name: str, num_labels: int = 2, layers: int = 1,
+                    activation_function: str | None = "tanh", overwrite_ok: bool = False,
+                    id2label: dict[int, str] | None = None) -> None:
+        """Add an extractive question answering head (start and end logits (batch, length)) and make
+        it active; the first two outputs are the start and end logits."""
+        if isinstance(num_labels, int) and not isinstance(num_labels, bool) and num_labels < 2:
+            raise ValueError(f"adapter_fused: head {head_name!r}: a question answering head needs num_labels >= 2")
+        self._add(QuestionAnsweringHead, head_name, overwrite_ok, num_labels=num_labels, layers=layers,
+                  activation_function=activation_function, id2label=_labels(id2label))
+
+    def add_causal_lm_head(self, head_name: str, activation_function: str | None = "gelu", layers: int = 2,
+                           overwrite_ok: bool = False) -> None:
+        """Add a causal language modelling head (logits (batch, length, vocab)) and make it active."""
+        self._add(CausalLMHead, head_name, overwrite_ok, activation_function=activation_function, layers=layers,
+                  layer_norm=True, bias=True)
+
+    def delete_head(self, head_name: str) -> None:
+        """Remove head ``head_name`` (an unknown name only logs a warning, as in AdapterHub)."""
+        if head_name not in self.heads:
+            logger.warning("adapter_fused: no prediction head named %r to delete", head_name)
+            return
+        del self.heads[head_name]
+        if self.active_head == head_name:
+            self.active_head = None
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _heads_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward, then the active head (or ``head=``) with its loss."""
+        head_name = kwargs.pop("head", None)
+        targets = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
+        cls = type(self)
+        base_forward = cls._fused_base_class.forward
+        positional = cls._fused_positional  # type: ignore[attr-defined]
+        if len(args) > len(positional):
+            raise TypeError(f"forward() takes at most {len(positional)} positional arguments ({len(args)} given)")
+        for key, value in zip(positional, args):
+            if key in kwargs:
+                raise TypeError(f"forward() got multiple values for argument {key!r}")
+            kwargs[key] = value
+        head_name = head_name if head_name is not None else self.active_head
+        if head_name is None:
+            given = [k for k, v in targets.items() if v is not None]
+            if given:
+                raise ValueError(f"adapter_fused: {', '.join(given)} given but the model has no active prediction "
+                                 f"head; add one (e.g. add_classification_head) or set active_head")
+            return base_forward(self, **kwargs)
+        if head_name not in self.heads:
+            raise ValueError(f"adapter_fused: no prediction head named {head_name!r} (heads: "
+                             f"{', '.join(self.heads) or 'none'})")
+        head: PredictionHead = self.heads[head_name]  # type: ignore[assignment]
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "use_return_dict", True)  # type: ignore[attr-defined]
+        if cls._fused_takes_return_dict:  # type: ignore[attr-defined]
+            kwargs["return_dict"] = True
+        inputs = dict(kwargs)
+        if isinstance(head, MultipleChoiceHead):
+            reference = kwargs.get("input_ids")
+            if reference is None:
+                reference = kwargs.get("inputs_embeds")
+            if reference is None or reference.dim() < 3:
+                raise ValueError(f"adapter_fused: multiple choice head {head_name!r} expects inputs of shape "
+                                 f"(batch, num_choices, length)")
+            inputs["_num_choices"] = reference.shape[1]
+            for key in _MULTIPLE_CHOICE_INPUTS:
+                value = kwargs.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                    kwargs[key] = value.reshape(-1, value.shape[-1])
+            if isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+                embeds = kwargs["inputs_embeds"]
+                kwargs["inputs_embeds"] = embeds.reshape(-1, *embeds.shape[-2:])
+            inputs["attention_mask"] = kwargs.get("attention_mask")
+        outputs = base_forward(self, **kwargs)
+        result = head.predict(self, outputs, inputs, targets)  # type: ignore[arg-type]
+        return result if return_dict else result.to_tuple()
+
+    # -- hooks of the adapter methods ------------------------------------------------------------
+
+    def _after_activation(self, adapter_setup: Any) -> None:
+        name = head_name_for(adapter_setup)
+        if name is not None and name in self.heads:
+            self.active_head = name
+
+    def _after_train(self, train_head: bool) -> None:
+        active = self.active_head
+        for name, head in self.heads.items():
+            for parameter in head.parameters():
+                parameter.requires_grad_(bool(train_head and name == active))
+
+    def _head_to_save(self, adapter_name: str) -> HeadToSave | None:
+        head: PredictionHead | None = None
+        if adapter_name in self.heads:
+            head = self.heads[adapter_name]  # type: ignore[assignment]
+        elif self.active_head is not None and head_name_for(self.active_adapters) == adapter_name:
+            head = self.heads[self.active_head]  # type: ignore[assignment]
+        return None if head is None else HeadToSave(head.name, head.config, head.state_dict())
+
+    def _read_head(self, directory: str | os.PathLike[str]) -> PredictionHead | None:
+        saved = formats.read_head(self, directory, prediction=True)  # type: ignore[arg-type]
+        if saved is None:
+            return None
+        try:
+            head = build_head(self, saved.name, saved.config)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{saved.config_path}: invalid head config ({exc})") from exc
+        load_head_weights(head, saved.tensors(), str(saved.weights_path))
+        return head
+
+    def _install_head(self, name: str, head: PredictionHead) -> None:
+        head.name = name
+        self.add_prediction_head(head, overwrite_ok=True, set_active=True)
+
+
+def _labels(id2label: dict[Any, str] | None) -> dict[str, str] | None:
+    return None if id2label is None else {str(k): str(v) for k, v in id2label.items()}
+
+
+def _forward_signature(base: type) -> inspect.Signature:
+    """The base forward's parameters plus ``labels``, ``start_positions``, ``end_positions`` and
+    ``head`` (so that transformers' Trainer finds the label names and keeps the input columns)."""
+    params = list(inspect.signature(base.forward).parameters.values())
+    kinds = inspect.Parameter
+    plain = [p for p in params if p.kind not in (kinds.VAR_KEYWORD, kinds.VAR_POSITIONAL, kinds.KEYWORD_ONLY)]
+    keyword = [p for p in params if p.kind == kinds.KEYWORD_ONLY]
+    names = {p.name for p in params}
+    extra = [kinds(n, kinds.KEYWORD_ONLY, default=None)
+             for n in ("labels", "start_positions", "end_positions", "head") if n not in names]
+    var = [p for p in params if p.kind == kinds.VAR_KEYWORD]
+    return inspect.Signature([*plain, *keyword, *extra, *var])
+
+
+def flexible_class(base: type) -> type:
+    """The subclass of the base model class ``base`` with adapter methods and flexible heads."""
+    return subclass_for(base, FlexibleHeadsMixin)
+
+
+def with_flexible_heads(model: nn.Module) -> nn.Module:
+    """Turn a transformers base model (what ``AutoModel`` returns) into one with adapter methods and
+    flexible heads, in place; returns it. A model that already has them is returned unchanged."""
+    if isinstance(model, FlexibleHeadsMixin):
+        return model
+    if getattr(model, "base_model", model) is not model:
+        raise ValueError(f"adapter_fused: AutoAdapterModel wraps a base model (as transformers' AutoModel returns); "
+                         f"{type(model).__name__} is a task model, use adapter_fused.init for it")
+    find_architecture(model)
+    if HEADS_MODULE in model._modules or hasattr(model, HEADS_MODULE):
+        raise ValueError(f"adapter_fused: {type(model).__name__} already has an attribute {HEADS_MODULE!r}")
+    model.__class__ = flexible_class(type(model))
+    model.add_module(HEADS_MODULE, nn.ModuleDict())
+    model.__dict__["_active_head"] = None
     return model

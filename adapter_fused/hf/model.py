@@ -2,372 +2,65 @@
 
 The adapters of a model live in one ``nn.ModuleDict`` on its base model, ``base_model.fused_adapters``,
 keyed ``<name>.<layer index>.<site>`` (site ``"attention"``, ``"cross"`` or ``"ffn"``; see
-``config.SITES``), each a ``FusedAdapter`` (a
-``BottleneckAdapter`` when the config has options beyond the plain bottleneck; layers in ``leave_out``
-have no entry). Forward
-hooks on the layers' existing modules (see ``architectures``) run the active adapter; base modules and
-parameter names are left as they are, and with no active adapter the hooks return nothing, so the
-model computes exactly what it computed before.
-
-One model may be called from many threads at once: what a call needs between hooks (the captured
-block residual, the ``per_sample_adapters`` batch, the adapters of the module being run) is kept
-per thread. ``nn.DataParallel`` replicas share the hooks of the original module but run with their
-own adapters: a hook on the base model records, for the duration of each call, which module's
-``fused_adapters`` the sites read. ``copy.deepcopy`` (and pickling) of a model gives a copy whose
-hooks read the copy's adapters and layers.
+``config.SITES``), each a ``FusedAdapter`` (a ``BottleneckAdapter`` when the config has options beyond
+the plain bottleneck; layers in ``leave_out`` have no entry). Their configs, the active setup and the
+hooks that run it are a ``sites.ModelState`` kept on the base model (``model_state``); the hooks sit on
+the layers' existing modules (see ``layouts`` and ``sites``), so base modules and parameter names are
+left as they are, and with no active adapter the model computes exactly what it computed before.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from .architectures import (
-    Architecture,
+from .composition import Composition, active_names, check_setup, parse_setup
+from .config import SITES, AdapterConfig, resolve_config
+from .layouts import (
     ModelLayer,
-    SiteSpec,
-    call_argument,
+    base_model,
+    embedding_module,
     find_architecture,
-    get_submodule,
     hidden_size,
     layer_widths,
     model_layers,
-    resolve_layers,
 )
-from .bottleneck import site_adapter
-from .composition import RAW, Composition, active_names, check_setup, composition_site, install_replication, parse_setup
-from .config import SITES, AdapterConfig, Placement, resolve_config
-from .invertible import NiceCoupling, embedding_module, hook_invertible
+from .modules import NiceCoupling, site_adapter
+from .sites import MODULE_NAME, ModelState, hook_invertible, hook_norms, install_replication, no_residual_placement
 
-MODULE_NAME = "fused_adapters"
 STATE_NAME = "_fused_adapter_state"
+"""The key of the base model's ``__dict__`` holding its ``ModelState``."""
 
 
-SiteAdapter = Callable[..., torch.Tensor]
-"""What runs at a site, called as ``adapter(z, residual=None)``: a FusedAdapter, or a per-sample bank
-(see ``multitask``)."""
-
-
-def _captured(x: torch.Tensor | None) -> torch.Tensor:
-    """The block residual ``x`` a placement needs; RuntimeError where the site's residual module did
-    not run before its output module (the hooks cannot compute the right numbers without it)."""
-    if x is None:
-        raise RuntimeError("adapter_fused: the block residual of this site was not captured")
-    return x
-
-
-def site_forward(adapter: SiteAdapter, placement: Placement, h: torch.Tensor, x: torch.Tensor | None,
-                 norm: nn.Module | None) -> torch.Tensor:
-    """The new sub-block output ``h'`` of one site, so that the layer's own ``LN(h' + x)`` (or
-    ``h' + x``) equals the adapted site; see ``Placement``. h, x: (..., d) -> (..., d).
-
-    The kernel computes ``residual + s * f(z)`` for the adapter input ``z`` in one pass, the
-    residual being ``z`` itself unless the placement says otherwise.
-
-    With ``placement.original_ln_after=False`` the site's output must be ``A = residual + s * f(z)``
-    itself: without a norm this returns ``A - x`` (the layer adds x back); with a norm it returns A,
-    and the caller makes the layer's norm return A in place of ``LN(... + x)``.
-    """
-    if placement.parallel or placement.original_ln_before:
-        x = _captured(x)
-        if placement.parallel:
-            z, residual = x, h
-        else:
-            total = h + x
-            z = norm(total) if norm is not None else total
-            before = placement.residual_before_ln
-            residual = h if before is True else (z if before is False else total)
-    else:
-        z = residual = h
-    out = adapter(z) if residual is z else adapter(z, residual=residual)
-    if placement.original_ln_after or norm is not None:
-        return out
-    return out - _captured(x)
-
-
-def no_residual_placement(placement: Placement, where: str) -> Placement:
-    """The placement that computes ``placement`` at a site where the layer adds no block residual
-    (``SiteSpec.residual`` None: ``h + x`` is ``h``), as AdapterHub does; ValueError for a parallel
-    placement, whose adapter input would be the missing residual."""
-    if placement.parallel:
-        raise ValueError(f"adapter_fused: a parallel adapter reads the block residual, which {where} does not "
-                         f"have; use another placement (houlsby or pfeiffer) or leave that site out")
-    return dataclasses.replace(placement, original_ln_before=False)
-
-
-class _CallLocal(threading.local):
-    """What one thread's model call carries from hook to hook (a fresh instance per thread)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.batch: Any = None  # a multitask.PerSampleBatch while per_sample_adapters is active in this thread
-        self.bound: list[nn.Module] = []  # base modules being called in this thread, innermost last
-        self.residuals: dict[tuple[str, str], torch.Tensor | None] = {}  # (layer, site) -> captured residual
-        self.norm_outputs: dict[tuple[str, str], torch.Tensor] = {}  # (layer, site) -> output replacing the norm's
-        self.output_calls: dict[tuple[str, str], int] = {}  # (layer, output path) -> its calls in this layer call
-
-
-class _Site:
-    """One adapter site of one layer: captures the block residual, then rewrites the sub-block output.
-
-    ``norm`` is the layer norm of ``LN(h + x)`` in the model the hooks were registered on, and
-    ``norm_path`` its path from the base model, to find the norm of a replica being run instead."""
-
-    def __init__(self, state: _State, layer: int, name: str, spec: SiteSpec, norm: nn.Module | None,
-                 norm_path: str | None) -> None:
-        self.state = state
-        self.layer = str(layer)
-        self.name = name
-        self.spec = spec
-        self.norm = norm
-        self.norm_path = norm_path
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """(layer index, site name)."""
-        return self.layer, self.name
-
-    def _adapter(self, call: _CallLocal) -> tuple[SiteAdapter, Placement] | None:
-        batch = call.batch
-        if batch is not None:
-            grouped = batch.sites.get(self.key)
-            return None if grouped is None else (grouped, batch.placement)
-        state = self.state
-        active = state.active
-        if active is None:
-            return None
-        if isinstance(active, Composition):  # called as site(x, residual=h): see composition.RAW
-            found = composition_site(active, state.adapters_of_call(call), state.configs, self.layer, self.name,
-                                     self._norm(call))
-            return None if found is None else (found, RAW)
-        adapters = state.adapters_of_call(call)[active]
-        layer = adapters[self.layer] if self.layer in adapters else None
-        if layer is None or self.name not in layer:
-            return None
-        return layer[self.name], state.configs[active].layout  # type: ignore[return-value]
-
-    def _norm(self, call: _CallLocal) -> nn.Module | None:
-        """The site's layer norm in the base module this thread is running."""
-        if self.norm_path is None or not call.bound or call.bound[-1] is self.state.base:
-            return self.norm
-        return call.bound[-1].get_submodule(self.norm_path)
-
-    def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        call = self.state.call
-        if self._adapter(call) is None:
-            return
-        call.residuals[self.key] = call_argument(args, kwargs, self.spec.residual_position,
-                                                 self.spec.residual_keywords)
-
-    def capture_plus(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Forward hook of ``spec.residual_plus``: add its output to the captured residual."""
-        call = self.state.call
-        x = call.residuals.get(self.key)
-        if x is None or self._adapter(call) is None:
-            return
-        call.residuals[self.key] = (output[0] if isinstance(output, tuple) else output) + x
-
-    def apply(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        call = self.state.call
-        found = self._adapter(call)
-        if found is None:
-            return None
-        adapter, placement = found
-        x = call.residuals.pop(self.key, None)
-        if self.spec.residual is None:  # no residual at this site: h + x is h itself
-            placement = no_residual_placement(placement, f"the {self.name} site")
-        norm = self._norm(call)
-        h = output[0] if isinstance(output, tuple) else output
-        if not self.spec.swapped:
-            new = site_forward(adapter, placement, h, x, norm)
-        else:  # the adapter reads x as its input and h as its residual
-            x = _captured(x)
-            new = site_forward(adapter, placement, x, h, norm)
-            if placement.original_ln_after and norm is not None:  # LN(new + h), not the layer's LN(new + x)
-                call.norm_outputs[self.key] = norm(new + h)
-                return None
-            if norm is None:  # the layer adds x to what the site returns, where the placement wants h
-                new = new + h - x
-        if not placement.original_ln_after and norm is not None:
-            call.norm_outputs[self.key] = new  # returned by the layer's norm in place of LN(h + x)
-            return None
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-
-class _SharedOutput:
-    """Forward hook on a module that gives ``h`` to a site at one of its calls within a layer call
-    (``SiteSpec.output_call``; BEiT's ``drop_path`` serves both sites): the n-th call goes to the site
-    whose ``output_call`` is n, others pass through. ``reset`` is the layer's forward pre-hook."""
-
-    def __init__(self, state: _State, key: tuple[str, str], sites: dict[int, _Site]) -> None:
-        self.state = state
-        self.key = key
-        self.sites = sites
-
-    def reset(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.state.call.output_calls[self.key] = 0
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        calls = self.state.call.output_calls
-        n = calls.get(self.key, 0)
-        calls[self.key] = n + 1
-        site = self.sites.get(n)
-        return None if site is None else site.apply(module, args, output)
-
-
-class _NormReplacement:
-    """Forward hook on a site's layer norm: returns the output an ``original_ln_after=False`` adapter
-    or a swapped site left for it in this thread (these replace the layer's own residual add and norm)."""
-
-    def __init__(self, state: _State, key: tuple[str, str]) -> None:
-        self.state = state
-        self.key = key
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        pending = self.state.call.norm_outputs
-        return pending.pop(self.key, None) if pending else None
-
-
-def _hook_norms(state: _State) -> None:
-    """Register ``_NormReplacement`` on every site's layer norm (once per model)."""
-    if state.__dict__.get("norms_hooked"):
-        return
-    for layer in resolve_layers(state.arch, state.base):
-        for site_name, spec in layer.sites.items():
-            norm = get_submodule(layer.module, spec.norm) if spec.norm else None
-            if norm is not None:
-                state.handles.append(norm.register_forward_hook(_NormReplacement(state, (str(layer.index), site_name))))
-    state.__dict__["norms_hooked"] = True
-
-
-class _State:
-    """Per-model bookkeeping (a plain object, so it adds no parameters or buffers).
-
-    ``configs`` and ``active`` are shared by every thread; ``call`` is per thread. Deep copies and
-    pickles get a fresh ``call`` and, through the copy memo, the copy's layers and modules.
-    """
-
-    def __init__(self, arch: Architecture, base: nn.Module, layers: nn.ModuleList, modules: nn.ModuleDict) -> None:
-        self.arch = arch
-        self.base = base
-        self.layers = layers
-        self.modules = modules
-        self.configs: dict[str, AdapterConfig] = {}
-        self.active: str | Composition | None = None
-        self.training: str | Composition | None = None  # what train_adapter last prepared, until it is deleted
-        self.call = _CallLocal()
-        self.per_sample_blocks = 0  # per_sample_adapters blocks open in any thread
-        self.lock = threading.Lock()
-        self.handles: list[torch.utils.hooks.RemovableHandle] = [
-            base.register_forward_pre_hook(self.bind, prepend=True),
-            base.register_forward_hook(self.unbind, always_call=True),
-        ]
-        swapped_norms = False
-        for layer in resolve_layers(arch, base):
-            shared: dict[str, dict[int, _Site]] = {}  # output path -> {output_call: site}, where not plain
-            for site_name, spec in layer.sites.items():
-                norm = get_submodule(layer.module, spec.norm) if spec.norm else None
-                norm_path = f"{layer.path}.{spec.norm}" if spec.norm else None
-                site = _Site(self, layer.index, site_name, spec, norm, norm_path)
-                if spec.residual is not None:
-                    residual_module = get_submodule(layer.module, spec.residual)
-                    assert residual_module is not None
-                    self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
-                if spec.residual_plus is not None:  # after the hooks of earlier sites on the same module
-                    plus_module = get_submodule(layer.module, spec.residual_plus)
-                    assert plus_module is not None
-                    self.handles.append(plus_module.register_forward_hook(site.capture_plus))
-                output_module = get_submodule(layer.module, spec.output)
-                assert output_module is not None
-                if spec.output_call or sum(other.output == spec.output for other in layer.sites.values()) > 1:
-                    shared.setdefault(spec.output, {})[spec.output_call] = site
-                else:
-                    self.handles.append(output_module.register_forward_hook(site.apply))
-            for path, by_call in shared.items():  # model_layers checked that sites sharing a path differ in call
-                hook = _SharedOutput(self, (str(layer.index), path), by_call)
-                self.handles.append(layer.module.register_forward_pre_hook(hook.reset))
-                self.handles.append(get_submodule(layer.module, path).register_forward_hook(hook))  # type: ignore[union-attr]
-            if any(spec.swapped and spec.norm for spec in layer.sites.values()):
-                swapped_norms = True
-        if swapped_norms:  # a swapped site hands its norm the output (see _Site.apply)
-            _hook_norms(self)
-
-    def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """Forward pre-hook of the base model: this thread's sites read ``module``'s adapters until
-        it returns (an ``nn.DataParallel`` replica shares these hooks but holds its own adapters)."""
-        if self.per_sample_blocks and self.call.batch is None and getattr(module, "_is_replica", False):
-            raise RuntimeError("adapter_fused: per_sample_adapters does not reach nn.DataParallel replicas (they run "
-                               "in worker threads on slices of the batch); call the model itself inside the block")
-        self.call.bound.append(module)
-
-    def unbind(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Forward hook of the base model (also run when the call raises): undo ``bind``; after the
-        outermost call, drop any residual a failed call left captured."""
-        call = self.call
-        if call.bound and call.bound[-1] is module:
-            call.bound.pop()
-        if not call.bound:
-            call.residuals.clear()
-            call.norm_outputs.clear()
-
-    def adapters_of_call(self, call: _CallLocal) -> nn.ModuleDict:
-        """The ``fused_adapters`` of the base module this thread is running (its own when none is)."""
-        if call.bound:
-            modules = call.bound[-1]._modules.get(MODULE_NAME)
-            if isinstance(modules, nn.ModuleDict):
-                return modules
-        return self.modules
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["call"], state["lock"]
-        state["per_sample_blocks"] = 0
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__dict__.setdefault("training", None)
-        self.call = _CallLocal()
-        self.lock = threading.Lock()
-
-    def remove_hooks(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return getattr(model, "base_model", model)
-
-
-def _state(model: nn.Module, create: bool = False) -> _State | None:
-    base = _base(model)
+def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
+    """The adapter bookkeeping of ``model`` (kept on its base model), or None where it has no adapters;
+    with ``create``, made (with the ``fused_adapters`` ModuleDict and the site hooks) where missing."""
+    base = base_model(model)
     state = base.__dict__.get(STATE_NAME)
     if state is None and create:
         arch, layers = find_architecture(model)
         modules = nn.ModuleDict()
         base.add_module(MODULE_NAME, modules)
-        state = _State(arch, base, layers, modules)
+        state = ModelState(arch, base, layers, modules)
         base.__dict__[STATE_NAME] = state
     return state
 
 
-def require_adapter(model: nn.Module, name: str) -> _State:
+def require_adapter(model: nn.Module, name: str) -> ModelState:
     """The model's adapter bookkeeping; KeyError naming the known adapters if ``name`` is not one."""
-    state = _state(model)
+    state = model_state(model)
     if state is None or name not in state.configs:
         known = ", ".join(state.configs) if state is not None and state.configs else "none"
         raise KeyError(f"adapter_fused: no adapter named {name!r} on this model (adapters: {known})")
     return state
 
 
-def _check_name(name: object) -> str:
+def check_name(name: object) -> str:
+    """``name`` if it can name an adapter or a head (a non-empty string without dots or surrounding
+    spaces); ValueError otherwise."""
     if not isinstance(name, str) or not name or "." in name or name != name.strip():
         raise ValueError(f"adapter_fused: adapter name must be a non-empty string without dots or surrounding "
                          f"spaces, got {name!r}")
@@ -433,7 +126,7 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
         raise ValueError(f"adapter_fused: leave_out {list(config.leave_out)} leaves out every one of the model's "
                          f"{len(layers)} layers")
     if config.inv_adapter:
-        embeddings = embedding_module(_base(model), arch.name)
+        embeddings = embedding_module(base_model(model), arch.name)
         reference = next(embeddings.parameters(), None)
         reference = reference if reference is not None else next(model.parameters())
         out["invertible"] = NiceCoupling(d, config.inv_adapter_reduction_factor, config.resolved_activation,  # type: ignore[arg-type]
@@ -442,10 +135,10 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
     return out
 
 
-def _remove_state(model: nn.Module, state: _State) -> None:
-    """Undo ``_state(model, create=True)``: remove the hooks, ``fused_adapters`` and the bookkeeping."""
+def _remove_state(model: nn.Module, state: ModelState) -> None:
+    """Undo ``model_state(model, create=True)``: remove the hooks, ``fused_adapters`` and the bookkeeping."""
     state.remove_hooks()
-    base = _base(model)
+    base = base_model(model)
     if MODULE_NAME in base._modules:
         delattr(base, MODULE_NAME)
     base.__dict__.pop(STATE_NAME, None)
@@ -457,8 +150,8 @@ def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: 
     While the model is prepared for training another adapter (``train_adapter``), the new adapter's
     parameters get ``requires_grad=False`` so that adding it does not change what trains. On an error
     the model is left as it was (a first adapter that fails to attach also removes the hooks)."""
-    existed = _state(model) is not None
-    state = _state(model, create=True)
+    existed = model_state(model) is not None
+    state = model_state(model, create=True)
     assert state is not None
     try:
         if name in state.configs:
@@ -469,7 +162,7 @@ def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: 
         state.modules[name] = modules
         state.configs[name] = config
         if not config.layout.original_ln_after:
-            _hook_norms(state)
+            hook_norms(state)
         if config.inv_adapter:
             hook_invertible(model, state)
     except BaseException:
@@ -493,22 +186,22 @@ def add_adapter(model: nn.Module, name: str, config: str | AdapterConfig = "pfei
     Raises ValueError for unsupported models, a bad config or a name already in use; the model is
     then left exactly as it was (no new modules, parameters or hooks).
     """
-    name = _check_name(name)
+    name = check_name(name)
     config = resolve_config(config)
     find_architecture(model)  # clear error before anything is attached
     check_cross_adapter(model, config)
-    state = _state(model)
+    state = model_state(model)
     if state is not None and name in state.configs:
         raise ValueError(f"adapter_fused: an adapter named {name!r} already exists; delete it first")
     attach_adapter(model, name, config, build_adapter_modules(model, config))
 
 
-def _resolve_setup(model: nn.Module, setup: object) -> tuple[_State | None, str | Composition | None]:
+def _resolve_setup(model: nn.Module, setup: object) -> tuple[ModelState | None, str | Composition | None]:
     """The model's state and ``setup`` parsed (see ``composition.parse_setup``), every adapter it
     names checked to exist (KeyError) and a composition checked to run at every site (ValueError)."""
     parsed = parse_setup(setup)
     if parsed is None:
-        return _state(model), None
+        return model_state(model), None
     state = None
     for name in active_names(parsed):
         state = require_adapter(model, name)
@@ -518,7 +211,7 @@ def _resolve_setup(model: nn.Module, setup: object) -> tuple[_State | None, str 
     return state, parsed
 
 
-def _activate(state: _State, setup: str | Composition) -> None:
+def _activate(state: ModelState, setup: str | Composition) -> None:
     if isinstance(setup, Composition) and setup.parallel_channels > 1:
         install_replication(state)
     state.active = setup
@@ -547,7 +240,7 @@ def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     ``classifier.*``, ``score.*``, ``qa_outputs.*``, an untied ``lm_head.*``), by their names in
     ``model``. Parameters shared with the base model (an output layer tied to the input embeddings)
     are not part of the head; a bare base model has none."""
-    base = _base(model)
+    base = base_model(model)
     if base is model:
         return
     shared = {id(p) for p in base.parameters()}
@@ -606,13 +299,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def list_adapters(model: nn.Module) -> list[str]:
     """The names of the model's adapters, in the order they were added."""
-    state = _state(model)
+    state = model_state(model)
     return list(state.configs) if state is not None else []
 
 
 def active_adapter(model: nn.Module) -> str | Composition | None:
     """The name of the active adapter, the active composition (e.g. ``Stack('lang', 'task')``), or None."""
-    state = _state(model)
+    state = model_state(model)
     return state.active if state is not None else None
 
 
@@ -665,7 +358,7 @@ def adapter_summary(model: nn.Module) -> AdapterSummary:
     """Each adapter's parameter count and its share of the base model's parameters (all parameters
     of ``model`` that are not adapters), and the options its sites compute outside the fused kernel
     (``unfused``; empty when every site is one fused launch)."""
-    state = _state(model)
+    state = model_state(model)
     adapter_ids = {id(p) for p in state.modules.parameters()} if state is not None else set()
     base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
     rows = []

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..grouped import fused_adapter_grouped
 from .config import Placement
-from .model import MODULE_NAME, _state, require_adapter
+from .model import model_state, require_adapter
+from .sites import MODULE_NAME
 
 
 class GroupedSite:
@@ -71,7 +72,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
             require_adapter(model, name)
             if name not in used:
                 used.append(name)
-    state = _state(model)
+    state = model_state(model)
     if state is None:
         raise KeyError(f"adapter_fused: this model has no adapters (add some with add_adapter; see {MODULE_NAME})")
     batch = PerSampleBatch(placement=state.configs[used[0]].layout if used else Placement(attention=True, ffn=True),

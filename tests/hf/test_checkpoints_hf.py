@@ -20,7 +20,7 @@ pytest.importorskip("accelerate")
 
 from adapter_fused import AutoAdapterModel, init, restore_adapters
 from adapter_fused.hf import list_adapters
-from adapter_fused.hf.checkpoints import SETUP_FILE
+from adapter_fused.hf.formats import SETUP_FILE
 
 LABELS = 3
 

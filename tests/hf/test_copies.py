@@ -13,7 +13,8 @@ from torch import nn
 from .models import hidden_states, make_inputs, make_model, randomize
 
 from adapter_fused.hf import accelerate, add_adapter, delete_adapter, set_active_adapters  # noqa: E402
-from adapter_fused.hf.model import MODULE_NAME, STATE_NAME, adapter_modules  # noqa: E402
+from adapter_fused.hf.model import STATE_NAME, adapter_modules  # noqa: E402
+from adapter_fused.hf.sites import MODULE_NAME
 
 CASES = [("bert", "houlsby"), ("bert", "pfeiffer"), ("llama", "houlsby"), ("llama", "pfeiffer")]
 
@@ -91,6 +92,7 @@ def test_pickled_model_keeps_its_adapters() -> None:
         assert not torch.equal(hidden_states(loaded, inputs), hidden_states(model, inputs))
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_deepcopy_of_accelerated_adapterhub_model(arch: str, config: str) -> None:

@@ -93,10 +93,10 @@ def test_save_and_load_restore_the_logits(tmp_path: Path) -> None:
     expected = logits(model)
     save_adapter(model, "task", tmp_path / "task")
     files = sorted(p.name for p in (tmp_path / "task").iterdir())
-    assert files == ["adapter_config.json", "adapter_head.json", "adapter_head.safetensors",
-                     "adapter_model.safetensors"]
-    meta = json.loads((tmp_path / "task" / "adapter_head.json").read_text())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "head_config.json", "head_model.safetensors"]
+    meta = json.loads((tmp_path / "task" / "head_config.json").read_text())
     assert meta["parameters"] == {"classifier.weight": [LABELS, HIDDEN], "classifier.bias": [LABELS]}
+    assert meta["config"] is None  # the task model's own head, not a prediction head
 
     fresh = classifier()  # same base weights, the untrained head
     untrained = {n: p.detach().clone() for n, p in head_parameters(fresh)}
@@ -113,6 +113,50 @@ def test_save_and_load_restore_the_logits(tmp_path: Path) -> None:
     # a bare encoder has no head to restore into: the adapter alone loads
     bare = classifier().bert
     assert load_adapter(bare, tmp_path / "task") == "task"
+
+
+def to_legacy_layout(directory: Path) -> None:
+    """Rewrite the task head saved in ``directory`` as this package wrote it before (``adapter_head.json``
+    of format 1 and ``adapter_head.safetensors``)."""
+    meta = json.loads((directory / "head_config.json").read_text())
+    legacy = {"format": "adapter_fused_head", "format_version": 1, "model_class": meta["model_class"],
+              "parameters": meta["parameters"]}
+    (directory / "adapter_head.json").write_text(json.dumps(legacy))
+    (directory / "head_model.safetensors").rename(directory / "adapter_head.safetensors")
+    (directory / "head_config.json").unlink()
+
+
+def test_a_head_saved_in_the_earlier_layout_still_loads(tmp_path: Path) -> None:
+    model, _ = trained()
+    expected = logits(model)
+    save_adapter(model, "task", tmp_path)
+    to_legacy_layout(tmp_path)
+    fresh = classifier()
+    assert load_adapter(fresh, tmp_path) == "task"
+    set_active_adapters(fresh, "task")
+    assert torch.equal(logits(fresh), expected)
+    # saving again writes the one current layout and removes the earlier one
+    save_adapter(model, "task", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "head_config.json", "head_model.safetensors"]
+    save_adapter(model, "task", tmp_path / "again")
+    to_legacy_layout(tmp_path / "again")
+    save_adapter(model, "task", tmp_path / "again", with_head=False)
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["adapter_config.json",
+                                                                      "adapter_model.safetensors"]
+
+
+def test_head_file_that_disagrees_with_its_weights_is_refused(tmp_path: Path) -> None:
+    model, _ = trained(steps=1)
+    save_adapter(model, "task", tmp_path)
+    meta = json.loads((tmp_path / "head_config.json").read_text())
+    meta["parameters"]["classifier.bias"] = [LABELS + 1]
+    (tmp_path / "head_config.json").write_text(json.dumps(meta))
+    fresh = classifier()
+    with pytest.raises(ValueError, match=r"head_model\.safetensors: tensor classifier\.bias does not match "
+                                         r"head_config\.json"):
+        load_adapter(fresh, tmp_path)
+    assert not hasattr(fresh.bert, "fused_adapters")
 
 
 def test_without_head_writes_none_and_removes_stale_head(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from adapter_fused.hf import (
     list_adapters,
     set_active_adapters,
 )
-from adapter_fused.hf.io import HEAD_CONFIG_FILE
+from adapter_fused.hf.formats import HEAD_CONFIG_FILE
 from adapter_fused.hf.methods import AdapterMethodsMixin
 
 LABELS = 3
@@ -77,6 +77,7 @@ def test_methods_compute_what_the_free_functions_compute() -> None:
     assert torch.equal(logits(ours), logits(free))
 
 
+@pytest.mark.adapterhub
 def test_signatures_and_defaults_follow_adapterhub() -> None:
     adapters = pytest.importorskip("adapters")
     theirs = adapters.model_mixin.ModelAdaptersMixin

@@ -318,6 +318,7 @@ def test_set_active_adapters_accepts_a_list_of_one() -> None:
         set_active_adapters(model, 3)  # type: ignore[arg-type]
 
 
+@pytest.mark.adapterhub
 def test_set_active_adapters_with_adapterhub_compositions() -> None:
     composition = pytest.importorskip("adapters.composition")
     model = make_model("bert")

@@ -21,7 +21,7 @@ from adapter_fused.hf import (
     save_adapter,
     set_active_adapters,
 )
-from adapter_fused.hf.bottleneck import BottleneckAdapter
+from adapter_fused.hf.modules import BottleneckAdapter
 from adapter_fused.reference import reference_adapter
 
 from .models import hidden_states, make_inputs, make_model, randomize
@@ -83,17 +83,20 @@ def hub_parity(tmp_path: Path, arch: str, case: str) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("case", list(HUB_CASES))
 def test_adapterhub_option_parity_bert(tmp_path: Path, case: str) -> None:
     hub_parity(tmp_path, "bert", case)
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("case", PRE_NORM_CASES)
 def test_adapterhub_option_parity_pre_norm(tmp_path: Path, arch: str, case: str) -> None:
     hub_parity(tmp_path, arch, case)
 
 
+@pytest.mark.adapterhub
 def test_adapterhub_options_convert_to_config(tmp_path: Path) -> None:
     adapters = pytest.importorskip("adapters")
     hub = hub_model("bert", adapters.SeqBnConfig(reduction_factor={"default": 16, "1": 4}, leave_out=[0],
@@ -116,6 +119,7 @@ def test_adapterhub_options_convert_to_config(tmp_path: Path) -> None:
     assert "no: ln_before, use_gating, dropout" in str(summary)
 
 
+@pytest.mark.adapterhub
 def test_adapterhub_dropout_in_training_matches_with_the_same_seed() -> None:
     """AdapterHub's Adapter module and ours, same weights, training mode, same random seed: the
     dropout masks coincide and so do the outputs."""
@@ -248,6 +252,7 @@ def test_own_config_round_trip(tmp_path: Path, arch: str, config: AdapterConfig)
     assert saved == config and hash(saved) == hash(config)
 
 
+@pytest.mark.adapterhub
 def test_own_config_matches_adapterhub(tmp_path: Path) -> None:
     """An adapter added with our AdapterConfig computes what AdapterHub computes with the same options
     and weights (weights copied from AdapterHub's module into ours)."""
@@ -258,7 +263,7 @@ def test_own_config_matches_adapterhub(tmp_path: Path) -> None:
     add_adapter(model, "hub", AdapterConfig("houlsby", reduction_factor={"default": 8, "0": 4}, ln_before=True,
                                             use_gating=True, scale="channel"))
     hub.save_adapter(str(tmp_path), "hub")
-    from adapter_fused.hf.adapterhub import weights_from_adapterhub
+    from adapter_fused.hf.adapterhub.convert import weights_from_adapterhub
 
     _, weights = weights_from_adapterhub(torch.load(tmp_path / "pytorch_adapter.bin"), "test")
     model.base_model.fused_adapters["hub"].load_state_dict(weights)
@@ -322,6 +327,7 @@ def test_bad_options_refused_and_model_unchanged() -> None:
     assert [n for n, _ in model.named_parameters()] == names
 
 
+@pytest.mark.adapterhub
 def test_adapterhub_invertible_inverse_before_lm_head(tmp_path: Path) -> None:
     """Where AdapterHub runs the inverse block before the output embeddings (its language-modelling
     heads, and models it adapts through its plug-in interface such as Qwen2), logits match."""
@@ -359,12 +365,13 @@ def test_adapterhub_invertible_inverse_before_lm_head(tmp_path: Path) -> None:
     torch.testing.assert_close(block(lm_head_input["x"]), hidden, rtol=1e-5, atol=1e-5)  # the inverse ran
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("d", [32, 33])
 def test_nice_block_matches_adapterhub_forward_and_inverse(d: int, launches) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("adapters")
     from adapters.methods.modeling import NICECouplingBlock
 
-    from adapter_fused.hf.invertible import NiceCoupling
+    from adapter_fused.hf.modules import NiceCoupling
 
     theirs = NICECouplingBlock([[d]], non_linearity="swish", reduction_factor=2)
     randomize(theirs.parameters(), seed=8, std=0.3)
@@ -397,11 +404,12 @@ def test_glow_refused() -> None:
         AdapterConfig("pfeiffer", inv_adapter="nice")
 
 
+@pytest.mark.adapterhub
 def test_gradients_match_adapterhub() -> None:
     """Gradients of every adapter parameter (layer norms, gate, channel scale included) through the
     whole model equal AdapterHub's."""
     adapters = pytest.importorskip("adapters")
-    from adapter_fused.hf.adapterhub import weights_from_adapterhub
+    from adapter_fused.hf.adapterhub.convert import weights_from_adapterhub
 
     config = adapters.DoubleSeqBnConfig(ln_before=True, ln_after=True, use_gating=True, scaling="channel",
                                         reduction_factor={"default": 8, "1": 4})

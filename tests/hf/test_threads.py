@@ -19,7 +19,8 @@ from torch import nn
 from .models import hidden_states, make_inputs, make_model, randomize
 
 from adapter_fused.hf import add_adapter, per_sample_adapters, set_active_adapters  # noqa: E402
-from adapter_fused.hf.model import MODULE_NAME, STATE_NAME, adapter_modules  # noqa: E402
+from adapter_fused.hf.model import STATE_NAME, adapter_modules  # noqa: E402
+from adapter_fused.hf.sites import MODULE_NAME
 
 THREADS = 8
 ROUNDS = 3

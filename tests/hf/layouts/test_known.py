@@ -16,10 +16,11 @@ from torch import nn
 
 from adapter_fused.hf import AdapterConfig, Placement, add_adapter, set_active_adapters
 from adapter_fused.hf import model as hf_model
-from adapter_fused.hf.architectures import model_layers
+from adapter_fused.hf.layouts import model_layers
+from adapter_fused.hf.sites import Site
 
-from .families import MODEL_TYPES, build, inputs, outputs
-from .models import randomize
+from ..families import MODEL_TYPES, build, inputs, outputs
+from ..models import randomize
 
 # layers per model, across its stacks (ALBERT shares one layer between its 2 layer calls)
 LAYERS = {"albert": 1, "bart": 4, "plbart": 4, "mbart": 4, "whisper": 4, "t5": 4, "mt5": 4, "clip": 4,
@@ -53,13 +54,13 @@ def test_family(model_type: str, placement: str, based: Callable, launches: Any,
         assert not hasattr(model, "fused_adapters")
         return
     sites: Counter[tuple[str, str]] = Counter()
-    apply = hf_model._Site.apply
+    apply = Site.apply
 
-    def counting(self: hf_model._Site, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def counting(self: Site, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         sites[self.key] += 1
         return apply(self, module, args, output)
 
-    monkeypatch.setattr(hf_model._Site, "apply", counting)
+    monkeypatch.setattr(Site, "apply", counting)
     add_adapter(model, "a", placement)
     with torch.no_grad():
         assert torch.equal(outputs(model, batch), plain)  # no active adapter: the base model, bit for bit
@@ -105,7 +106,7 @@ def test_vision_sites_match_a_hand_written_adapter_on_this_transformers(model_ty
     added by hand in float64 after the attention block and after the feed-forward block (BEiT: on the
     first and second output of ``drop_path``, after the layer scale), and AdapterHub's weight names
     (which follow transformers 4) reach the same layers."""
-    from adapter_fused.hf.architectures import adapterhub_weights_by_layer
+    from adapter_fused.hf.adapterhub.convert import adapterhub_weights_by_layer
 
     model, batch = build(model_type), inputs(model_type)
     reference = copy.deepcopy(model).double()

@@ -1,6 +1,5 @@
-"""Bridge to AdapterHub (the ``adapters`` package): its bottleneck configs, its saved weights, and
-``accelerate``, which makes the bottleneck adapters of a model built with ``adapters`` run the fused
-kernel.
+"""``accelerate``: the bottleneck adapters of a model built with AdapterHub's ``adapters`` package run
+the fused kernel, in place.
 
 AdapterHub's sequential bottleneck adapter maps an input ``z`` and a residual ``r`` (both (..., d)) to
 ``r + s * up(act(down(z)))``: the fused kernel takes ``r`` as its residual, in the same pass. Its parallel
@@ -14,171 +13,15 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import types
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..activations import ACTIVATIONS, canonical_activation
-from ..ops import fused_adapter
-from .config import PLACEMENTS, AdapterConfig, Placement
-
-ADAPTERHUB_CONFIG = "adapter_config.json"
-ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
-
-_INITS = {"bert": "bert", "houlsby": "houlsby", "mam_adapter": "mam"}
-_ACTIVATION_NAMES = {"leakyrelu": "leaky_relu"}
-
-# (key, value that the fused path can express, description of anything else)
-_REQUIRED: tuple[tuple[str, Any, str], ...] = (
-    ("phm_layer", False, "PHM (parameterized hypercomplex) layers"),
-)
-_FLAGS = ("ln_before", "ln_after", "adapter_residual_before_ln", "use_gating", "cross_adapter")
-
-
-def is_adapterhub_config(data: Mapping[str, Any]) -> bool:
-    """Whether a parsed ``adapter_config.json`` was written by AdapterHub."""
-    return isinstance(data.get("config"), Mapping) and str(data.get("version", "")).startswith("adapters")
-
-
-def config_from_adapterhub(data: Mapping[str, Any], source: str) -> AdapterConfig:
-    """The AdapterConfig equal to an AdapterHub bottleneck config (the ``"config"`` entry of its
-    ``adapter_config.json``). Raises ValueError naming ``source`` and every option the fused
-    adapters cannot express."""
-    problems = []
-    architecture = data.get("architecture", "bottleneck")
-    if architecture not in ("bottleneck", None):
-        raise ValueError(f"{source}: adapter architecture {architecture!r} is not a bottleneck adapter")
-    for key, wanted, what in _REQUIRED:
-        if key in data and data[key] != wanted and not (wanted is False and not data[key]):
-            problems.append(what)
-    scaling = data.get("scaling", 1.0)
-    if isinstance(scaling, bool) or not (isinstance(scaling, (int, float)) or scaling in ("learned", "channel")):
-        problems.append(f"scaling={scaling!r}")
-    if data.get("stochastic_depth") or 0.0:
-        problems.append(f"stochastic_depth={data['stochastic_depth']}")
-    reduction = data.get("reduction_factor", 16)
-    if isinstance(reduction, Mapping):
-        reduction = dict(reduction)
-        if set(reduction) == {"default"}:
-            reduction = reduction["default"]
-    activation = str(data.get("non_linearity") or "linear").lower()
-    try:
-        activation = canonical_activation(_ACTIVATION_NAMES.get(activation, activation))
-    except ValueError:
-        problems.append(f"activation {activation!r} (supported: {', '.join(sorted(ACTIVATIONS))})")
-    init = _INITS.get(str(data.get("init_weights", "bert")), "bert")
-    if not (data.get("mh_adapter") or data.get("output_adapter")):
-        problems.append("no adapter site (mh_adapter and output_adapter both false)")
-    if problems:
-        raise ValueError(f"{source}: the fused adapter cannot express this AdapterHub config: {'; '.join(problems)}")
-    parallel = bool(data.get("is_parallel", False))
-    original_ln_after = data.get("original_ln_after", True)
-    original_ln_after = True if original_ln_after is None else bool(original_ln_after)
-    placement = Placement(
-        attention=bool(data.get("mh_adapter")),
-        ffn=bool(data.get("output_adapter")),
-        original_ln_before=bool(data.get("original_ln_before", False)),
-        residual_before_ln=data.get("residual_before_ln", True),
-        parallel=parallel,
-        original_ln_after=original_ln_after,
-    )
-    if placement.parallel:  # a parallel adapter ignores original_ln_before and residual_before_ln
-        placement = Placement(placement.attention, placement.ffn, parallel=True, original_ln_after=original_ln_after)
-    named = next((name for name, preset in PLACEMENTS.items() if preset == placement), None)
-    flags: dict[str, Any] = {flag: bool(data.get(flag) or False) for flag in _FLAGS}
-    if data.get("inv_adapter"):
-        flags["inv_adapter"] = data["inv_adapter"]
-        flags["inv_adapter_reduction_factor"] = data.get("inv_adapter_reduction_factor")
-    if parallel or not flags["ln_after"]:
-        flags["adapter_residual_before_ln"] = False  # no effect there in AdapterHub
-    try:
-        return AdapterConfig(placement=named or placement, reduction_factor=reduction, activation=activation,
-                             scale=scaling if isinstance(scaling, str) else float(scaling), init=init,
-                             leave_out=tuple(data.get("leave_out") or ()), dropout=float(data.get("dropout") or 0.0),
-                             **flags)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: the fused adapter cannot express this AdapterHub config: {exc}") from exc
-
-
-_KEY = re.compile(r"^(?:.*\.)?(\d+)\.(.+)\.adapters\.([^.]+)\.(.+)$")
-_INVERTIBLE = re.compile(r"^(?:.*\.)?invertible_adapters\.([^.]+)\.([FG]\.[02]\.(?:weight|bias))$")
-_PARTS = {  # AdapterHub's parameter name in an adapter -> ours (adapter_down.N: see weights_from_adapterhub)
-    "adapter_up.weight": "up.weight", "adapter_up.bias": "up.bias", "scaling": "scaling",
-    "adapter_norm_before.weight": "norm_before.weight", "adapter_norm_before.bias": "norm_before.bias",
-    "adapter_norm_after.weight": "norm_after.weight", "adapter_norm_after.bias": "norm_after.bias",
-    "gate.weight": "gate.weight", "gate.bias": "gate.bias",
-}
-
-
-def _site_of(location: str) -> str | None:
-    """Our site for an AdapterHub location: ``cross`` (a location ``architectures.adapterhub_weights_by_layer``
-    gave), a location naming attention, else the feed-forward site; None for a cross-attention location
-    no site was found for."""
-    if location == "cross":
-        return "cross"
-    if "cross" in location:
-        return None
-    return "attention" if "attention" in location else "ffn"
-
-
-def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """AdapterHub weight keys (``...<layer>.<location>.adapters.<name>.adapter_down.0.weight``) ->
-    the saved adapter name and ``{"<layer>.<site>.down.weight": tensor, ...}``: the projections
-    (``down``, ``up``) and the extras of ``BottleneckAdapter`` (``scaling``, ``norm_before``,
-    ``norm_after``, ``gate``). With ``ln_before`` AdapterHub's ``adapter_down`` is (LayerNorm, Linear,
-    activation) and its LayerNorm is saved twice (as ``adapter_down.0`` and ``adapter_norm_before``);
-    the down-projection is then ``adapter_down.1``. An invertible adapter's
-    ``invertible_adapters.<name>.F.0.weight`` (and G, biases, index 2) becomes ``invertible.F.0.weight``. Raises ValueError naming ``source`` for keys that
-    are not bottleneck adapter weights or that mix adapter names."""
-    out: dict[str, torch.Tensor] = {}
-    names = set()
-    unexpected = []
-    prefixes_with_norm = {key[: -len("adapter_norm_before.weight")] for key in state
-                          if key.endswith(".adapter_norm_before.weight")}
-    for key, tensor in state.items():
-        inverse = _INVERTIBLE.match(key)
-        if inverse is not None:
-            names.add(inverse.group(1))
-            out[f"invertible.{inverse.group(2)}"] = tensor
-            continue
-        match = _KEY.match(key)
-        site = _site_of(match.group(2)) if match is not None else None
-        if match is None or site is None:
-            unexpected.append(key)
-            continue
-        layer, _, name, part = match.groups()
-        if part.startswith("adapter_down."):
-            index, _, kind = part[len("adapter_down."):].partition(".")
-            normed = key[: -len(part)] in prefixes_with_norm
-            if kind not in ("weight", "bias") or index != ("1" if normed else "0"):
-                if normed and index == "0":
-                    continue  # the copy of adapter_norm_before
-                unexpected.append(key)
-                continue
-            ours = f"down.{kind}"
-        elif part in _PARTS:
-            ours = _PARTS[part]
-        else:
-            unexpected.append(key)
-            continue
-        names.add(name)
-        out[f"{layer}.{site}.{ours}"] = tensor
-    if unexpected:
-        shown = ", ".join(unexpected[:4]) + (" ..." if len(unexpected) > 4 else "")
-        raise ValueError(f"{source}: weights that are not bottleneck adapter projections: {shown}")
-    if len(names) != 1:
-        raise ValueError(f"{source}: expected the weights of one adapter, found names {sorted(names) or 'none'}")
-    return names.pop(), out
-
-
-# ---------------------------------------------------------------------------------------------------
-# accelerate
+from ...activations import ACTIVATIONS, canonical_activation
+from ...ops import fused_adapter
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ from adapter_fused.hf import (
     unregister_model_layout,
 )
 from adapter_fused.hf import model as hf_model
-from adapter_fused.hf.architectures import _find_layers, model_layers
-from adapter_fused.hf.structure import LAYERS, STRUCTURALLY_TESTED_MODEL_TYPES
+from adapter_fused.hf.layouts import find_layers, model_layers
+from adapter_fused.hf.layouts.structure import LAYERS, STRUCTURALLY_TESTED_MODEL_TYPES
+from adapter_fused.hf.sites import Site
 
-from .models import randomize
+from ..models import randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -215,13 +216,13 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
     ``seq2seq``: an encoder-decoder model, whose adapters also sit after the decoder's cross-attention
     (``cross_adapter=True``). ``batch``: the model's inputs, where they are not token ids."""
     calls: Counter[tuple[str, str]] = Counter()
-    apply = hf_model._Site.apply
+    apply = Site.apply
 
-    def counting(self: hf_model._Site, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def counting(self: Site, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         calls[self.key] += 1
         return apply(self, module, args, output)
 
-    monkeypatch.setattr(hf_model._Site, "apply", counting)
+    monkeypatch.setattr(Site, "apply", counting)
     x = batch if batch is not None else inputs(seq2seq, getattr(model.config, "input_feat_per_channel", None))
     reference = float64_if_it_runs(model, x)
     with torch.no_grad():
@@ -353,7 +354,7 @@ def test_vision_and_audio_encoders_are_recognized_by_structure(name: str, placem
     """Their dummy batch is an image, a video, a spectrogram or a raw audio clip, of the config's shape."""
     model_type, overrides, expected = SIGNALS[name]
     model = build(model_type, **overrides)
-    layer = _find_layers(model.base_model, LAYERS)[0][1][0]
+    layer = find_layers(model.base_model, LAYERS)[0][1][0]
     if expected == VIT and hasattr(layer, "mlp"):
         expected = VIT_MLP
     check_against_hand(model, placement, expected, monkeypatch, launches, batch=signal_inputs(model))
@@ -370,7 +371,7 @@ def test_config_variants_get_their_own_layout(variant: str, placement: str, monk
 @pytest.mark.parametrize("model_type", list(REFUSED))
 def test_layers_combined_differently_are_refused(model_type: str) -> None:
     model = build(model_type, **REFUSED[model_type])
-    layer = type(_find_layers(model.base_model, LAYERS)[0][1][0]).__name__
+    layer = type(find_layers(model.base_model, LAYERS)[0][1][0]).__name__
     with pytest.raises(ValueError, match=rf"model type '{model_type}' is not supported; supported model types: .*"
                                          rf"Such a model is not recognized: its layer class {layer} matches no known "
                                          rf"layout on a forward pass \(as a .*\)"):

@@ -18,7 +18,7 @@ from adapter_fused import ACTIVATIONS, ModelLayout, SiteSpec, register_model_lay
 from adapter_fused.hf import AdapterConfig, Placement, add_adapter, set_active_adapters
 from adapter_fused.hf.model import adapter_config
 
-from .models import randomize
+from ..models import randomize
 
 D = 16
 

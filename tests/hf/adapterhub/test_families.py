@@ -15,11 +15,12 @@ from torch import nn
 
 from adapter_fused.hf import load_adapter, set_active_adapters
 
-from .families import MODEL_TYPES, build, encoder_decoder, inputs, outputs
-from .models import randomize
+from ..families import MODEL_TYPES, build, encoder_decoder, inputs, outputs
+from ..models import randomize
 
 adapters = pytest.importorskip("adapters")
 
+pytestmark = pytest.mark.adapterhub
 CONFIGS = ["double_seq_bn", "seq_bn", "par_bn"]
 # AdapterHub's own models of these types compute other outputs than transformers' on the same weights
 # with no adapter active (their attention differs), so the adapter is loaded into a copy of AdapterHub's
@@ -118,8 +119,7 @@ def test_albert_attention_adapters_reproduce_adapterhub(variant: str, tmp_path: 
 def test_albert_gradients_match_adapterhub(tmp_path: Path, based: Callable) -> None:
     """Through ALBERT's swapped attention site and its feed-forward site, every adapter parameter gets
     AdapterHub's gradient (houlsby, a loss along a fixed random projection of the outputs)."""
-    from adapter_fused.hf.adapterhub import weights_from_adapterhub
-    from adapter_fused.hf.architectures import adapterhub_weights_by_layer
+    from adapter_fused.hf.adapterhub.convert import adapterhub_weights_by_layer, weights_from_adapterhub
 
     base, batch, plain = based("albert")
     hub = _hub_model("albert", "double_seq_bn", based)
@@ -196,9 +196,9 @@ def _check_parity(hub: nn.Module, model_type: str, config: str, tmp_path: Path, 
 def test_xmod_with_its_own_adapter_layer_norm(config: str, tmp_path: Path) -> None:
     """X-MOD built with ``adapter_layer_norm=True`` gives its language adapters their own norm, which
     AdapterHub's feed-forward adapter then reads: the layout picks that norm, and outputs match."""
-    from adapter_fused.hf.architectures import model_layers
+    from adapter_fused.hf.layouts import model_layers
 
-    from .families import CONFIGS
+    from ..families import CONFIGS
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -282,6 +282,7 @@ def test_training_a_composition() -> None:
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".fused_adapters.c." in n)
 
 
+@pytest.mark.adapterhub
 def test_setups_lists_and_adapterhub_blocks() -> None:
     model = build("bert", "ab")
     set_active_adapters(model, ["a", "b"])
@@ -396,6 +397,7 @@ def _matches_adapterhub(tmp_path: Path, make: Callable[[], nn.Module], config: o
     return model
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("kind", HUB_SETUPS)
 @pytest.mark.parametrize(("arch", "config"), [("bert", "seq_bn"), ("bert", "double_seq_bn"), ("gpt2", "seq_bn"),
                                               ("llama", "double_seq_bn")])
@@ -403,6 +405,7 @@ def test_matches_adapterhub_compositions(tmp_path: Path, arch: str, config: str,
     _matches_adapterhub(tmp_path, lambda: make_model(arch), config, kind, make_inputs(batch=3, length=5))
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("kind", HUB_SETUPS)
 def test_compositions_on_albert_match_adapterhub(tmp_path: Path, kind: str) -> None:
     """ALBERT's attention adapters read the block input and take the attention output as residual, in
@@ -414,6 +417,7 @@ def test_compositions_on_albert_match_adapterhub(tmp_path: Path, kind: str) -> N
     assert "attention" in model.base_model.fused_adapters["a"]["0"]
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("kind", HUB_SETUPS)
 @pytest.mark.parametrize(("model_type", "config"), [("bart", "seq_bn"), ("t5", "double_seq_bn")])
 def test_compositions_with_cross_attention_adapters_match_adapterhub(tmp_path: Path, model_type: str, config: str,

@@ -5,6 +5,7 @@ with save_adapter / load_adapter; Trainer trains the adapter and its head."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from .models import HIDDEN, LAYERS, VOCAB, make_inputs, randomize
 transformers = pytest.importorskip("transformers")
 
 from adapter_fused import AutoAdapterModel
-from adapter_fused.hf import list_adapters
-from adapter_fused.hf.heads import HEAD_CONFIG_FILE
+from adapter_fused.hf import init, list_adapters
+from adapter_fused.hf.formats import HEAD_CONFIG_FILE
 
 
 def bert_config(**extra: object) -> object:
@@ -177,6 +178,7 @@ def test_active_head_follows_the_active_adapter() -> None:
         model.add_classification_head("b")
 
 
+@pytest.mark.adapterhub
 def test_stack_activates_the_head_of_its_last_adapter() -> None:
     composition = pytest.importorskip("adapters.composition")
     model = two_headed()
@@ -214,6 +216,42 @@ def test_head_travels_with_its_adapter(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shape"):
         fresh.load_adapter(tmp_path / "b")
     assert "b" not in list_adapters(fresh) and "b" not in fresh.heads
+
+
+def test_a_head_saved_in_the_earlier_layout_still_loads(tmp_path: Path) -> None:
+    """A prediction head saved as ``head_config.json`` of format ``adapter_fused_prediction_head`` 1."""
+    model = two_headed()
+    model.set_active_adapters("b")
+    randomize(model.heads.parameters(), seed=4, std=0.1)
+    expected = model(**make_inputs()).logits
+    model.save_adapter(tmp_path, "b")
+    meta = json.loads((tmp_path / HEAD_CONFIG_FILE).read_text())
+    legacy = {"format": "adapter_fused_prediction_head", "format_version": 1, "name": meta["name"],
+              "hidden_size": meta["hidden_size"], "config": meta["config"]}
+    (tmp_path / HEAD_CONFIG_FILE).write_text(json.dumps(legacy))
+    torch.manual_seed(0)
+    fresh = AutoAdapterModel.from_config(bert_config()).eval()
+    assert fresh.load_adapter(tmp_path, set_active=True) == "b"
+    assert fresh.active_head == "b"
+    assert torch.equal(fresh(**make_inputs()).logits, expected)
+
+
+def test_task_heads_and_prediction_heads_do_not_cross(tmp_path: Path) -> None:
+    """A task model's own head is not a prediction head, nor the reverse: each model loads the adapter
+    and leaves a head of the other kind where it is."""
+    torch.manual_seed(0)
+    task = init(transformers.BertForSequenceClassification(bert_config(num_labels=3)).eval())
+    task.add_adapter("t")
+    task.save_adapter(tmp_path / "task", "t")
+    assert json.loads((tmp_path / "task" / HEAD_CONFIG_FILE).read_text())["config"] is None
+    flexible = two_headed()
+    assert flexible.load_adapter(tmp_path / "task") == "t"
+    assert list(flexible.heads) == ["a", "b"]
+    flexible.save_adapter(tmp_path / "flexible", "a")
+    other = init(transformers.BertForSequenceClassification(bert_config(num_labels=3)).eval())
+    head = {n: p.detach().clone() for n, p in other.classifier.named_parameters()}
+    assert other.load_adapter(tmp_path / "flexible") == "a"
+    assert all(torch.equal(p, head[n]) for n, p in other.classifier.named_parameters())
 
 
 def manual_logits(model: nn.Module, head: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -280,6 +318,7 @@ def copy_head(theirs: nn.Module, ours: nn.Module, name: str) -> None:
     ours.heads[name].load_state_dict(theirs.heads[name].state_dict())
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("kind", ["classification", "tagging", "qa", "multiple_choice"])
 def test_heads_match_adapterhub(kind: str) -> None:
     theirs, ours = adapterhub_pair(bert_config)
@@ -308,6 +347,7 @@ def test_heads_match_adapterhub(kind: str) -> None:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.adapterhub
 def test_causal_lm_head_matches_adapterhub() -> None:
     theirs, ours = adapterhub_pair(gpt2_config)
     theirs.add_causal_lm_head("lm")
@@ -378,6 +418,7 @@ def test_copies_keep_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(nn.DataParallel(model)(**make_inputs()).logits, expected)
 
 
+@pytest.mark.adapterhub
 @pytest.mark.parametrize("kind", ["classification", "tagging"])
 def test_loads_an_adapterhub_adapter_with_its_head(tmp_path: Path, kind: str) -> None:
     """save_adapter of AdapterHub's AutoAdapterModel writes the adapter and its head; our
@@ -400,8 +441,6 @@ def test_loads_an_adapterhub_adapter_with_its_head(tmp_path: Path, kind: str) ->
         assert ours.active_head == "t"
         torch.testing.assert_close(ours(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
     if kind == "classification":  # an option this package does not implement is refused, nothing changes
-        import json
-
         meta = json.loads((tmp_path / "head_config.json").read_text())
         meta["config"]["layer_norm_after"] = True
         (tmp_path / "head_config.json").write_text(json.dumps(meta))

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import Architecture, ModelLayout, SiteSpec, _find_layers, _get, call_argument, missing_modules
+from .spec import Architecture, ModelLayout, SiteSpec, call_argument, find_layers, get_submodule, missing_modules
 
 LAYERS = ("layers", "model.layers", "decoder.layers", "h", "blocks", "encoder.layer", "encoder.layers",
           "vision_model.encoder.layers", "transformer.layers", "layer")
@@ -245,7 +245,7 @@ def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str
     for position, layer in enumerate(layers):
         called = record.calls[id(layer)]
         for _, site in sites:
-            output, residual = _get(layer, site.output), _get(layer, site.residual) if site.residual else None
+            output, residual = get_submodule(layer, site.output), get_submodule(layer, site.residual) if site.residual else None
             if record.calls[id(output)] != called:
                 return f"in layer {position}, {site.output} ran {record.calls[id(output)]} times in {called} calls"
             if residual is not None and record.calls[id(residual)] < called:
@@ -257,10 +257,10 @@ def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str
     x, y = call_argument(args, kwargs, 0, ("hidden_states",)), record.outputs.get(id(first))
 
     def site_parts(site: SiteSpec) -> tuple[Any, Any, Any]:
-        h = record.outputs.get(id(_get(first, site.output)))
-        r_args, r_kwargs = record.inputs.get(id(_get(first, site.residual)), ((), {}))  # type: ignore[arg-type]
+        h = record.outputs.get(id(get_submodule(first, site.output)))
+        r_args, r_kwargs = record.inputs.get(id(get_submodule(first, site.residual)), ((), {}))  # type: ignore[arg-type]
         r = call_argument(r_args, r_kwargs, site.residual_position, site.residual_keywords)
-        p = record.outputs.get(id(_get(first, site.residual_plus))) if site.residual_plus else None
+        p = record.outputs.get(id(get_submodule(first, site.residual_plus))) if site.residual_plus else None
         return h, r, p
 
     def combined(site: SiteSpec, h: Any, r: Any, p: Any, what: str) -> tuple[Any, str | None]:
@@ -269,7 +269,7 @@ def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str
             return None, f"{what}: a value was not recorded"
         if site.norm is None:
             return sum(terms[1:], terms[0]), None
-        norm = _get(first, site.norm)
+        norm = get_submodule(first, site.norm)
         n_args, n_kwargs = record.inputs.get(id(norm), ((), {}))
         why = _mismatch(call_argument(n_args, n_kwargs, 0, _NORM_INPUT), terms, f"the input of {site.norm} is not {what}")
         return record.outputs.get(id(norm)), why
@@ -303,7 +303,7 @@ def _stacks(layout: Architecture, base: nn.Module) -> list[tuple[ModelLayout, nn
     layer lacks a module of its sites (the cross-attention site included)."""
     found = []
     for stack in layout.stacks:
-        lists = _find_layers(base, stack.layers)  # type: ignore[arg-type]
+        lists = find_layers(base, stack.layers)  # type: ignore[arg-type]
         if not lists or missing_modules(lists[0][1][0], *(site for _, site in _sites(stack))):
             return None
         if len(layout.stacks) == 1 and _beside(base, lists[0][0]) is not None:
@@ -400,7 +400,7 @@ def _run(base: nn.Module, candidates: list[_Candidate], batch: dict[str, Any]) -
                     record.watch(layer, keep=position == 0)
                     for _, site in _sites(stack):
                         for path in site.paths:
-                            record.watch(_get(layer, path), keep=position == 0)  # type: ignore[arg-type]
+                            record.watch(get_submodule(layer, path), keep=position == 0)  # type: ignore[arg-type]
         base.eval()
         with torch.no_grad():
             base(**batch)
@@ -424,7 +424,7 @@ def find_by_structure(model: nn.Module, base: nn.Module, model_type: object, ref
         if stacks is not None:
             candidates.append((layout, stacks))
     if not candidates:
-        lists = _find_layers(base, LAYERS)
+        lists = find_layers(base, LAYERS)
         where = f"its layer class {type(lists[0][1][0]).__name__} has the modules of no known layout" if lists else \
             f"it has no non-empty layer list at {', '.join(LAYERS)}"
         paired = _beside(base, lists[0][0]) if lists else None

@@ -68,12 +68,12 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
     model = make_model("bert")
     add_adapter(model, "task", "houlsby")
-    import adapter_fused.hf.io as io_module
+    import adapter_fused.hf.formats as formats_module
 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(io_module.os, "replace", fail)
+    monkeypatch.setattr(formats_module.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, "task", directory)
     monkeypatch.undo()
