@@ -1,6 +1,8 @@
 """FusedAdapter: the module contract users rely on."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -193,6 +195,12 @@ def test_checked_parameters_follow_every_change(grad: bool) -> None:
     check("activation and scale set")
 
 
+def _plans(layer: FusedAdapter) -> dict:  # type: ignore[type-arg]
+    """The module's bound launches by key."""
+    assert layer._checked is not None
+    return layer._checked.plans
+
+
 class _InterpretedCompiled:
     """A compiled-kernel stand-in for the interpreter: its launcher runs the interpreted kernel with
     the argument list a bound launch passes (every parameter, in signature order)."""
@@ -211,27 +219,35 @@ class _InterpretedCompiled:
         return None
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="binds an interpreted stand-in for the compiled kernel")
-def test_bound_launch_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first no-grad call of an input shape binds the kernel; later ones launch it with only the
-    pointers of x and y and the scale filled in; results match float64 truth. A shape, activation or
-    set of parameters of its own gets a binding of its own; an unaligned or non-contiguous x takes
-    Triton's launcher."""
-    from adapter_fused.kernels import launch
-
+@pytest.fixture
+def interpreted_binding(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[int, ...]], list[dict]]:  # type: ignore[type-arg]
+    """Bound launches through an interpreted stand-in for the compiled kernel: (grids launched, the
+    configs bound with)."""
     from adapter_fused import ops
+    from adapter_fused.kernels import binding
 
-    if not ops.kernels_available(DEVICE):
-        pytest.skip("the kernels do not run on this machine")
+    if DEVICE.type != "cpu" or not ops.kernels_available(DEVICE):
+        pytest.skip("binds an interpreted stand-in for the compiled kernel")
     launches: list[tuple[int, ...]] = []
     bound_with: list[dict] = []  # type: ignore[type-arg]
 
-    def compiled(fn, grid, args, kwargs):  # type: ignore[no-untyped-def]
-        bound_with.append(kwargs)
+    def compiled(fn, grid, args, config):  # type: ignore[no-untyped-def]
+        bound_with.append(config)
         return _InterpretedCompiled(fn, launches)
 
-    monkeypatch.setattr(launch, "_compiled_kernel", compiled)
-    monkeypatch.setattr(launch, "_driver_functions", lambda: ((lambda: 0), (lambda index: 7)))
+    monkeypatch.setattr(binding, "_compiled_kernel", compiled)
+    monkeypatch.setattr(binding, "_driver_functions", lambda: ((lambda: 0), (lambda index: 7)))
+    return launches, bound_with
+
+
+def test_bound_launch_bookkeeping(interpreted_binding) -> None:  # type: ignore[no-untyped-def]
+    """The first no-grad call of a class of row counts binds the kernel; later calls of the class, any
+    row count in it, launch it with only x, the residual, y, the row count and the scale filled in;
+    results match float64 truth. An activation, a class or a set of parameters of its own gets a
+    binding of its own; an unaligned or non-contiguous x or residual takes Triton's launcher."""
+    from adapter_fused.kernels import binding, records
+
+    launches, bound_with = interpreted_binding
     torch.manual_seed(1)
     layer = FusedAdapter(48, 16, activation="gelu", scale=0.7)
     with torch.no_grad():
@@ -239,33 +255,102 @@ def test_bound_launch_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
         x = torch.randn(1, 20, 48)
         assert_matches(layer(x), _truth(layer, x), torch.float32, "binding call")
         assert launches == [] and len(bound_with) == 1 and bound_with[0]["BLOCK_M"] == 16
-        (plan,) = layer._checked.plans.values()
-        assert isinstance(plan, launch.BoundForward) and plan.grid == (2, 1, 1)
-        assert plan.args[plan.scale_slot] == 1.0 and len(plan.x_slots) == 3 and len(plan.y_slots) == 3
+        (plan,) = _plans(layer).values()
+        assert isinstance(plan, binding.BoundForward) and plan.block_m == 16
+        fields = records.FusedRowsArgs._fields
+        assert {fields[i] for i in plan.x_slots} == {"src_ptr", "saved_h_ptr", "mid_ptr", "res_ptr", "idx_ptr"}
+        assert fields[plan.out_slot] == "out_ptr" and fields[plan.rows_slot] == "M"
+        params = [layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias]
+        kept = [v for v in plan.args if isinstance(v, torch.Tensor)]
+        assert kept and all(any(v is p for p in params) for v in kept), "a bound launch keeps parameters only"
         for scale in (0.7, -1.5):
             layer.scale = scale
             x = torch.randn(1, 20, 48)
             assert_matches(layer(x), _truth(layer, x), torch.float32, f"bound launch, scale {scale}")
         assert launches == [(2, 1, 1), (2, 1, 1)]
+        for lead in ((3, 7), (29,)):  # other row counts of the class: the same binding
+            x = torch.randn(*lead, 48)
+            assert_matches(layer(x), _truth(layer, x), torch.float32, f"bound launch, x {lead}")
+        assert launches[2:] == [(2, 1, 1), (2, 1, 1)] and len(bound_with) == 1
+        residual = torch.randn(29, 48)
+        want = _truth(layer, x) - x.double() + residual.double()
+        assert_matches(layer(x, residual=residual), want, torch.float32, "bound launch with a residual")
+        assert len(launches) == 5 and len(_plans(layer)) == 1
         layer.activation = "relu"  # a binding of its own
         layer(x)
         assert_matches(layer(x), _truth(layer, x), torch.float32, "relu, bound")
-        assert len(layer._checked.plans) == 2 and len(launches) == 3
-        x1 = torch.randn(1, 1, 48)  # another shape: one row, one program
+        assert len(_plans(layer)) == 2 and len(launches) == 6
+        x1 = torch.randn(1, 1, 48)  # a class of its own: one row, one program
         layer(x1)
         assert_matches(layer(x1), _truth(layer, x1), torch.float32, "one row, bound")
-        assert launches[-1] == (1, 1, 1) and len(launches) == 4
-        buffer = torch.randn(20 * 48 + 1)
-        unaligned = buffer[1:].view(1, 20, 48)
+        assert launches[-1] == (1, 1, 1) and len(launches) == 7 and len(_plans(layer)) == 3
+        buffer = torch.randn(29 * 48 + 1)
+        unaligned = buffer[1:].view(29, 48)
         assert_matches(layer(unaligned), _truth(layer, unaligned), torch.float32, "unaligned x")
-        strided = torch.randn(1, 48, 20).transpose(1, 2)
+        strided = torch.randn(48, 29).t()
         assert_matches(layer(strided), _truth(layer, strided), torch.float32, "non-contiguous x")
-        assert len(launches) == 4  # both went through Triton's launcher
+        want = _truth(layer, x) - x.double() + strided.double()
+        assert_matches(layer(x, residual=strided), want, torch.float32, "non-contiguous residual")
+        assert len(launches) == 7  # all three went through Triton's launcher
         layer.down.weight = nn.Parameter(torch.randn(16, 48) * 0.2)
         layer(x)
         assert_matches(layer(x), _truth(layer, x), torch.float32, "replaced parameter, bound again")
-        assert len(launches) == 5 and len(layer._checked.plans) == 1
+        assert len(launches) == 8 and len(_plans(layer)) == 1
     y = layer(x.requires_grad_())  # autograd recording: never the bound launch
-    assert len(launches) == 5 and y.grad_fn is not None
+    assert len(launches) == 8 and y.grad_fn is not None
     duplicate = copy.deepcopy(layer)
     assert duplicate._checked is None and layer._checked is not None
+
+
+def _tensors_held(obj: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from ``obj`` through containers and the slots of a module's checked state
+    and its bound launches."""
+    from adapter_fused.kernels.binding import BoundForward
+    from adapter_fused.ops import CheckedParameters
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children: list[object] = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    elif isinstance(obj, (CheckedParameters, BoundForward)):
+        children = [getattr(obj, name) for name in type(obj).__slots__ if hasattr(obj, name)]
+    else:
+        return []
+    return [t for child in children for t in _tensors_held(child, seen)]
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_the_module_keeps_no_activations(interpreted_binding, with_residual: bool) -> None:  # type: ignore[no-untyped-def]
+    """Called under no_grad on 100 prompt lengths, a module keeps nothing of them: every x, residual
+    and y is freed once the caller drops it, its checked state holds no tensor but its parameters,
+    and its bound launches number one per class of row counts, not one per length."""
+    launches, _ = interpreted_binding
+    torch.manual_seed(2)
+    layer = FusedAdapter(16, 4, activation="silu")
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.3)
+    alive: list[weakref.ref] = []  # type: ignore[type-arg]
+    with torch.no_grad():
+        for length in range(1, 101):
+            x = torch.randn(1, length, 16)
+            residual = torch.randn(1, length, 16) if with_residual else None
+            y = layer(x, residual=residual)
+            if length % 33 == 0:  # a few results checked: the launches are interpreted
+                want = _truth(layer, x) + (0 if residual is None else residual.double() - x.double())
+                assert_matches(y, want, torch.float32, f"length {length}")
+                del want
+            alive += [weakref.ref(t) for t in (x, y, residual) if t is not None]
+            del x, y, residual
+    gc.collect()
+    assert not [ref for ref in alive if ref() is not None], "a call's tensors outlived the call"
+    params = list(layer.parameters())
+    held = _tensors_held(layer._checked)
+    assert held and all(any(t is p for p in params) for t in held), [tuple(t.shape) for t in held]
+    # rows 1..100: one row; 2..16, 32, 64, 96 and the rest of 17..100 in buckets 16, 32, 64 and 128
+    assert len(_plans(layer)) == 9 and len(launches) == 100 - 9
