@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import re
 import weakref
 
 import pytest
@@ -90,9 +91,11 @@ def test_bad_arguments(kwargs: dict, error: type) -> None:  # type: ignore[type-
         FusedAdapter(**kwargs)
 
 
-def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.MonkeyPatch, with_residual: bool) -> None:
     """A module call with its own, unchanged parameters validates nothing per call and does not go
-    through the registered operator; outputs and gradients are those of the validated op path."""
+    through the registered operator, with or without a separate residual; outputs and gradients are
+    those of the validated op path."""
     from adapter_fused import library, ops
     from tests.cases import make_problem
 
@@ -100,28 +103,121 @@ def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.Mon
     with torch.no_grad():
         layer.up.weight.normal_(std=0.2)
     p = make_problem((3, 5), 48, 16, torch.float32, DEVICE, seed=31)
+    residual = torch.randn(3, 5, 48, device=DEVICE) if with_residual else None
     params = [layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias]
-    want = fused_adapter(p.x, *params, "gelu", 0.7)
+    want = fused_adapter(p.x, *params, "gelu", 0.7, residual=residual)
     checks, dispatched = [], []
     real_check, real_op = ops.check_adapter_args, library.adapter_forward
     monkeypatch.setattr(ops, "check_adapter_args", lambda *a, **k: checks.append(1) or real_check(*a, **k))
     monkeypatch.setattr(ops, "adapter_forward", lambda *a: dispatched.append(1) or real_op(*a))
-    kernels = ops.kernels_available(DEVICE)
     with torch.no_grad():
-        got = layer(p.x)
+        got = layer(p.x, residual=residual)
     assert torch.equal(got, want) and got.shape == p.x.shape
-    assert dispatched == [] and checks == ([] if kernels else [1])
+    assert dispatched == [] and checks == []
 
     x = p.x.clone().requires_grad_()
-    layer(x).backward(p.grad)
-    fast = [x.grad, *(t.grad for t in params)]
-    if not kernels:
+    res = residual.clone().requires_grad_() if residual is not None else None
+    layer(x, residual=res).backward(p.grad)
+    assert dispatched == [] and checks == []
+    fast = [x.grad, *(t.grad for t in params), *([res.grad] if res is not None else [])]
+    if not ops.kernels_available(DEVICE):
         return
     leaves = [t.detach().clone().requires_grad_() for t in (p.x, *params)]
-    y, _ = real_op(leaves[0].reshape(-1, 48), *leaves[1:], "gelu", 0.7, True, False, None, 1, None)
+    res_leaf = residual.detach().clone().requires_grad_().reshape(-1, 48) if residual is not None else None
+    y, _ = real_op(leaves[0].reshape(-1, 48), *leaves[1:], "gelu", 0.7, True, False, None, 1, res_leaf)
     y.backward(p.grad.reshape(-1, 48))
-    for a, b in zip(fast, (t.grad for t in leaves)):
-        assert a is not None and b is not None and torch.equal(a, b)
+    slow = [t.grad for t in leaves] + ([p.grad] if residual is not None else [])
+    for a, b in zip(fast, slow):
+        assert a is not None and b is not None and torch.equal(a.reshape(b.shape), b)
+
+
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int], list[int]]:
+    """(module parameter checks, argument checks, kernels-availability questions), appended to per call."""
+    from adapter_fused import layer as layer_module
+    from adapter_fused import ops, reference
+
+    counts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for target, name, into in ((layer_module, "check_module_parameters", counts[0]),
+                               (ops, "check_adapter_args", counts[1]), (reference, "check_adapter_args", counts[1]),
+                               (ops, "kernels_available", counts[2])):
+        real = getattr(target, name)
+        monkeypatch.setattr(target, name, lambda *a, _real=real, _into=into, **k: _into.append(1) or _real(*a, **k))
+    return counts
+
+
+def test_a_failed_parameter_check_is_kept_until_the_parameters_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module whose parameters do not pass the once-checks (here a removed bias) checks them once,
+    then each call is validated once on the general path, until a parameter changes."""
+    torch.manual_seed(3)
+    layer = FusedAdapter(24, 8, activation="silu").to(DEVICE)
+    layer.up.bias = None
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.2)
+    module_checks, checks, asked = _count_checks(monkeypatch)
+    x = torch.randn(2, 24, device=DEVICE)
+    for _ in range(3):
+        with torch.no_grad():
+            got = layer(x)
+    assert (len(module_checks), len(checks), len(asked)) == (1, 3, 3)
+    want = reference_adapter(x.double(), layer.down.weight.double(), layer.down.bias.double(),
+                             layer.up.weight.double(), None, "silu", 1.0)
+    assert_matches(got, want, torch.float32, "no up bias")
+    checks.clear()
+    layer.up.bias = nn.Parameter(torch.zeros(24, device=DEVICE))  # checkable now
+    for _ in range(3):
+        with torch.no_grad():
+            layer(x)
+    assert (len(module_checks), len(checks), len(asked)) == (2, 0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_plain_path_runs_the_reference_math_once_checked(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+                                                             ) -> None:
+    """Where the kernels do not run the parameters (no Triton, or float64), a module call checks nothing
+    per call and gives the reference's numbers exactly, with or without a residual and under autocast;
+    bad input raises what fused_adapter raises."""
+    from adapter_fused import ops
+
+    if dtype == torch.float32:
+        monkeypatch.setattr(ops, "kernels_available", lambda device: False)
+    torch.manual_seed(4)
+    layer = FusedAdapter(24, 8, activation="gelu", scale=0.5).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.2)
+    params = (layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias)
+    x = torch.randn(2, 3, 24, device=DEVICE, dtype=dtype)
+    residual = torch.randn(2, 3, 24, device=DEVICE, dtype=dtype)
+    wants = []
+    for res in (None, residual):
+        leaf = x.clone().requires_grad_()
+        want = reference_adapter(leaf, *params, "gelu", 0.5, residual=res)
+        want.backward(torch.ones_like(want))
+        wants.append((want.detach(), leaf.grad))
+    layer(x)
+    module_checks, checks, asked = _count_checks(monkeypatch)
+    for res, (want, want_grad) in zip((None, residual), wants):
+        with torch.no_grad():
+            assert torch.equal(layer(x, residual=res), want)
+        leaf = x.clone().requires_grad_()
+        y = layer(leaf, residual=res)
+        y.backward(torch.ones_like(y))
+        assert torch.equal(y.detach(), want) and torch.equal(leaf.grad, want_grad)  # type: ignore[arg-type]
+    assert (module_checks, checks, asked) == ([], [], [])
+    if dtype == torch.float32:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            got = layer(x, residual=residual)
+            want = reference_adapter(x, *params, "gelu", 0.5, residual=residual)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    for bad, error, words in ((x[..., :-1], ValueError, "x.shape[-1] must equal d = down_weight.shape[-1] = 24"),
+                              (x.half(), TypeError, "has dtype torch.float16")):
+        with pytest.raises(error, match=re.escape(words)):
+            layer(bad)
+        with pytest.raises(error, match="fused_adapter"):
+            fused_adapter(bad, *params, "gelu", 0.5)
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        layer(x, residual=residual[:1])
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        layer(x, residual=residual.half())
 
 
 def test_module_attributes_are_checked_when_set() -> None:
