@@ -108,16 +108,18 @@ class CheckedParameters:
     checking the module's parameters again. The stamp says whether the parameters are still the same
     tensors in the same storage and unchanged in place (``_version`` counts in-place changes,
     ``resize_`` among them; ``.data`` assignment, as ``Module.to`` does, changes the data pointer).
-    ``plans`` keeps a bound kernel launch per activation, determinism setting and class of row count
-    (see ``module_forward``): never more than ``MAX_PLANS``, holding parameters and constants only."""
+    ``plans`` keeps a bound kernel launch per activation, determinism setting, class of row count and
+    (fp32) TF32 setting (see ``module_forward``): never more than ``MAX_PLANS``, holding parameters and
+    constants only."""
 
     __slots__ = ("d", "device", "device_type", "dtype", "kernels", "params", "plans", "stamp", "usable")
     dtype: torch.dtype | None
     device: torch.device | None
 
     MAX_PLANS = 32
-    """Bound launches per module; more clear the table. Row counts fall into at most 12 tuning buckets
-    and 3 specializations each, whatever the number of distinct input shapes."""
+    """Bound launches per module; more clear the table. However many distinct input shapes a module
+    sees, their row counts fall into a few classes (``kernels.rows_class``: 12 tuning buckets, and in
+    each how Triton specializes the integer), so the table stays small without clearing."""
 
     def __init__(self, params: Params, usable: bool = True, kernels: ModuleType | None = None) -> None:
         self.params = params
@@ -208,7 +210,9 @@ def module_forward(state: CheckedParameters, x: object, params: Params, activati
     if rows == 0:
         return run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
     fixed = torch.are_deterministic_algorithms_enabled()
-    key = (activation, fixed, kernels.rows_class(rows))
+    key: tuple[object, ...] = (activation, fixed, kernels.rows_class(rows))
+    if state.dtype is torch.float32:  # the dots' precision was bound too: TF32 only where allowed
+        key += (torch.backends.cuda.matmul.allow_tf32,)
     plans = state.plans
     plan = plans.get(key)
     if plan:

@@ -316,7 +316,8 @@ class _InterpretedCompiled:
 
 
 @pytest.fixture
-def interpreted_binding(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[int, ...]], list[dict]]:  # type: ignore[type-arg]
+def interpreted_binding(monkeypatch: pytest.MonkeyPatch
+                        ) -> tuple[list[tuple[int, ...]], list[dict]]:  # type: ignore[type-arg]
     """Bound launches through an interpreted stand-in for the compiled kernel: (grids launched, the
     configs bound with)."""
     from adapter_fused import ops
@@ -380,6 +381,15 @@ def test_bound_launch_bookkeeping(interpreted_binding) -> None:  # type: ignore[
         layer(x1)
         assert_matches(layer(x1), _truth(layer, x1), torch.float32, "one row, bound")
         assert launches[-1] == (1, 1, 1) and len(launches) == 7 and len(_plans(layer)) == 3
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:  # fp32: the dots' precision is bound too, so allowing TF32 binds again
+            torch.backends.cuda.matmul.allow_tf32 = not tf32
+            layer(x1)
+            assert len(launches) == 7 and len(_plans(layer)) == 4 and len(bound_with) == 4
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        layer(x1)
+        assert len(launches) == 8 and len(_plans(layer)) == 4
         buffer = torch.randn(29 * 48 + 1)
         unaligned = buffer[1:].view(29, 48)
         assert_matches(layer(unaligned), _truth(layer, unaligned), torch.float32, "unaligned x")
@@ -387,13 +397,13 @@ def test_bound_launch_bookkeeping(interpreted_binding) -> None:  # type: ignore[
         assert_matches(layer(strided), _truth(layer, strided), torch.float32, "non-contiguous x")
         want = _truth(layer, x) - x.double() + strided.double()
         assert_matches(layer(x, residual=strided), want, torch.float32, "non-contiguous residual")
-        assert len(launches) == 7  # all three went through Triton's launcher
+        assert len(launches) == 8  # all three went through Triton's launcher
         layer.down.weight = nn.Parameter(torch.randn(16, 48) * 0.2)
         layer(x)
         assert_matches(layer(x), _truth(layer, x), torch.float32, "replaced parameter, bound again")
-        assert len(launches) == 8 and len(_plans(layer)) == 1
+        assert len(launches) == 9 and len(_plans(layer)) == 1
     y = layer(x.requires_grad_())  # autograd recording: never the bound launch
-    assert len(launches) == 8 and y.grad_fn is not None
+    assert len(launches) == 9 and y.grad_fn is not None
     duplicate = copy.deepcopy(layer)
     assert duplicate._checked is None and layer._checked is not None
 
@@ -422,7 +432,8 @@ def _tensors_held(obj: object, seen: set[int] | None = None) -> list[torch.Tenso
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_the_module_keeps_no_activations(interpreted_binding, with_residual: bool) -> None:  # type: ignore[no-untyped-def]
+def test_the_module_keeps_no_activations(interpreted_binding,  # type: ignore[no-untyped-def]
+                                         with_residual: bool) -> None:
     """Called under no_grad on 100 prompt lengths, a module keeps nothing of them: every x, residual
     and y is freed once the caller drops it, its checked state holds no tensor but its parameters,
     and its bound launches number one per class of row counts, not one per length."""

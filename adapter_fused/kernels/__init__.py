@@ -12,5 +12,6 @@ from .tuning import INTERPRET, MAX_FUSED_R, padded_rank
 
 __all__ = [
     "ACTIVATION_CODES", "INTERPRET", "MAX_FUSED_R", "BoundForward", "adapter_backward", "adapter_backward_packed",
-    "adapter_forward", "bind_forward", "bindable", "padded_rank", "rows_class", "unpack_weight_grads", "weight_grad_layout",
+    "adapter_forward", "bind_forward", "bindable", "padded_rank", "rows_class", "unpack_weight_grads",
+    "weight_grad_layout",
 ]

@@ -169,7 +169,8 @@ class BoundForward:
         hooks = self.hooks
         enter = hooks.launch_enter_hook
         metadata = None if enter is None else self.kernel.launch_metadata((programs, 1, 1), stream, *args)
-        self.launcher(programs, 1, 1, stream, self.function, self.packed, metadata, enter, hooks.launch_exit_hook, *args)
+        self.launcher(programs, 1, 1, stream, self.function, self.packed, metadata, enter, hooks.launch_exit_hook,
+                      *args)
         return y
 
 
@@ -223,7 +224,8 @@ def bind_forward(
         return None
     values = [*args, *(config[name] for name in blocks)]
     x_slots = tuple(i for i, v in enumerate(values) if v is x2)
-    slots: dict[str, Any] = {"x": x_slots, **{name: args._fields.index(name) for name in ("out_ptr", "res_ptr", "M", "scale")}}
+    slots: dict[str, Any] = {"x": x_slots}
+    slots.update((name, args._fields.index(name)) for name in ("out_ptr", "res_ptr", "M", "scale"))
     for i in (*x_slots, slots["out_ptr"]):
         values[i] = None  # filled per call
     params = [p for p in (down_weight, down_bias, up_weight, up_bias) if p is not None]

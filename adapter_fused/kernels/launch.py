@@ -75,7 +75,8 @@ def _launch(tuned: Any, grid: Grid, args: NamedTuple, *, fixed_config: bool, mem
         return
     if memo is None:
         keys, pointers = _key_layout(tuned, len(args))
-        memo = (fixed_config, args[0].device, *map(args.__getitem__, keys), *map(_DTYPE, map(args.__getitem__, pointers)))
+        memo = (fixed_config, args[0].device, *map(args.__getitem__, keys),
+                *map(_DTYPE, map(args.__getitem__, pointers)))
     memo = (tuned, *memo)
     chosen = _CHOSEN.get(memo)
     tuned_here: list[bool] = []

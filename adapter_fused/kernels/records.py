@@ -15,9 +15,10 @@ Tensor roles (every tensor may have any strides unless said otherwise):
     b1, b2          (R,), (D,) or None; grouped (n, R), (n, D)
     saved_h, mid    (M, R) fp32  h saved by the forward (read with unit column stride), the stored middle block
     index           1-D integer tensor or None: row m uses adapter index[m // rows_per_index]
-A pointer the kernel does not touch (an absent bias, h in the forward, a buffer not stored) is filled
-with another tensor of the launch of the dtype the old positional launches passed (the dtypes of the
-pointers are part of the tuning key kept on disk), and its strides with 0.
+A pointer the kernel does not touch (an absent bias or index, h in the forward, a buffer not stored)
+is filled with another tensor of the launch, of the dtype the tuning keys kept on disk were made with
+(the pointers' dtypes are part of them): an absent bias with its weight, the unstored middle block
+with the saved h (backward) or the input rows (forward); an absent bias's, index's or h's strides are 0.
 """
 
 from typing import NamedTuple

@@ -120,7 +120,8 @@ def bound_facts() -> dict[str, Any]:
         named = dict(zip(names, args))
         facts["call"] = {
             "normal_launches": recorder.normal, "grid": list(grid), "argument_count": [len(args), len(names)],
-            "x_slots": sorted(k for k, v in named.items() if v is x), "y_slots": sorted(k for k, v in named.items() if v is y),
+            "x_slots": sorted(k for k, v in named.items() if v is x),
+            "y_slots": sorted(k for k, v in named.items() if v is y),
             "M": named["M"], "scale": named["scale"], "constants_as_bound": all(
                 named[k] == v for k, v in zip(FusedRowsArgs._fields, plans[0].args)
                 if v is not None and not isinstance(v, torch.Tensor) and k not in ("M", "scale")),
