@@ -205,8 +205,8 @@ class ReduceGroupsArgs(NamedTuple):
 def _matrix(w: Tensor, transposed: bool) -> tuple[int, int, int]:
     """(adapter stride, row stride, column stride) of a 2-D or stacked 3-D weight, read as its
     transpose when ``transposed``."""
-    adapter = w.stride(0) if w.dim() == 3 else 0
-    rows, cols = w.stride(-2), w.stride(-1)
+    strides = w.stride()  # one call: stride(dim) costs as much as the whole tuple
+    adapter, rows, cols = strides if len(strides) == 3 else (0, *strides)
     return (adapter, cols, rows) if transposed else (adapter, rows, cols)
 
 
@@ -215,12 +215,13 @@ def _vector(b: Tensor | None, fallback: Tensor) -> tuple[Tensor, int, int]:
     strides when there is none."""
     if b is None:
         return fallback, 0, 0
-    return b, (b.stride(0) if b.dim() == 2 else 0), b.stride(-1)
+    strides = b.stride()
+    return (b, *strides) if len(strides) == 2 else (b, 0, strides[0])
 
 
 def _index(index: Tensor | None, rows_per_index: int, fallback: Tensor) -> tuple[Tensor, int, int]:
     """(index tensor, its stride, rows per entry); ``fallback``, 0, 1 when there is none."""
-    return (fallback, 0, 1) if index is None else (index, index.stride(0), rows_per_index)
+    return (fallback, 0, 1) if index is None else (index, index.stride()[0], rows_per_index)
 
 
 def _bottleneck(w: Tensor, transposed: bool) -> int:
@@ -263,16 +264,20 @@ def fused_rows_args(
     b2_t, b2_a, b2_n = _vector(b2, w2)
     idx, stride_idx, per_index = _index(index, rows_per_index, src)
     out_t = out if out is not None else src
+    stride_sm, stride_sk = src.stride()
+    stride_om, stride_on = out_t.stride()
+    stride_rm, stride_rn = res.stride()
     return FusedRowsArgs(
-        src_ptr=src, stride_sm=src.stride(0), stride_sk=src.stride(1),
+        src_ptr=src, stride_sm=stride_sm, stride_sk=stride_sk,
         w1_ptr=w1, stride_w1a=w1_a, stride_w1r=w1_r, stride_w1k=w1_k,
         b1_ptr=b1_t, stride_b1a=b1_a, stride_b1r=b1_r,
-        saved_h_ptr=saved_h if saved_h is not None else src, stride_hm=saved_h.stride(0) if saved_h is not None else 0,
+        saved_h_ptr=saved_h if saved_h is not None else src,
+        stride_hm=saved_h.stride()[0] if saved_h is not None else 0,
         mid_ptr=mid if mid is not None else saved_h if saved_h is not None else src, stride_mid=R,
         w2_ptr=w2, stride_w2a=w2_a, stride_w2n=w2_n, stride_w2r=w2_r,
         b2_ptr=b2_t, stride_b2a=b2_a, stride_b2n=b2_n,
-        out_ptr=out_t, stride_om=out_t.stride(0), stride_on=out_t.stride(1),
-        res_ptr=res, stride_rm=res.stride(0), stride_rn=res.stride(1),
+        out_ptr=out_t, stride_om=stride_om, stride_on=stride_on,
+        res_ptr=res, stride_rm=stride_rm, stride_rn=stride_rn,
         idx_ptr=idx, stride_idx=stride_idx, rows_per_index=per_index,
         n_adapters=w1.shape[0] if index is not None else 1,
         M=M, D=D, R=R, scale=scale, rows_bucket=rows_bucket(M),
@@ -304,12 +309,14 @@ def project_args(
     w1_a, w1_r, w1_k = _matrix(w1, transposed)
     b1_t, b1_a, b1_r = _vector(b1, w1)
     idx, stride_idx, per_index = _index(index, rows_per_index, src)
+    stride_sm, stride_sk = src.stride()
     return ProjectArgs(
-        src_ptr=src, stride_sm=src.stride(0), stride_sk=src.stride(1),
+        src_ptr=src, stride_sm=stride_sm, stride_sk=stride_sk,
         w1_ptr=w1, stride_w1a=w1_a, stride_w1r=w1_r, stride_w1k=w1_k,
         b1_ptr=b1_t, stride_b1a=b1_a, stride_b1r=b1_r,
-        saved_h_ptr=saved_h if saved_h is not None else mid, stride_hm=saved_h.stride(0) if saved_h is not None else 0,
-        mid_ptr=mid, stride_mid=mid.stride(0),
+        saved_h_ptr=saved_h if saved_h is not None else mid,
+        stride_hm=saved_h.stride()[0] if saved_h is not None else 0,
+        mid_ptr=mid, stride_mid=mid.stride()[0],
         idx_ptr=idx, stride_idx=stride_idx, rows_per_index=per_index,
         n_adapters=w1.shape[0] if index is not None else 1,
         M=M, D=D, R=_bottleneck(w1, transposed), scale=scale, rows_bucket=rows_bucket(M),
@@ -341,12 +348,14 @@ def expand_args(
     w2_a, w2_n, w2_r = _matrix(w2, transposed)
     b2_t, b2_a, b2_n = _vector(b2, w2)
     idx, stride_idx, per_index = _index(index, rows_per_index, res)
+    stride_sm, stride_sk = res.stride()
+    stride_om, stride_on = out.stride()
     return ExpandArgs(
-        src_ptr=res, stride_sm=res.stride(0), stride_sk=res.stride(1),
-        mid_ptr=mid, stride_mid=mid.stride(0),
+        src_ptr=res, stride_sm=stride_sm, stride_sk=stride_sk,
+        mid_ptr=mid, stride_mid=mid.stride()[0],
         w2_ptr=w2, stride_w2a=w2_a, stride_w2n=w2_n, stride_w2r=w2_r,
         b2_ptr=b2_t, stride_b2a=b2_a, stride_b2n=b2_n,
-        out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1),
+        out_ptr=out, stride_om=stride_om, stride_on=stride_on,
         idx_ptr=idx, stride_idx=stride_idx, rows_per_index=per_index,
         n_adapters=w2.shape[0] if index is not None else 1,
         M=M, D=D, R=mid.shape[1], out_scale=out_scale, rows_bucket=rows_bucket(M),
@@ -384,10 +393,12 @@ def weight_grad_args(
     R = h.shape[1]
     idx, stride_idx, per_index = _index(index, rows_per_index, grad)
     off_wd, off_bu, off_bd = offsets
+    stride_gm, stride_gk = grad.stride()
+    stride_xm, stride_xk = x.stride()
     return WeightGradArgs(
-        g_ptr=grad, stride_gm=grad.stride(0), stride_gk=grad.stride(1),
-        x_ptr=x, stride_xm=x.stride(0), stride_xk=x.stride(1),
-        h_ptr=h, stride_hm=h.stride(0),
+        g_ptr=grad, stride_gm=stride_gm, stride_gk=stride_gk,
+        x_ptr=x, stride_xm=stride_xm, stride_xk=stride_xk,
+        h_ptr=h, stride_hm=h.stride()[0],
         gh_ptr=gh if gh is not None else h, stride_ghm=R,
         dtype_ptr=weight,
         out_ptr=out, group_stride=out.shape[-1], off_wd=off_wd, off_bu=off_bu, off_bd=off_bd,
