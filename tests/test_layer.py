@@ -104,7 +104,7 @@ def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.Mon
         layer.up.weight.normal_(std=0.2)
     p = make_problem((3, 5), 48, 16, torch.float32, DEVICE, seed=31)
     residual = torch.randn(3, 5, 48, device=DEVICE) if with_residual else None
-    params = [layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias]
+    params = (layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias)
     want = fused_adapter(p.x, *params, "gelu", 0.7, residual=residual)
     checks, dispatched = [], []
     real_check, real_op = ops.check_adapter_args, library.adapter_forward
@@ -150,7 +150,7 @@ def test_a_failed_parameter_check_is_kept_until_the_parameters_change(monkeypatc
     then each call is validated once on the general path, until a parameter changes."""
     torch.manual_seed(3)
     layer = FusedAdapter(24, 8, activation="silu").to(DEVICE)
-    layer.up.bias = None
+    layer.up.register_parameter("bias", None)
     with torch.no_grad():
         layer.up.weight.normal_(std=0.2)
     module_checks, checks, asked = _count_checks(monkeypatch)

@@ -451,14 +451,15 @@ def test_one_check_per_call(monkeypatch: pytest.MonkeyPatch, kernels: bool, with
     p = make_problem((2, 3), 32, 8, torch.float32, DEVICE, seed=5)
     residual = torch.randn(p.x.shape, device=DEVICE) if with_residual else None
     counts = _Counts(monkeypatch, kernels=None if kernels else False)
+    params = (p.down_weight, p.down_bias, p.up_weight, p.up_bias)
+    truth = [t.double() if t is not None else None for t in (p.x, *params, residual)]
+    want = reference_adapter(truth[0], truth[1], truth[2], truth[3], truth[4], "silu", 0.5,  # type: ignore[arg-type]
+                             residual=truth[5])
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            got = fused_adapter(*p.inputs, "silu", 0.5, residual=residual)
+            got = fused_adapter(p.x, *params, "silu", 0.5, residual=residual)
         assert counts.take() == (1, 1, 0), f"grad {grad}"
-        want = reference_adapter(*(t.double() for t in p.inputs), "silu", 0.5,  # type: ignore[union-attr]
-                                 residual=residual.double() if residual is not None else None)
         assert_matches(got, want, torch.float32, "y")
-        counts.take()
 
 
 def test_the_reference_path_under_autocast_follows_linear(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -469,14 +470,17 @@ def test_the_reference_path_under_autocast_follows_linear(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(ops_module, "kernels_available", lambda device: False)
     p = make_problem((2, 5), 32, 8, torch.float32, DEVICE, seed=6)
+    assert p.down_bias is not None and p.up_bias is not None
+    params = (p.down_weight, p.down_bias, p.up_weight, p.up_bias)
     residual = torch.randn(p.x.shape, device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         for res in (None, residual):
-            got = fused_adapter(*p.inputs, "gelu", 0.5, residual=res)
-            want = reference_adapter(*p.inputs, "gelu", 0.5, residual=res)
+            got = fused_adapter(p.x, *params, "gelu", 0.5, residual=res)
+            want = reference_adapter(p.x, *params, "gelu", 0.5, residual=res)
             assert got.dtype == torch.float32 and torch.equal(got, want)
-        bank = [torch.stack([t, 2 * t]) for t in p.inputs[1:]]  # type: ignore[list-item]
+        bank = tuple(torch.stack([t, 2 * t]) for t in params)
         index = torch.tensor([0, 1], device=DEVICE)
-        got = fused_adapter_grouped(p.x, index, *bank, "gelu", 0.5, residual=residual)
-        want = reference_adapter_grouped(p.x, index, *bank, "gelu", 0.5, residual=residual)
+        got = fused_adapter_grouped(p.x, index, bank[0], bank[1], bank[2], bank[3], "gelu", 0.5, residual=residual)
+        want = reference_adapter_grouped(p.x, index, bank[0], bank[1], bank[2], bank[3], "gelu", 0.5,
+                                         residual=residual)
         assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -21,7 +21,7 @@ is filled with another tensor of the launch, of the dtype the tuning keys kept o
 with the saved h (backward) or the input rows (forward); an absent bias's, index's or h's strides are 0.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -415,7 +415,7 @@ def reduce_groups_args(*, partial: Tensor, out: Tensor) -> ReduceGroupsArgs:
     return ReduceGroupsArgs(partial_ptr=partial, out_ptr=out, total=total, groups=groups, BLOCK=REDUCE_BLOCK)
 
 
-RECORDS: dict[str, type[tuple]] = {
+RECORDS: dict[str, Any] = {
     "fused_rows_kernel": FusedRowsArgs, "project_kernel": ProjectArgs, "expand_kernel": ExpandArgs,
     "weight_grad_kernel": WeightGradArgs, "reduce_groups_kernel": ReduceGroupsArgs,
 }

@@ -2,6 +2,7 @@
 fill them from tensors (strides, flags and placeholders) as the launches need."""
 
 import inspect
+from typing import Any
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_record_fields_are_the_kernels_parameters(name: str) -> None:
 
 def test_a_misnamed_or_missing_field_is_an_error() -> None:
     x = torch.zeros(2, 2)
-    fields = {"partial_ptr": x, "out_ptr": x, "total": 4, "groups": 2, "BLOCK": REDUCE_BLOCK}
+    fields: dict[str, Any] = {"partial_ptr": x, "out_ptr": x, "total": 4, "groups": 2, "BLOCK": REDUCE_BLOCK}
     assert records.ReduceGroupsArgs(**fields).total == 4
     with pytest.raises(TypeError):
         records.ReduceGroupsArgs(**{**{k: v for k, v in fields.items() if k != "total"}, "totl": 4})
