@@ -455,6 +455,7 @@ def test_one_check_per_call(monkeypatch: pytest.MonkeyPatch, kernels: bool, with
     truth = [t.double() if t is not None else None for t in (p.x, *params, residual)]
     want = reference_adapter(truth[0], truth[1], truth[2], truth[3], truth[4], "silu", 0.5,  # type: ignore[arg-type]
                              residual=truth[5])
+    counts.take()
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             got = fused_adapter(p.x, *params, "silu", 0.5, residual=residual)
