@@ -100,15 +100,16 @@ class FusedAdapter(nn.Module):
         # without nn.Module.__getattr__'s fallback chain: this is the hot path of batch-1 decoding).
         down, up = self._modules["down"]._parameters, self._modules["up"]._parameters  # type: ignore[union-attr]
         params = (down.get("weight"), down.get("bias"), up.get("weight"), up.get("bias"))
-        if residual is None and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             # Eager: the parameters are checked once and again only when one is replaced, moved or
-            # changed in place other than in value; activation and scale were checked when set.
+            # changed in place other than in value (a failed check is kept too); activation and scale
+            # were checked when set.
             state = self.__dict__.get("_checked")
             if state is None or not state.current(params):
                 state = check_module_parameters(params, self._shapes)
                 self.__dict__["_checked"] = state
-            if state is not None:
-                y = module_forward(state, x, params, self._activation, self._scale)  # type: ignore[arg-type]
+            if state is not None and state.usable:
+                y = module_forward(state, x, params, self._activation, self._scale, residual)  # type: ignore[arg-type]
                 if y is not None:
                     return y
         if any(p is None for p in params):  # reparametrized (e.g. torch.nn.utils.parametrize): plain attributes

@@ -13,15 +13,15 @@ Importing this module imports neither the compiler stack (``torch._dynamo``, sym
 both load on first use.
 """
 
-import contextlib
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import TypeVar
 
 import torch
 
 from .library import EagerAdapterFunction, adapter_forward, launch_forward, load_kernels
-from .reference import reference_adapter
+from .reference import adapter_math
 from .validation import check_adapter_args
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,9 +69,10 @@ def checked_call(
     stacked: bool = False,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Params, str, float, bool, torch.Tensor | None]:
-    """Validate an adapter call and apply autocast, as ``F.linear`` would: under autocast the
-    parameters are cast to the autocast dtype and x (and the residual) to the type x + that dtype
-    promotes to.
+    """Validate an adapter call and apply autocast, as ``F.linear`` would: under autocast x (and the
+    residual) are cast to the type x + the autocast dtype promotes to, and the parameters to the
+    autocast dtype when the Triton kernels run the call (the reference's ``F.linear`` casts them
+    itself: it runs under the caller's autocast).
 
     Returns (x, params, canonical activation, scale, whether the Triton kernels run it, residual).
     """
@@ -87,31 +88,50 @@ def checked_call(
                                       residual=residual)
     if autocast:
         compute = torch.get_autocast_dtype(x.device.type)
-        params = tuple(p.to(compute) if p is not None else None for p in params)  # type: ignore[assignment]
         x = x.to(torch.promote_types(x.dtype, compute))
         residual = residual.to(x.dtype) if residual is not None else None
-    use_kernels = params[0].dtype in KERNEL_DTYPES and x.dtype in KERNEL_DTYPES and kernels_available(x.device)
+        use_kernels = compute in KERNEL_DTYPES and x.dtype in KERNEL_DTYPES and kernels_available(x.device)
+        if use_kernels:
+            params = tuple(p.to(compute) if p is not None else None for p in params)  # type: ignore[assignment]
+    else:
+        use_kernels = params[0].dtype in KERNEL_DTYPES and x.dtype in KERNEL_DTYPES and kernels_available(x.device)
     return x, params, act, scale_f, use_kernels, residual
 
 
 class CheckedParameters:
-    """A module's four parameters as checked once (present, one kernel dtype, one device the kernels
-    run on, the module's shapes), with what a call may then skip: the stamp says whether they are
-    still the same tensors in the same storage and unchanged in place (``_version`` counts in-place
-    changes, ``resize_`` among them; ``.data`` assignment, as ``Module.to`` does, changes the data
-    pointer), and ``plans`` keeps a bound kernel launch per input shape (see ``module_forward``)."""
+    """A module's four parameters as checked once, with what a call may then skip.
 
-    __slots__ = ("d", "device", "device_type", "dtype", "params", "plans", "stamp")
+    ``usable``: the parameters passed the checks a call would make of them (all four plain tensors,
+    floating point, one dtype and device, the module's shapes); ``kernels``: the kernels module when
+    the Triton kernels run them (a kernel dtype on a device they run on), None when the reference runs
+    them. An unusable set is kept too (a negative answer): calls take the validating path without
+    checking the module's parameters again. The stamp says whether the parameters are still the same
+    tensors in the same storage and unchanged in place (``_version`` counts in-place changes,
+    ``resize_`` among them; ``.data`` assignment, as ``Module.to`` does, changes the data pointer).
+    ``plans`` keeps a bound kernel launch per activation, determinism setting, class of row count and
+    (fp32) TF32 setting (see ``module_forward``): never more than ``MAX_PLANS``, holding parameters and
+    constants only."""
 
-    MAX_PLANS = 16
-    """Input shapes bound per module; more clear the table (varying prompt lengths)."""
+    __slots__ = ("d", "device", "device_type", "dtype", "kernels", "params", "plans", "stamp", "usable")
+    dtype: torch.dtype | None
+    device: torch.device | None
 
-    def __init__(self, params: Params) -> None:
+    MAX_PLANS = 32
+    """Bound launches per module; more clear the table. However many distinct input shapes a module
+    sees, their row counts fall into a few classes (``kernels.rows_class``: 12 tuning buckets, and in
+    each how Triton specializes the integer), so the table stays small without clearing."""
+
+    def __init__(self, params: Params, usable: bool = True, kernels: ModuleType | None = None) -> None:
         self.params = params
         self.stamp = parameter_stamp(params)
+        self.usable = usable
+        self.kernels = kernels
         weight = params[0]
-        self.dtype, self.device, self.device_type = weight.dtype, weight.device, weight.device.type
-        self.d = weight.shape[-1]
+        if usable and weight is not None:
+            self.dtype, self.device, self.device_type = weight.dtype, weight.device, weight.device.type
+            self.d = weight.shape[-1]
+        else:
+            self.dtype, self.device, self.device_type, self.d = None, None, "", -1
         self.plans: dict[tuple[object, ...], object] = {}
 
     def current(self, params: Params) -> bool:
@@ -122,65 +142,100 @@ class CheckedParameters:
 
 
 def parameter_stamp(params: Params) -> tuple[int, ...]:
-    """(version counter, data pointer) of each of four present parameters."""
+    """(version counter, data pointer) of each of four parameters ((-1, 0) for an absent one)."""
     w1, b1, w2, b2 = params
-    return (w1._version, w1.data_ptr(), b1._version, b1.data_ptr(),  # type: ignore[union-attr]
-            w2._version, w2.data_ptr(), b2._version, b2.data_ptr())  # type: ignore[union-attr]
+    try:
+        return (w1._version, w1.data_ptr(), b1._version, b1.data_ptr(),  # type: ignore[union-attr]
+                w2._version, w2.data_ptr(), b2._version, b2.data_ptr())  # type: ignore[union-attr]
+    except AttributeError:  # an absent parameter (None)
+        return tuple(v for p in params for v in ((-1, 0) if p is None else (p._version, p.data_ptr())))
+
+
+def _plain(t: object) -> bool:
+    return type(t) is torch.nn.Parameter or type(t) is torch.Tensor
 
 
 def check_module_parameters(params: Params, shapes: tuple[tuple[int, ...], ...]) -> CheckedParameters | None:
     """The checks a module's own parameters pass once, for ``module_forward``: all four present (not
-    reparametrized), shaped as the module's ``shapes``, sharing a dtype the kernels run and a device
-    they run on. None when any fails (the call then takes the validating path)."""
-    if any(p is None or type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor for p in params):
+    reparametrized, no bias removed), plain tensors shaped as the module's ``shapes``, sharing a
+    floating dtype and a device; whether the kernels run them. A set that fails is returned unusable
+    (the call then takes the validating path); None only for tensor subclasses, which are checked on
+    every call."""
+    if any(p is not None and not _plain(p) for p in params):
         return None
-    dtype, device = params[0].dtype, params[0].device
-    if dtype not in KERNEL_DTYPES:
-        return None
+    if any(p is None for p in params):
+        return CheckedParameters(params, usable=False)
+    dtype, device = params[0].dtype, params[0].device  # type: ignore[union-attr]
+    if not dtype.is_floating_point:
+        return CheckedParameters(params, usable=False)
     for p, shape in zip(params, shapes):
         if p.dtype != dtype or p.shape != shape or p.device != device:  # type: ignore[union-attr]
-            return None
-    return CheckedParameters(params) if kernels_available(device) else None
+            return CheckedParameters(params, usable=False)
+    kernels = load_kernels() if dtype in KERNEL_DTYPES and kernels_available(device) else None
+    return CheckedParameters(params, usable=True, kernels=kernels)
 
 
-def module_forward(state: CheckedParameters, x: object, params: Params, activation: str, scale: float
-                   ) -> torch.Tensor | None:
-    """A module's call with parameters ``state`` checked (``state.current(params)`` holds): x (..., d)
-    -> y, or None when the call needs the validating path (x not a plain tensor on the parameters'
-    device in their dtype, autocast on, or being traced by torch.compile, which the caller checks
-    first). No per-call check of the parameters, no dispatcher.
+def module_forward(state: CheckedParameters, x: object, params: Params, activation: str, scale: float,
+                   residual: object = None) -> torch.Tensor | None:
+    """A module's call with usable parameters ``state`` (``state.current(params)`` holds): x (..., d),
+    residual (x's shape) or None -> y, or None when the call needs the validating path (x or the
+    residual not a plain tensor on the parameters' device in their dtype, shapes that do not fit,
+    autocast on, or being traced by torch.compile, which the caller checks first). No per-call check
+    of the parameters, no dispatcher.
 
-    Without autograd recording, the first call for an input shape launches through Triton's launcher
-    and binds the compiled kernel (``kernels.bind_forward``); later calls for that shape launch it
-    directly, filling in only the pointers of x and y."""
+    Where the kernels do not run the parameters, the reference's math runs directly. Without
+    autograd recording, the first call of a class of row counts (``kernels.rows_class``) launches
+    through Triton's launcher and binds the compiled kernel (``kernels.bind_forward``); later calls
+    of that class launch it directly, filling in only x, the residual, y, the row count and the scale."""
     if type(x) is not torch.Tensor or x.dtype is not state.dtype or x.device != state.device:
+        return None
+    shape = x.shape
+    d = state.d
+    if not shape or shape[-1] != d:
+        return None
+    if residual is not None and (type(residual) is not torch.Tensor or residual.dtype is not state.dtype
+                                 or residual.device != state.device or residual.shape != shape):
         return None
     if torch.is_autocast_enabled(state.device_type):
         return None
-    record = torch.is_grad_enabled() and (x.requires_grad or params[0].requires_grad or params[1].requires_grad  # type: ignore[union-attr]
-                                          or params[2].requires_grad or params[3].requires_grad)  # type: ignore[union-attr]
-    if record:
-        if x.dim() == 0 or x.shape[-1] != state.d:
-            return None
-        return run_kernels(x, params, activation, scale)
+    kernels = state.kernels
+    if kernels is None:
+        return adapter_math(x, *params, activation, scale, residual)  # type: ignore[arg-type]
+    if torch.is_grad_enabled() and (
+            x.requires_grad or params[0].requires_grad or params[1].requires_grad  # type: ignore[union-attr]
+            or params[2].requires_grad or params[3].requires_grad  # type: ignore[union-attr]
+            or residual is not None and residual.requires_grad):  # type: ignore[union-attr]
+        return run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
+    rows = x.numel() // d
+    if rows == 0:
+        return run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
     fixed = torch.are_deterministic_algorithms_enabled()
-    key = (x.shape, activation, fixed)
+    key: tuple[object, ...] = (activation, fixed, kernels.rows_class(rows))
+    if state.dtype is torch.float32:  # the dots' precision was bound too: TF32 only where allowed
+        key += (torch.backends.cuda.matmul.allow_tf32,)
     plans = state.plans
     plan = plans.get(key)
     if plan:
-        y = plan(x, scale)  # type: ignore[operator]
+        y = plan(x, rows, scale, residual)  # type: ignore[operator]
         if y is not None:
             return y
-    if x.dim() == 0 or x.shape[-1] != state.d:
-        return None
-    y = run_kernels(x, params, activation, scale)
-    if plan is None:
+    y = run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
+    if plan is None and kernels.bindable(x):
         if len(plans) >= state.MAX_PLANS:
             plans.clear()
-        kernels = load_kernels()
-        bound = kernels.bind_forward(x, *params, kernels.ACTIVATION_CODES[activation], fixed) if kernels else None
-        plans[key] = bound or False  # False: not bindable, no further attempt
+        plans[key] = kernels.bind_forward(x, *params, kernels.ACTIVATION_CODES[activation], fixed) or False
     return y
+
+
+def _launch_op(args: tuple, grad: bool, save_h: bool) -> torch.Tensor:
+    """y (M, d) of the fused op on ``adapter_forward``'s twelve arguments, by the cheapest route for the
+    world the call is in."""
+    if torch.compiler.is_compiling():
+        return adapter_forward(*args)[0]
+    residual = args[-1]
+    if save_h or (grad and residual is not None and residual.requires_grad):
+        return EagerAdapterFunction.apply(*args)[0]
+    return launch_forward(*args)
 
 
 def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,
@@ -197,14 +252,11 @@ def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,
     d = x.shape[-1]
     res = residual.reshape(-1, d) if residual is not None else None
     args = (x.reshape(-1, d), *params, activation, scale, save_h, fixed, index, rows_per_index, res)
-    autocast = torch.is_autocast_enabled(x.device.type)
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        if torch.compiler.is_compiling():
-            y, _ = adapter_forward(*args)
-        elif save_h or (grad and res is not None and res.requires_grad):
-            y, _ = EagerAdapterFunction.apply(*args)
-        else:
-            y = launch_forward(*args)
+    if torch.is_autocast_enabled(x.device.type):  # the inputs are cast already
+        with torch.autocast(x.device.type, enabled=False):
+            y = _launch_op(args, grad, save_h)
+    else:
+        y = _launch_op(args, grad, save_h)
     return y.view(x.shape)
 
 
@@ -235,6 +287,5 @@ def fused_adapter(
     x, params, act, scale_f, use_kernels, residual = checked_call(
         "fused_adapter", x, (down_weight, down_bias, up_weight, up_bias), activation, scale, residual=residual)
     if not use_kernels:
-        with torch.autocast(x.device.type, enabled=False):
-            return reference_adapter(x, *params, act, scale_f, residual=residual)
+        return adapter_math(x, *params, act, scale_f, residual)
     return run_kernels(x, params, act, scale_f, residual=residual)

@@ -31,8 +31,22 @@ def reference_adapter(
         "reference_adapter", x, down_weight, down_bias, up_weight, up_bias, activation, scale,
         same_dtype=not torch.is_autocast_enabled(x.device.type), residual=residual,
     )
-    hidden = ACTIVATIONS[act](F.linear(x, down_weight, down_bias))
-    return (x if residual is None else residual) + scale_f * F.linear(hidden, up_weight, up_bias)
+    return adapter_math(x, down_weight, down_bias, up_weight, up_bias, act, scale_f, residual)
+
+
+def adapter_math(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    activation: str,
+    scale: float,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """``reference_adapter`` without its argument checks, for callers that checked them already."""
+    hidden = ACTIVATIONS[activation](F.linear(x, down_weight, down_bias))
+    return (x if residual is None else residual) + scale * F.linear(hidden, up_weight, up_bias)
 
 
 def reference_adapter_grouped(

@@ -70,13 +70,13 @@ def gpu_launch_path(stub_launch: bool = True) -> Iterator[LaunchPath]:
     from triton.runtime import jit
 
     from adapter_fused import ops
-    from adapter_fused.kernels import launch, tuning
+    from adapter_fused.kernels import binding, launch, tuning
 
-    saved = (jit.JITFunction.run, launch._driver_functions, launch.TUNING_CACHE, launch.BIND_LAUNCHES,
+    saved = (jit.JITFunction.run, binding._driver_functions, launch.TUNING_CACHE, binding.BIND_LAUNCHES,
              ops.kernels_available)
 
     def set_binding(on: bool) -> None:
-        launch.BIND_LAUNCHES = on
+        binding.BIND_LAUNCHES = on
 
     path = LaunchPath(set_binding=set_binding)
     if stub_launch:
@@ -107,14 +107,14 @@ def gpu_launch_path(stub_launch: bool = True) -> Iterator[LaunchPath]:
                 return configs[0]
 
         jit.JITFunction.run = no_launch  # type: ignore[method-assign]
-        launch._driver_functions = lambda: ((lambda: 0), (lambda index: 0))  # type: ignore[assignment]
+        binding._driver_functions = lambda: ((lambda: 0), (lambda index: 0))  # type: ignore[assignment]
         launch.TUNING_CACHE = FirstConfig(None)  # type: ignore[assignment]
         ops.kernels_available = lambda device: True  # type: ignore[assignment]
     try:
         yield path
     finally:
-        (jit.JITFunction.run, launch._driver_functions, launch.TUNING_CACHE,  # type: ignore[method-assign]
-         launch.BIND_LAUNCHES, ops.kernels_available) = saved
+        (jit.JITFunction.run, binding._driver_functions, launch.TUNING_CACHE,  # type: ignore[method-assign]
+         binding.BIND_LAUNCHES, ops.kernels_available) = saved
 
 
 def _per_call(fn: Callable[[], object], calls: int, repeats: int) -> tuple[float, float]:
@@ -154,6 +154,7 @@ def _measure_here(calls: int, repeats: int) -> dict[str, Any]:
             path.launches.clear()
             record("fused_module", lambda: adapter(x))
             results["launches_per_call"] = len(path.launches) / (calls * repeats)
+            record("fused_module_residual", lambda residual=x.clone(): adapter(x, residual=residual))
             path.set_binding(False)
             unbound = FusedAdapter(D_MODEL, BOTTLENECK, "gelu").bfloat16()
             unbound.load_state_dict(adapter.state_dict())

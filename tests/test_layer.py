@@ -1,6 +1,9 @@
 """FusedAdapter: the module contract users rely on."""
 
 import copy
+import gc
+import re
+import weakref
 
 import pytest
 import torch
@@ -88,9 +91,11 @@ def test_bad_arguments(kwargs: dict, error: type) -> None:  # type: ignore[type-
         FusedAdapter(**kwargs)
 
 
-def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.MonkeyPatch, with_residual: bool) -> None:
     """A module call with its own, unchanged parameters validates nothing per call and does not go
-    through the registered operator; outputs and gradients are those of the validated op path."""
+    through the registered operator, with or without a separate residual; outputs and gradients are
+    those of the validated op path."""
     from adapter_fused import library, ops
     from tests.cases import make_problem
 
@@ -98,28 +103,121 @@ def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.Mon
     with torch.no_grad():
         layer.up.weight.normal_(std=0.2)
     p = make_problem((3, 5), 48, 16, torch.float32, DEVICE, seed=31)
-    params = [layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias]
-    want = fused_adapter(p.x, *params, "gelu", 0.7)
+    residual = torch.randn(3, 5, 48, device=DEVICE) if with_residual else None
+    params = (layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias)
+    want = fused_adapter(p.x, *params, "gelu", 0.7, residual=residual)
     checks, dispatched = [], []
     real_check, real_op = ops.check_adapter_args, library.adapter_forward
     monkeypatch.setattr(ops, "check_adapter_args", lambda *a, **k: checks.append(1) or real_check(*a, **k))
     monkeypatch.setattr(ops, "adapter_forward", lambda *a: dispatched.append(1) or real_op(*a))
-    kernels = ops.kernels_available(DEVICE)
     with torch.no_grad():
-        got = layer(p.x)
+        got = layer(p.x, residual=residual)
     assert torch.equal(got, want) and got.shape == p.x.shape
-    assert dispatched == [] and checks == ([] if kernels else [1])
+    assert dispatched == [] and checks == []
 
     x = p.x.clone().requires_grad_()
-    layer(x).backward(p.grad)
-    fast = [x.grad, *(t.grad for t in params)]
-    if not kernels:
+    res = residual.clone().requires_grad_() if residual is not None else None
+    layer(x, residual=res).backward(p.grad)
+    assert dispatched == [] and checks == []
+    fast = [x.grad, *(t.grad for t in params), *([res.grad] if res is not None else [])]
+    if not ops.kernels_available(DEVICE):
         return
     leaves = [t.detach().clone().requires_grad_() for t in (p.x, *params)]
-    y, _ = real_op(leaves[0].reshape(-1, 48), *leaves[1:], "gelu", 0.7, True, False, None, 1, None)
+    res_leaf = residual.detach().clone().requires_grad_().reshape(-1, 48) if residual is not None else None
+    y, _ = real_op(leaves[0].reshape(-1, 48), *leaves[1:], "gelu", 0.7, True, False, None, 1, res_leaf)
     y.backward(p.grad.reshape(-1, 48))
-    for a, b in zip(fast, (t.grad for t in leaves)):
-        assert a is not None and b is not None and torch.equal(a, b)
+    slow = [t.grad for t in leaves] + ([p.grad] if residual is not None else [])
+    for a, b in zip(fast, slow):
+        assert a is not None and b is not None and torch.equal(a.reshape(b.shape), b)
+
+
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int], list[int]]:
+    """(module parameter checks, argument checks, kernels-availability questions), appended to per call."""
+    from adapter_fused import layer as layer_module
+    from adapter_fused import ops, reference
+
+    counts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for target, name, into in ((layer_module, "check_module_parameters", counts[0]),
+                               (ops, "check_adapter_args", counts[1]), (reference, "check_adapter_args", counts[1]),
+                               (ops, "kernels_available", counts[2])):
+        real = getattr(target, name)
+        monkeypatch.setattr(target, name, lambda *a, _real=real, _into=into, **k: _into.append(1) or _real(*a, **k))
+    return counts
+
+
+def test_a_failed_parameter_check_is_kept_until_the_parameters_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module whose parameters do not pass the once-checks (here a removed bias) checks them once,
+    then each call is validated once on the general path, until a parameter changes."""
+    torch.manual_seed(3)
+    layer = FusedAdapter(24, 8, activation="silu").to(DEVICE)
+    layer.up.register_parameter("bias", None)
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.2)
+    module_checks, checks, asked = _count_checks(monkeypatch)
+    x = torch.randn(2, 24, device=DEVICE)
+    for _ in range(3):
+        with torch.no_grad():
+            got = layer(x)
+    assert (len(module_checks), len(checks), len(asked)) == (1, 3, 3)
+    want = reference_adapter(x.double(), layer.down.weight.double(), layer.down.bias.double(),
+                             layer.up.weight.double(), None, "silu", 1.0)
+    assert_matches(got, want, torch.float32, "no up bias")
+    checks.clear()
+    layer.up.bias = nn.Parameter(torch.zeros(24, device=DEVICE))  # checkable now
+    for _ in range(3):
+        with torch.no_grad():
+            layer(x)
+    assert (len(module_checks), len(checks), len(asked)) == (2, 0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_plain_path_runs_the_reference_math_once_checked(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+                                                             ) -> None:
+    """Where the kernels do not run the parameters (no Triton, or float64), a module call checks nothing
+    per call and gives the reference's numbers exactly, with or without a residual and under autocast;
+    bad input raises what fused_adapter raises."""
+    from adapter_fused import ops
+
+    if dtype == torch.float32:
+        monkeypatch.setattr(ops, "kernels_available", lambda device: False)
+    torch.manual_seed(4)
+    layer = FusedAdapter(24, 8, activation="gelu", scale=0.5).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.2)
+    params = (layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias)
+    x = torch.randn(2, 3, 24, device=DEVICE, dtype=dtype)
+    residual = torch.randn(2, 3, 24, device=DEVICE, dtype=dtype)
+    wants = []
+    for res in (None, residual):
+        leaf = x.clone().requires_grad_()
+        want = reference_adapter(leaf, *params, "gelu", 0.5, residual=res)
+        want.backward(torch.ones_like(want))
+        wants.append((want.detach(), leaf.grad))
+    layer(x)
+    module_checks, checks, asked = _count_checks(monkeypatch)
+    for res, (want, want_grad) in zip((None, residual), wants):
+        with torch.no_grad():
+            assert torch.equal(layer(x, residual=res), want)
+        leaf = x.clone().requires_grad_()
+        y = layer(leaf, residual=res)
+        y.backward(torch.ones_like(y))
+        assert torch.equal(y.detach(), want) and torch.equal(leaf.grad, want_grad)  # type: ignore[arg-type]
+    assert (module_checks, checks, asked) == ([], [], [])
+    if dtype == torch.float32:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            got = layer(x, residual=residual)
+            want = reference_adapter(x, *params, "gelu", 0.5, residual=residual)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    for bad, error, words in ((x[..., :-1], ValueError, "x.shape[-1] must equal d = down_weight.shape[-1] = 24"),
+                              (x.half(), TypeError, "has dtype torch.float16")):
+        with pytest.raises(error, match=re.escape(words)):
+            layer(bad)
+        with pytest.raises(error, match="fused_adapter"):
+            fused_adapter(bad, *params, "gelu", 0.5)
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        layer(x, residual=residual[:1])
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        layer(x, residual=residual.half())
 
 
 def test_module_attributes_are_checked_when_set() -> None:
@@ -193,6 +291,12 @@ def test_checked_parameters_follow_every_change(grad: bool) -> None:
     check("activation and scale set")
 
 
+def _plans(layer: FusedAdapter) -> dict:  # type: ignore[type-arg]
+    """The module's bound launches by key."""
+    assert layer._checked is not None
+    return layer._checked.plans
+
+
 class _InterpretedCompiled:
     """A compiled-kernel stand-in for the interpreter: its launcher runs the interpreted kernel with
     the argument list a bound launch passes (every parameter, in signature order)."""
@@ -211,27 +315,36 @@ class _InterpretedCompiled:
         return None
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="binds an interpreted stand-in for the compiled kernel")
-def test_bound_launch_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first no-grad call of an input shape binds the kernel; later ones launch it with only the
-    pointers of x and y and the scale filled in; results match float64 truth. A shape, activation or
-    set of parameters of its own gets a binding of its own; an unaligned or non-contiguous x takes
-    Triton's launcher."""
-    from adapter_fused.kernels import launch
-
+@pytest.fixture
+def interpreted_binding(monkeypatch: pytest.MonkeyPatch
+                        ) -> tuple[list[tuple[int, ...]], list[dict]]:  # type: ignore[type-arg]
+    """Bound launches through an interpreted stand-in for the compiled kernel: (grids launched, the
+    configs bound with)."""
     from adapter_fused import ops
+    from adapter_fused.kernels import binding
 
-    if not ops.kernels_available(DEVICE):
-        pytest.skip("the kernels do not run on this machine")
+    if DEVICE.type != "cpu" or not ops.kernels_available(DEVICE):
+        pytest.skip("binds an interpreted stand-in for the compiled kernel")
     launches: list[tuple[int, ...]] = []
     bound_with: list[dict] = []  # type: ignore[type-arg]
 
-    def compiled(fn, grid, args, kwargs):  # type: ignore[no-untyped-def]
-        bound_with.append(kwargs)
+    def compiled(fn, grid, args, config):  # type: ignore[no-untyped-def]
+        bound_with.append(config)
         return _InterpretedCompiled(fn, launches)
 
-    monkeypatch.setattr(launch, "_compiled_kernel", compiled)
-    monkeypatch.setattr(launch, "_driver_functions", lambda: ((lambda: 0), (lambda index: 7)))
+    monkeypatch.setattr(binding, "_compiled_kernel", compiled)
+    monkeypatch.setattr(binding, "_driver_functions", lambda: ((lambda: 0), (lambda index: 7)))
+    return launches, bound_with
+
+
+def test_bound_launch_bookkeeping(interpreted_binding) -> None:  # type: ignore[no-untyped-def]
+    """The first no-grad call of a class of row counts binds the kernel; later calls of the class, any
+    row count in it, launch it with only x, the residual, y, the row count and the scale filled in;
+    results match float64 truth. An activation, a class or a set of parameters of its own gets a
+    binding of its own; an unaligned or non-contiguous x or residual takes Triton's launcher."""
+    from adapter_fused.kernels import binding, records
+
+    launches, bound_with = interpreted_binding
     torch.manual_seed(1)
     layer = FusedAdapter(48, 16, activation="gelu", scale=0.7)
     with torch.no_grad():
@@ -239,33 +352,112 @@ def test_bound_launch_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
         x = torch.randn(1, 20, 48)
         assert_matches(layer(x), _truth(layer, x), torch.float32, "binding call")
         assert launches == [] and len(bound_with) == 1 and bound_with[0]["BLOCK_M"] == 16
-        (plan,) = layer._checked.plans.values()
-        assert isinstance(plan, launch.BoundForward) and plan.grid == (2, 1, 1)
-        assert plan.args[plan.scale_slot] == 1.0 and len(plan.x_slots) == 3 and len(plan.y_slots) == 3
+        (plan,) = _plans(layer).values()
+        assert isinstance(plan, binding.BoundForward) and plan.block_m == 16
+        fields = records.FusedRowsArgs._fields
+        assert {fields[i] for i in plan.x_slots} == {"src_ptr", "saved_h_ptr", "mid_ptr", "res_ptr", "idx_ptr"}
+        assert fields[plan.out_slot] == "out_ptr" and fields[plan.rows_slot] == "M"
+        params = [layer.down.weight, layer.down.bias, layer.up.weight, layer.up.bias]
+        kept = [v for v in plan.args if isinstance(v, torch.Tensor)]
+        assert kept and all(any(v is p for p in params) for v in kept), "a bound launch keeps parameters only"
         for scale in (0.7, -1.5):
             layer.scale = scale
             x = torch.randn(1, 20, 48)
             assert_matches(layer(x), _truth(layer, x), torch.float32, f"bound launch, scale {scale}")
         assert launches == [(2, 1, 1), (2, 1, 1)]
+        for lead in ((3, 7), (29,)):  # other row counts of the class: the same binding
+            x = torch.randn(*lead, 48)
+            assert_matches(layer(x), _truth(layer, x), torch.float32, f"bound launch, x {lead}")
+        assert launches[2:] == [(2, 1, 1), (2, 1, 1)] and len(bound_with) == 1
+        residual = torch.randn(29, 48)
+        want = _truth(layer, x) - x.double() + residual.double()
+        assert_matches(layer(x, residual=residual), want, torch.float32, "bound launch with a residual")
+        assert len(launches) == 5 and len(_plans(layer)) == 1
         layer.activation = "relu"  # a binding of its own
         layer(x)
         assert_matches(layer(x), _truth(layer, x), torch.float32, "relu, bound")
-        assert len(layer._checked.plans) == 2 and len(launches) == 3
-        x1 = torch.randn(1, 1, 48)  # another shape: one row, one program
+        assert len(_plans(layer)) == 2 and len(launches) == 6
+        x1 = torch.randn(1, 1, 48)  # a class of its own: one row, one program
         layer(x1)
         assert_matches(layer(x1), _truth(layer, x1), torch.float32, "one row, bound")
-        assert launches[-1] == (1, 1, 1) and len(launches) == 4
-        buffer = torch.randn(20 * 48 + 1)
-        unaligned = buffer[1:].view(1, 20, 48)
+        assert launches[-1] == (1, 1, 1) and len(launches) == 7 and len(_plans(layer)) == 3
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:  # fp32: the dots' precision is bound too, so allowing TF32 binds again
+            torch.backends.cuda.matmul.allow_tf32 = not tf32
+            layer(x1)
+            assert len(launches) == 7 and len(_plans(layer)) == 4 and len(bound_with) == 4
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        layer(x1)
+        assert len(launches) == 8 and len(_plans(layer)) == 4
+        buffer = torch.randn(29 * 48 + 1)
+        unaligned = buffer[1:].view(29, 48)
         assert_matches(layer(unaligned), _truth(layer, unaligned), torch.float32, "unaligned x")
-        strided = torch.randn(1, 48, 20).transpose(1, 2)
+        strided = torch.randn(48, 29).t()
         assert_matches(layer(strided), _truth(layer, strided), torch.float32, "non-contiguous x")
-        assert len(launches) == 4  # both went through Triton's launcher
+        want = _truth(layer, x) - x.double() + strided.double()
+        assert_matches(layer(x, residual=strided), want, torch.float32, "non-contiguous residual")
+        assert len(launches) == 8  # all three went through Triton's launcher
         layer.down.weight = nn.Parameter(torch.randn(16, 48) * 0.2)
         layer(x)
         assert_matches(layer(x), _truth(layer, x), torch.float32, "replaced parameter, bound again")
-        assert len(launches) == 5 and len(layer._checked.plans) == 1
+        assert len(launches) == 9 and len(_plans(layer)) == 1
     y = layer(x.requires_grad_())  # autograd recording: never the bound launch
-    assert len(launches) == 5 and y.grad_fn is not None
+    assert len(launches) == 9 and y.grad_fn is not None
     duplicate = copy.deepcopy(layer)
     assert duplicate._checked is None and layer._checked is not None
+
+
+def _tensors_held(obj: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from ``obj`` through containers and the slots of a module's checked state
+    and its bound launches."""
+    from adapter_fused.kernels.binding import BoundForward
+    from adapter_fused.ops import CheckedParameters
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children: list[object] = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    elif isinstance(obj, (CheckedParameters, BoundForward)):
+        children = [getattr(obj, name) for name in type(obj).__slots__ if hasattr(obj, name)]
+    else:
+        return []
+    return [t for child in children for t in _tensors_held(child, seen)]
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_the_module_keeps_no_activations(interpreted_binding,  # type: ignore[no-untyped-def]
+                                         with_residual: bool) -> None:
+    """Called under no_grad on 100 prompt lengths, a module keeps nothing of them: every x, residual
+    and y is freed once the caller drops it, its checked state holds no tensor but its parameters,
+    and its bound launches number one per class of row counts, not one per length."""
+    launches, _ = interpreted_binding
+    torch.manual_seed(2)
+    layer = FusedAdapter(16, 4, activation="silu")
+    with torch.no_grad():
+        layer.up.weight.normal_(std=0.3)
+    alive: list[weakref.ref] = []  # type: ignore[type-arg]
+    with torch.no_grad():
+        for length in range(1, 101):
+            x = torch.randn(1, length, 16)
+            residual = torch.randn(1, length, 16) if with_residual else None
+            y = layer(x, residual=residual)
+            if length % 33 == 0:  # a few results checked: the launches are interpreted
+                want = _truth(layer, x) + (0 if residual is None else residual.double() - x.double())
+                assert_matches(y, want, torch.float32, f"length {length}")
+                del want
+            alive += [weakref.ref(t) for t in (x, y, residual) if t is not None]
+            del x, y, residual
+    gc.collect()
+    assert not [ref for ref in alive if ref() is not None], "a call's tensors outlived the call"
+    params = list(layer.parameters())
+    held = _tensors_held(layer._checked)
+    assert held and all(any(t is p for p in params) for t in held), [tuple(t.shape) for t in held]
+    # rows 1..100: one row; 2..16, 32, 64, 96 and the rest of 17..100 in buckets 16, 32, 64 and 128
+    assert len(_plans(layer)) == 9 and len(launches) == 100 - 9

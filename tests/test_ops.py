@@ -397,3 +397,91 @@ def test_strided_biases_are_read_through_their_strides(path: str) -> None:
     for name, g, w, arg in zip(NAMES, grads, want_grads, (x, down_w, down_b, up_w, up_b)):
         assert g is not None and g.shape == arg.shape, name
         assert_matches(g, w, torch.float32, f"d{name}")  # type: ignore[arg-type]
+
+
+# ---- the host path: what a call costs besides the math -----------------------------------------------
+
+class _Counts:
+    """Counts the argument checks (ops and reference), the kernels-availability questions and the
+    autocast contexts entered during a block."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, kernels: bool | None = None) -> None:
+        from adapter_fused import reference
+
+        self.checks = 0
+        self.available = 0
+        self.autocasts = 0
+        counts = self
+
+        def counted(real):  # type: ignore[no-untyped-def]
+            def check(*args, **kwargs):  # type: ignore[no-untyped-def]
+                counts.checks += 1
+                return real(*args, **kwargs)
+            return check
+
+        monkeypatch.setattr(ops_module, "check_adapter_args", counted(ops_module.check_adapter_args))
+        monkeypatch.setattr(reference, "check_adapter_args", counted(reference.check_adapter_args))
+        real_available = ops_module.kernels_available
+
+        def available(device: torch.device) -> bool:
+            counts.available += 1
+            return real_available(device) if kernels is None else kernels
+
+        monkeypatch.setattr(ops_module, "kernels_available", available)
+
+        class Autocast(torch.autocast):
+            def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+                counts.autocasts += 1
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "autocast", Autocast)
+
+    def take(self) -> tuple[int, int, int]:
+        """(checks, availability questions, autocast contexts) since the last take."""
+        taken = (self.checks, self.available, self.autocasts)
+        self.checks = self.available = self.autocasts = 0
+        return taken
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_one_check_per_call(monkeypatch: pytest.MonkeyPatch, kernels: bool, with_residual: bool) -> None:
+    """A fused_adapter call checks its arguments once, asks once whether the kernels run it and enters no
+    autocast context while autocast is off, on the kernel path and on the reference path alike."""
+    p = make_problem((2, 3), 32, 8, torch.float32, DEVICE, seed=5)
+    residual = torch.randn(p.x.shape, device=DEVICE) if with_residual else None
+    counts = _Counts(monkeypatch, kernels=None if kernels else False)
+    params = (p.down_weight, p.down_bias, p.up_weight, p.up_bias)
+    truth = [t.double() if t is not None else None for t in (p.x, *params, residual)]
+    want = reference_adapter(truth[0], truth[1], truth[2], truth[3], truth[4], "silu", 0.5,  # type: ignore[arg-type]
+                             residual=truth[5])
+    counts.take()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = fused_adapter(p.x, *params, "silu", 0.5, residual=residual)
+        assert counts.take() == (1, 1, 0), f"grad {grad}"
+        assert_matches(got, want, torch.float32, "y")
+
+
+def test_the_reference_path_under_autocast_follows_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernels do not run, a call under autocast runs the reference under autocast: the same
+    numbers and dtype as reference_adapter there (F.linear casting the parameters), residual included."""
+    from adapter_fused import fused_adapter_grouped
+    from adapter_fused.reference import reference_adapter_grouped
+
+    monkeypatch.setattr(ops_module, "kernels_available", lambda device: False)
+    p = make_problem((2, 5), 32, 8, torch.float32, DEVICE, seed=6)
+    assert p.down_bias is not None and p.up_bias is not None
+    params = (p.down_weight, p.down_bias, p.up_weight, p.up_bias)
+    residual = torch.randn(p.x.shape, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        for res in (None, residual):
+            got = fused_adapter(p.x, *params, "gelu", 0.5, residual=res)
+            want = reference_adapter(p.x, *params, "gelu", 0.5, residual=res)
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+        bank = tuple(torch.stack([t, 2 * t]) for t in params)
+        index = torch.tensor([0, 1], device=DEVICE)
+        got = fused_adapter_grouped(p.x, index, bank[0], bank[1], bank[2], bank[3], "gelu", 0.5, residual=residual)
+        want = reference_adapter_grouped(p.x, index, bank[0], bank[1], bank[2], bank[3], "gelu", 0.5,
+                                         residual=residual)
+        assert got.dtype == torch.float32 and torch.equal(got, want)

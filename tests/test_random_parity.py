@@ -269,15 +269,15 @@ def test_the_draw_covers_every_kind() -> None:
 
 def test_the_check_catches_a_misread_bias(monkeypatch: pytest.MonkeyPatch) -> None:
     """The suite fails on the defect it exists for: biases read as if contiguous."""
-    from adapter_fused.kernels import launch
+    from adapter_fused.kernels import records
 
-    real = launch._vector
+    real = records._vector
 
     def contiguous_assumed(b, fallback):  # type: ignore[no-untyped-def]
         t, adapter_stride, _ = real(b, fallback)
         return t, adapter_stride, 1
 
-    monkeypatch.setattr(launch, "_vector", contiguous_assumed)
+    monkeypatch.setattr(records, "_vector", contiguous_assumed)
     seed = next(s for s in range(1000) if _strided_bias_case(draw(s)))
     with pytest.raises(AssertionError, match="relative error"):
         check(seed)

@@ -46,24 +46,28 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # bytes one block may use on sm_90
 
 @dataclass(frozen=True)
 class Launch:
-    """One recorded launch: the autotuned kernel, its positional arguments and keyword constants."""
+    """One recorded launch: the autotuned kernel and its argument record (``kernels/records.py``)."""
 
     tuned: Any
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+    args: Any
+
+    @property
+    def named(self) -> dict[str, Any]:
+        """The kernel's arguments by name (all but the configuration's block sizes)."""
+        return dict(self.args._asdict())
 
     @property
     def name(self) -> str:
         """The kernel and the pass it serves, e.g. ``fused_rows_kernel backward``."""
-        backward = self.kwargs.get("BACKWARD", not self.kwargs.get("APPLY_ACT", True))
+        named = self.named
+        backward = named.get("BACKWARD", not named.get("APPLY_ACT", True))
         if self.tuned.fn.__name__ == "weight_grad_kernel":
             return "weight_grad_kernel backward"
         return f"{self.tuned.fn.__name__} {'backward' if backward else 'forward'}"
 
     def configs(self) -> list[Any]:
         """The configurations this launch may try on its first call (after the launcher's pruning)."""
-        named = dict(zip(self.tuned.arg_names, self.args))
-        return list(self.tuned.early_config_prune(self.tuned.configs, named, **self.kwargs))
+        return list(self.tuned.early_config_prune(self.tuned.configs, self.named))
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,8 @@ def recording() -> Iterator[list[Launch]]:
     recorded: list[Launch] = []
     original = launch_module._launch
 
-    def record(tuned: Any, grid: Any, *args: Any, fixed_config: bool, **kwargs: Any) -> None:
-        recorded.append(Launch(tuned, args, kwargs))
+    def record(tuned: Any, grid: Any, args: Any, *, fixed_config: bool, memo: Any = None) -> None:
+        recorded.append(Launch(tuned, args))
 
     launch_module._launch = record
     try:
@@ -160,7 +164,7 @@ def compile_config(launch: Launch, config: Any) -> Usage:
     from triton.compiler import compile as triton_compile
 
     kernel = launch.tuned.fn
-    values = {**dict(zip(launch.tuned.arg_names, launch.args)), **launch.kwargs, **config.kwargs}
+    values = {**launch.named, **config.kwargs}
     signature, constants, attrs = specialize(kernel, values)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     log = io.StringIO()

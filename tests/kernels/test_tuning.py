@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import triton
@@ -88,23 +88,34 @@ def test_processes_starting_together_tune_once(tmp_path: Path) -> None:
     assert all("'BLOCK_M': 32" in out for out in outputs)
 
 
+class FakeArgs(NamedTuple):
+    """The fake kernel's argument record."""
+
+    x_ptr: Any
+    D: int
+    R: int
+    rows_bucket: int
+    ACT: int
+
+
 class FakeTuned:
-    """Stands in for a ``triton.autotune`` object: records tuning runs and direct launches."""
+    """Stands in for a ``triton.autotune`` object: records tuning runs and direct launches (the
+    positional arguments, then the config's keyword arguments)."""
 
     def __init__(self) -> None:
         self.configs = CONFIGS
-        self.arg_names = ["x_ptr", "D", "R", "rows_bucket"]
+        self.arg_names = ["x_ptr", "D", "R", "rows_bucket", "ACT", "BLOCK_M"]
         self.keys = ["D", "R", "rows_bucket"]
         self.best_config = CONFIGS[5]
         self.tuned: list[int] = []
-        self.direct: list[dict[str, Any]] = []
+        self.direct: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         fake = self
 
         class Fn:
             __name__ = "fake_kernel"
 
             def __getitem__(self, grid: Any) -> Any:
-                return lambda *args, **kwargs: fake.direct.append(kwargs)
+                return lambda *args, **kwargs: fake.direct.append((args, kwargs))
 
         self.fn = Fn()
 
@@ -122,21 +133,23 @@ def test_the_launcher_tunes_once_then_launches_the_choice(monkeypatch: pytest.Mo
     monkeypatch.setattr(launch, "TUNING_CACHE", TuningCache(tmp_path))
     monkeypatch.setattr(tuning, "device_label", lambda device: "Some-GPU-sm90")
     x = torch.empty(4, 8, dtype=torch.bfloat16)
+    args = FakeArgs(x_ptr=x, D=8, R=4, rows_bucket=16, ACT=1)
     fake = FakeTuned()
-    launch._launch(fake, lambda meta: (1,), x, 8, 4, 16, fixed_config=False, ACT=1)
+    launch._launch(fake, lambda meta: (1,), args, fixed_config=False)
     assert fake.tuned == [1] and fake.direct == []  # the autotuner ran the best config itself
     assert "5 configs in" in capsys.readouterr().err
-    launch._launch(fake, lambda meta: (1,), x, 8, 4, 16, fixed_config=False, ACT=1)
-    assert fake.tuned == [1] and fake.direct == [CONFIGS[5].all_kwargs() | {"ACT": 1}]  # the choice, no tuning
+    launch._launch(fake, lambda meta: (1,), args, fixed_config=False)
+    assert fake.tuned == [1] and fake.direct == [(tuple(args), CONFIGS[5].all_kwargs())]  # the choice, no tuning
 
     monkeypatch.setattr(launch, "TUNING_CACHE", TuningCache(tmp_path))  # a new process
     fresh = FakeTuned()
-    launch._launch(fresh, lambda meta: (1,), x, 8, 4, 16, fixed_config=False, ACT=1)
-    assert fresh.tuned == [] and fresh.direct == [CONFIGS[5].all_kwargs() | {"ACT": 1}]
-    launch._launch(fresh, lambda meta: (1,), x, 8, 4, 32, fixed_config=False, ACT=1)  # a new row bucket
+    launch._launch(fresh, lambda meta: (1,), args, fixed_config=False)
+    assert fresh.tuned == [] and fresh.direct == [(tuple(args), CONFIGS[5].all_kwargs())]
+    wider = args._replace(rows_bucket=32)
+    launch._launch(fresh, lambda meta: (1,), wider, fixed_config=False)  # a new row bucket
     assert fresh.tuned == [1] and len(fresh.direct) == 1
-    launch._launch(fresh, lambda meta: (1,), x, 8, 4, 32, fixed_config=True, ACT=1)  # deterministic mode
-    assert fresh.tuned == [1] and fresh.direct[-1] == CONFIGS[0].all_kwargs() | {"ACT": 1}
+    launch._launch(fresh, lambda meta: (1,), wider, fixed_config=True)  # deterministic mode
+    assert fresh.tuned == [1] and fresh.direct[-1] == (tuple(wider), CONFIGS[0].all_kwargs())
 
 
 def test_first_call_config_lists_are_bounded() -> None:
@@ -159,5 +172,6 @@ def test_a_choice_stored_by_another_process_while_waiting_is_launched(monkeypatc
     monkeypatch.setattr(launch, "TUNING_CACHE", StoredMeanwhile(tmp_path))
     monkeypatch.setattr(tuning, "device_label", lambda device: "Some-GPU-sm90")
     fake = FakeTuned()
-    launch._launch(fake, lambda meta: (1,), torch.empty(2, 8), 8, 4, 64, fixed_config=False, ACT=1)
-    assert fake.tuned == [] and fake.direct == [CONFIGS[2].all_kwargs() | {"ACT": 1}]
+    args = FakeArgs(x_ptr=torch.empty(2, 8), D=8, R=4, rows_bucket=64, ACT=1)
+    launch._launch(fake, lambda meta: (1,), args, fixed_config=False)
+    assert fake.tuned == [] and fake.direct == [(tuple(args), CONFIGS[2].all_kwargs())]
