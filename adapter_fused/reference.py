@@ -46,7 +46,9 @@ def adapter_math(
 ) -> torch.Tensor:
     """``reference_adapter`` without its argument checks, for callers that checked them already."""
     hidden = ACTIVATIONS[activation](F.linear(x, down_weight, down_bias))
-    return (x if residual is None else residual) + scale * F.linear(hidden, up_weight, up_bias)
+    out = F.linear(hidden, up_weight, up_bias)
+    base = x if residual is None else residual
+    return base + out if scale == 1.0 else torch.add(base, out, alpha=scale)
 
 
 def reference_adapter_grouped(

@@ -21,13 +21,14 @@ inside a function (``tests/test_layering.py`` checks this list against the impor
    and checking a setup.
 6. ``sites``: what runs on every forward pass: the hooks, the state of one call, ``site_forward`` and
    compositions at a site.
-7. ``model``: adding, activating, training and deleting adapters; summaries.
-8. ``multitask``: ``per_sample_adapters``, a different adapter for each sample of a batch.
-9. ``heads``: the prediction heads.
-10. ``formats``: every file read or written: adapter directories, heads, the checkpoint setup file.
-11. ``methods``: the methods ``init`` gives a model, and flexible heads on a base model.
-12. ``auto``: ``AutoAdapterModel`` and ``restore_adapters``.
-13. ``adapterhub.accelerate``: ``accelerate()``, the fused kernel in a model built with AdapterHub.
+7. ``rows``: one adapter per row of a batch: stacked banks, grouped sites, the ``adapter_names=`` keyword.
+8. ``model``: adding, activating, training and deleting adapters; summaries.
+9. ``multitask``: ``per_sample_adapters``, a different adapter for each sample of a batch.
+10. ``heads``: the prediction heads.
+11. ``formats``: every file read or written: adapter directories, heads, the checkpoint setup file.
+12. ``methods``: the methods ``init`` gives a model, and flexible heads on a base model.
+13. ``auto``: ``AutoAdapterModel`` and ``restore_adapters``.
+14. ``adapterhub.accelerate``: ``accelerate()``, the fused kernel in a model built with AdapterHub.
 """
 
 from .adapterhub.accelerate import AccelerateReport, accelerate

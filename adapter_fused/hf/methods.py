@@ -31,9 +31,11 @@ answering) are passed, so ``transformers.Trainer`` can train the model.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -55,6 +57,7 @@ from .heads import (
     load_head_weights,
 )
 from .layouts import find_architecture
+from .multitask import per_sample_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +105,25 @@ def subclass_for(base: type, mixin: type) -> type:
             "_keys_to_ignore_on_load_unexpected": [*ignore, *IGNORE_ON_LOAD],
         }
         cls = type(base.__name__, (mixin, base), namespace)
+        if callable(getattr(base, "generate", None)):
+            cls.generate = _with_adapter_names(base.generate)  # type: ignore[attr-defined]
         mixin._prepare_subclass(cls)
         _SUBCLASSES[key] = cls
     return cls
+
+
+def _with_adapter_names(generate: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``generate``, also taking ``adapter_names=[...]``: one name per prompt (None or
+    ``"__base__"``: the base model), each prompt's sequences (beams, samples) generated with its adapter,
+    as ``per_sample_adapters`` runs them."""
+    @functools.wraps(generate)
+    def wrapper(self: nn.Module, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return generate(self, *args, **kwargs)
+        with per_sample_adapters(self, adapter_names):
+            return generate(self, *args, **kwargs)
+
+    return wrapper
 
 
 class AdapterMethodsMixin:

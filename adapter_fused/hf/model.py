@@ -29,7 +29,8 @@ from .layouts import (
     model_layers,
 )
 from .modules import NiceCoupling, site_adapter
-from .sites import MODULE_NAME, ModelState, hook_invertible, hook_norms, install_replication, no_residual_placement
+from .rows import hook_adapter_names
+from .sites import MODULE_NAME, ModelState, hook_invertible, install_replication, no_residual_placement
 
 STATE_NAME = "_fused_adapter_state"
 """The key of the base model's ``__dict__`` holding its ``ModelState``."""
@@ -161,10 +162,10 @@ def attach_adapter(model: nn.Module, name: str, config: AdapterConfig, modules: 
                 parameter.requires_grad_(False)
         state.modules[name] = modules
         state.configs[name] = config
-        if not config.layout.original_ln_after:
-            hook_norms(state)
         if config.inv_adapter:
             hook_invertible(model, state)
+        hook_adapter_names(model, state)
+        state.adapters_changed()
     except BaseException:
         if name in state.modules and name not in state.configs:
             del state.modules[name]
@@ -291,6 +292,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del state.configs[name]
     if name in active_names(state.active):
         state.active = None
+    state.adapters_changed()
     if state.training is not None and not any(n in state.configs for n in active_names(state.training)):
         state.training = None
     if not state.configs:

@@ -6,8 +6,8 @@ hook, and what a site computes (``site_forward``), for one adapter or for a comp
 every layer (see ``layouts``): at each site (``Site``) a pre-hook on the residual module captures the
 block residual ``x`` and a hook on the output module rewrites the sub-block output ``h``. With no
 active adapter the hooks return nothing, so the model computes exactly what it computed before. Hooks
-registered when a model first needs them: on a site's layer norm, to return an output computed at the
-site in its place (``hook_norms``); on the base model, to replicate the batch for ``Parallel``
+registered where a plan reads them: on a site's layer norm, to return an output computed at the
+site in its place; registered once a model first needs them: on the base model, to replicate the batch for ``Parallel``
 (``install_replication``); on the embeddings, for the invertible adapter (``hook_invertible``).
 
 One model may be called from many threads at once: what a call needs between hooks (the captured
@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,44 +107,78 @@ class _CallLocal(threading.local):
         self.output_calls: dict[tuple[str, str], int] = {}  # (layer, output path) -> its calls in this layer call
 
 
+class SitePlan(NamedTuple):
+    """What one site runs for a setup, resolved when the setup is activated (not per call).
+
+    ``adapter`` is called as ``adapter(z, residual=None)`` under ``placement`` (see ``site_forward``);
+    ``needs_x``: the site reads the captured block residual (so the residual module's hook must run);
+    ``direct``: the new sub-block output is ``adapter(h)`` itself (no residual, no norm replaced, not
+    swapped: Houlsby's placement); ``replaces_norm``: the layer's norm returns what the site computed."""
+
+    adapter: SiteAdapter
+    placement: Placement
+    needs_x: bool
+    direct: bool
+    replaces_norm: bool
+
+
+def site_plan(adapter: SiteAdapter, placement: Placement, spec: SiteSpec, has_norm: bool) -> SitePlan:
+    """The ``SitePlan`` of ``adapter`` at a site given by ``spec`` (``has_norm``: the site's layer has
+    the norm of ``LN(h + x)``). At a site without a block residual the placement is the one that
+    computes the same there (``no_residual_placement``; a parallel one is refused when it runs)."""
+    if spec.residual is None:
+        try:
+            placement = no_residual_placement(placement, "this site")
+        except ValueError:
+            return SitePlan(adapter, placement, False, False, False)  # Site.apply raises the error
+    needs_x = (placement.parallel or placement.original_ln_before or spec.swapped
+               or (not placement.original_ln_after and not has_norm))
+    replaces_norm = has_norm and (spec.swapped or not placement.original_ln_after)
+    return SitePlan(adapter, placement, needs_x, not needs_x and not replaces_norm, replaces_norm)
+
+
 class Site:
     """One adapter site of one layer: captures the block residual, then rewrites the sub-block output.
 
-    ``norm`` is the layer norm of ``LN(h + x)`` in the model the hooks were registered on, and
-    ``norm_path`` its path from the base model, to find the norm of a replica being run instead."""
+    ``plan`` is what the active setup runs here (None: nothing), set by ``ModelState.refresh``; a call
+    inside ``per_sample_adapters`` runs its batch's plan instead, and a call on an ``nn.DataParallel``
+    replica (whose modules are not this site's) resolves the replica's adapters. ``norm`` is the layer
+    norm of ``LN(h + x)`` in the model the hooks were registered on, and ``norm_path`` its path from the
+    base model, to find the norm of a replica being run instead; ``shared`` is the path of the output
+    module where it serves several sites (see ``_SharedOutput``)."""
 
     def __init__(self, state: ModelState, layer: int, name: str, spec: SiteSpec, norm: nn.Module | None,
-                 norm_path: str | None) -> None:
+                 norm_path: str | None, output_module: nn.Module, residual_module: nn.Module | None) -> None:
         self.state = state
         self.layer = str(layer)
         self.name = name
+        self.key = (self.layer, name)
         self.spec = spec
         self.norm = norm
         self.norm_path = norm_path
+        self.output_module = output_module
+        self.residual_module = residual_module
+        self.shared: str | None = None
+        self.plan: SitePlan | None = None
 
-    @property
-    def key(self) -> tuple[str, str]:
-        """(layer index, site name)."""
-        return self.layer, self.name
-
-    def _adapter(self, call: _CallLocal) -> tuple[SiteAdapter, Placement] | None:
-        batch = call.batch
-        if batch is not None:
-            grouped = batch.sites.get(self.key)
-            return None if grouped is None else (grouped, batch.placement)
-        state = self.state
-        active = state.active
+    def resolve(self, active: str | Composition | None, modules: nn.ModuleDict, configs: dict[str, AdapterConfig],
+                norm: nn.Module | None) -> SitePlan | None:
+        """The plan of ``active`` here, reading the adapters of ``modules`` (None: no adapter here)."""
         if active is None:
             return None
         if isinstance(active, Composition):  # called as site(x, residual=h): see RAW
-            found = composition_site(active, state.adapters_of_call(call), state.configs, self.layer, self.name,
-                                     self._norm(call))
-            return None if found is None else (found, RAW)
-        adapters = state.adapters_of_call(call)[active]
-        layer = adapters[self.layer] if self.layer in adapters else None
-        if layer is None or self.name not in layer:
+            found = composition_site(active, modules, configs, self.layer, self.name, norm)
+            return None if found is None else site_plan(found, RAW, self.spec, norm is not None)
+        adapters = modules[active] if active in modules else None
+        layer = adapters[self.layer] if adapters is not None and self.layer in adapters else None  # type: ignore[operator]
+        if layer is None or self.name not in layer:  # type: ignore[operator]
             return None
-        return layer[self.name], state.configs[active].layout  # type: ignore[return-value]
+        return site_plan(layer[self.name], configs[active].layout, self.spec, norm is not None)  # type: ignore[index]
+
+    def replica_plan(self, call: _CallLocal) -> SitePlan | None:
+        """The plan for a module that is not this site's own (an ``nn.DataParallel`` replica's)."""
+        state = self.state
+        return self.resolve(state.active, state.adapters_of_call(call), state.configs, self._norm(call))
 
     def _norm(self, call: _CallLocal) -> nn.Module | None:
         """The site's layer norm in the base module this thread is running."""
@@ -153,8 +187,16 @@ class Site:
         return call.bound[-1].get_submodule(self.norm_path)
 
     def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of ``spec.residual``: keep the block residual x where the plan reads it."""
         call = self.state.call
-        if self._adapter(call) is None:
+        batch = call.batch
+        if batch is not None:
+            plan = batch.plans.get(self.key)
+        elif module is self.residual_module:
+            plan = self.plan
+        else:
+            plan = self.replica_plan(call)
+        if plan is None or not plan.needs_x:
             return
         call.residuals[self.key] = call_argument(args, kwargs, self.spec.residual_position,
                                                  self.spec.residual_keywords)
@@ -163,26 +205,37 @@ class Site:
         """Forward hook of ``spec.residual_plus``: add its output to the captured residual."""
         call = self.state.call
         x = call.residuals.get(self.key)
-        if x is None or self._adapter(call) is None:
+        if x is None:
             return
         call.residuals[self.key] = (output[0] if isinstance(output, tuple) else output) + x
 
     def apply(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """Forward hook of ``spec.output``: the adapted sub-block output (None: unchanged)."""
         call = self.state.call
-        found = self._adapter(call)
-        if found is None:
+        batch = call.batch
+        if batch is not None:
+            plan = batch.plans.get(self.key)
+        elif module is self.output_module:
+            plan = self.plan
+        else:
+            plan = self.replica_plan(call)
+        if plan is None:
             return None
-        adapter, placement = found
+        if plan.direct:  # Houlsby's placement: h' = h + s * f(h), nothing captured, nothing replaced
+            if type(output) is tuple:
+                return (plan.adapter(output[0]), *output[1:])
+            return plan.adapter(output)
+        placement = plan.placement
         x = call.residuals.pop(self.key, None)
         if self.spec.residual is None:  # no residual at this site: h + x is h itself
             placement = no_residual_placement(placement, f"the {self.name} site")
         norm = self._norm(call)
         h = output[0] if isinstance(output, tuple) else output
         if not self.spec.swapped:
-            new = site_forward(adapter, placement, h, x, norm)
+            new = site_forward(plan.adapter, placement, h, x, norm)
         else:  # the adapter reads x as its input and h as its residual
             x = _captured(x)
-            new = site_forward(adapter, placement, x, h, norm)
+            new = site_forward(plan.adapter, placement, x, h, norm)
             if placement.original_ln_after and norm is not None:  # LN(new + h), not the layer's LN(new + x)
                 call.norm_outputs[self.key] = norm(new + h)
                 return None
@@ -214,6 +267,11 @@ class _SharedOutput:
         site = self.sites.get(n)
         return None if site is None else site.apply(module, args, output)
 
+    @property
+    def module(self) -> nn.Module:
+        """The shared output module of the model the hooks were registered on."""
+        return next(iter(self.sites.values())).output_module
+
 
 class _NormReplacement:
     """Forward hook on a site's layer norm: returns the output an ``original_ln_after=False`` adapter
@@ -228,23 +286,45 @@ class _NormReplacement:
         return pending.pop(self.key, None) if pending else None
 
 
-def hook_norms(state: ModelState) -> None:
-    """Register ``_NormReplacement`` on every site's layer norm (once per model)."""
-    if state.__dict__.get("norms_hooked"):
-        return
-    for layer in resolve_layers(state.arch, state.base):
-        for site_name, spec in layer.sites.items():
-            norm = get_submodule(layer.module, spec.norm) if spec.norm else None
-            if norm is not None:
-                state.handles.append(norm.register_forward_hook(_NormReplacement(state, (str(layer.index), site_name))))
-    state.__dict__["norms_hooked"] = True
+class _Hook(NamedTuple):
+    """One hook a ``ModelState`` may register: on ``module``, of ``kind`` (``"pre"``, ``"pre_kwargs"``,
+    ``"post"``; the base model's own two: ``"bind"``, ``"unbind"``)."""
+
+    module: nn.Module
+    kind: str
+    fn: Callable[..., Any]
+
+
+def _register(hook: _Hook) -> torch.utils.hooks.RemovableHandle:
+    module, kind, fn = hook
+    if kind == "pre":
+        return module.register_forward_pre_hook(fn)
+    if kind == "pre_kwargs":
+        return module.register_forward_pre_hook(fn, with_kwargs=True)
+    if kind == "bind":
+        return module.register_forward_pre_hook(fn, prepend=True)
+    if kind == "unbind":
+        return module.register_forward_hook(fn, always_call=True)
+    return module.register_forward_hook(fn)
+
+
+HookKey = tuple[str, ...]
+"""("apply" | "capture" | "plus" | "norm", layer, site), ("shared" | "reset", layer, output path), ("bind",)
+or ("unbind",)."""
 
 
 class ModelState:
     """Per-model bookkeeping (a plain object, so it adds no parameters or buffers).
 
     ``configs`` and ``active`` are shared by every thread; ``call`` is per thread. Deep copies and
-    pickles get a fresh ``call`` and, through the copy memo, the copy's layers and modules.
+    pickles get a fresh ``call`` and, through the copy memo, the copy's layers, modules and sites.
+
+    Hooks exist only where a plan reads them: a site's output hook where the active setup (or an open
+    ``per_sample_adapters`` block) has an adapter there, its residual hook where the placement reads the
+    block residual, its norm's hook where the site replaces the norm's output, and the base model's two
+    while any site has one. Setting ``active`` (or calling ``refresh`` after adapters are added, removed
+    or replaced) resolves every site's plan and registers and removes hooks to match, so an adapter
+    that is added but not active costs nothing per call.
     """
 
     def __init__(self, arch: Architecture, base: nn.Module, layers: nn.ModuleList, modules: nn.ModuleDict) -> None:
@@ -253,44 +333,110 @@ class ModelState:
         self.layers = layers
         self.modules = modules
         self.configs: dict[str, AdapterConfig] = {}
-        self.active: str | Composition | None = None
+        self._active: str | Composition | None = None
         self.training: str | Composition | None = None  # what train_adapter last prepared, until it is deleted
         self.call = _CallLocal()
         self.per_sample_blocks = 0  # per_sample_adapters blocks open in any thread
+        self.batches: dict[int, Any] = {}  # token -> the PerSampleBatch of a block open in any thread
+        self.generation = 0  # counts changes of the set of adapters (what per-sample caches are valid for)
         self.lock = threading.Lock()
-        self.handles: list[torch.utils.hooks.RemovableHandle] = [
-            base.register_forward_pre_hook(self.bind, prepend=True),
-            base.register_forward_hook(self.unbind, always_call=True),
-        ]
-        swapped_norms = False
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []  # installed once (replication, invertible)
+        self.sites: list[Site] = []
+        self.hooks: dict[HookKey, _Hook] = {("bind",): _Hook(base, "bind", self.bind),
+                                            ("unbind",): _Hook(base, "unbind", self.unbind)}
+        """Every hook a plan may read, in the order hooks on one module are registered."""
+        self.installed: dict[HookKey, torch.utils.hooks.RemovableHandle] = {}
+        norms: dict[HookKey, _Hook] = {}
         for layer in resolve_layers(arch, base):
             shared: dict[str, dict[int, Site]] = {}  # output path -> {output_call: site}, where not plain
+            index = str(layer.index)
             for site_name, spec in layer.sites.items():
                 norm = get_submodule(layer.module, spec.norm) if spec.norm else None
                 norm_path = f"{layer.path}.{spec.norm}" if spec.norm else None
-                site = Site(self, layer.index, site_name, spec, norm, norm_path)
-                if spec.residual is not None:
-                    residual_module = get_submodule(layer.module, spec.residual)
-                    assert residual_module is not None
-                    self.handles.append(residual_module.register_forward_pre_hook(site.capture, with_kwargs=True))
+                output_module = get_submodule(layer.module, spec.output)
+                residual_module = get_submodule(layer.module, spec.residual) if spec.residual is not None else None
+                assert output_module is not None and (residual_module is not None or spec.residual is None)
+                site = Site(self, layer.index, site_name, spec, norm, norm_path, output_module, residual_module)
+                self.sites.append(site)
+                if residual_module is not None:
+                    self.hooks[("capture", *site.key)] = _Hook(residual_module, "pre_kwargs", site.capture)
                 if spec.residual_plus is not None:  # after the hooks of earlier sites on the same module
                     plus_module = get_submodule(layer.module, spec.residual_plus)
                     assert plus_module is not None
-                    self.handles.append(plus_module.register_forward_hook(site.capture_plus))
-                output_module = get_submodule(layer.module, spec.output)
-                assert output_module is not None
+                    self.hooks[("plus", *site.key)] = _Hook(plus_module, "post", site.capture_plus)
                 if spec.output_call or sum(other.output == spec.output for other in layer.sites.values()) > 1:
                     shared.setdefault(spec.output, {})[spec.output_call] = site
+                    site.shared = spec.output
                 else:
-                    self.handles.append(output_module.register_forward_hook(site.apply))
+                    self.hooks[("apply", *site.key)] = _Hook(output_module, "post", site.apply)
+                if norm is not None:
+                    norms[("norm", *site.key)] = _Hook(norm, "post", _NormReplacement(self, site.key))
             for path, by_call in shared.items():  # model_layers checked that sites sharing a path differ in call
-                hook = _SharedOutput(self, (str(layer.index), path), by_call)
-                self.handles.append(layer.module.register_forward_pre_hook(hook.reset))
-                self.handles.append(get_submodule(layer.module, path).register_forward_hook(hook))  # type: ignore[union-attr]
-            if any(spec.swapped and spec.norm for spec in layer.sites.values()):
-                swapped_norms = True
-        if swapped_norms:  # a swapped site hands its norm the output (see Site.apply)
-            hook_norms(self)
+                hook = _SharedOutput(self, (index, path), by_call)
+                self.hooks[("reset", index, path)] = _Hook(layer.module, "pre", hook.reset)
+                self.hooks[("shared", index, path)] = _Hook(hook.module, "post", hook)
+        self.hooks.update(norms)  # a norm's hook runs after the hooks of the sites on the same module
+
+    @property
+    def active(self) -> str | Composition | None:
+        """The active setup: an adapter name, a composition, or None (setting it runs ``refresh``)."""
+        return self._active
+
+    @active.setter
+    def active(self, setup: str | Composition | None) -> None:
+        self._active = setup
+        self.refresh()
+
+    def adapters_changed(self) -> None:
+        """An adapter was added, removed or replaced: drop what was derived from the old set, ``refresh``."""
+        self.generation += 1
+        self.__dict__.pop("per_sample_cache", None)
+        self.__dict__.pop("per_sample_bank", None)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Resolve every site's plan for the active setup and register the hooks the plans read (and
+        those of open ``per_sample_adapters`` blocks), removing the others."""
+        active, modules, configs = self._active, self.modules, self.configs
+        for site in self.sites:
+            site.plan = site.resolve(active, modules, configs, site.norm)
+        self.sync_hooks()
+
+    def hook_keys(self, plans: Iterable[tuple[Site, SitePlan | None]]) -> set[HookKey]:
+        """The hooks that ``plans`` ((site, plan or None) pairs) read."""
+        keys: set[HookKey] = set()
+        for site, plan in plans:
+            if plan is None:
+                continue
+            layer, name = site.key
+            if site.shared is not None:
+                keys.update((("reset", layer, site.shared), ("shared", layer, site.shared)))
+            else:
+                keys.add(("apply", layer, name))
+            if plan.needs_x:
+                keys.update((("capture", layer, name), ("plus", layer, name)))
+            if plan.replaces_norm:
+                keys.add(("norm", layer, name))
+        if keys:
+            keys.update((("bind",), ("unbind",)))
+        return keys & self.hooks.keys()
+
+    def sync_hooks(self, extra: set[HookKey] = frozenset()) -> None:  # type: ignore[assignment]
+        """Register the hooks that the active plans, the open blocks' plans and ``extra`` read, and remove
+        the others. A module whose set of these hooks changes gets all of them again, in their order."""
+        with self.lock:
+            wanted = self.hook_keys((site, site.plan) for site in self.sites) | extra
+            for batch in self.batches.values():
+                wanted |= batch.hook_keys
+            if wanted == self.installed.keys():
+                return
+            changed = {id(self.hooks[key].module) for key in wanted ^ self.installed.keys()}
+            for key, hook in self.hooks.items():
+                if id(hook.module) in changed and key in self.installed:
+                    self.installed.pop(key).remove()
+            for key, hook in self.hooks.items():
+                if key in wanted and key not in self.installed:
+                    self.installed[key] = _register(hook)
 
     def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook of the base model: this thread's sites read ``module``'s adapters until
@@ -322,17 +468,23 @@ class ModelState:
         state = self.__dict__.copy()
         del state["call"], state["lock"]
         state["per_sample_blocks"] = 0
+        state["batches"] = {}
+        state.pop("per_sample_cache", None)
+        state.pop("per_sample_bank", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("training", None)
+        self.__dict__.setdefault("generation", 0)
         self.call = _CallLocal()
         self.lock = threading.Lock()
 
     def remove_hooks(self) -> None:
-        for handle in self.handles:
+        """Remove every hook of the model's adapters (the last adapter is gone)."""
+        for handle in [*self.installed.values(), *self.handles]:
             handle.remove()
+        self.installed.clear()
         self.handles.clear()
 
 

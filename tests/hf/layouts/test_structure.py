@@ -1,6 +1,6 @@
 """Models recognized by the structure of their layers rather than by model type: exact base outputs
-without an active adapter, parity with adapters computed by hand in float64, one hook call per layer
-and site, and clear refusals of layers laid out differently."""
+without an active adapter, parity with adapters computed by hand in float64, one hook call per adapted site of
+each layer, and clear refusals of layers laid out differently."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def hand_adapted(reference: nn.Module, layers: list[Any], placement: str, weight
 def check_against_hand(model: nn.Module, placement: str, expected_layout: str, monkeypatch: pytest.MonkeyPatch,
                        launches: Any, seq2seq: bool = False, batch: dict[str, Any] | None = None) -> None:
     """(1) no active adapter computes the base model bit for bit; (2) the adapters change the output;
-    (3) one hook call per layer and site, each running the fused kernel; (4) parity with adapters added
+    (3) one hook call per layer and adapted site, each running the fused kernel; (4) parity with adapters added
     by hand in float64 at the sites of ``expected_layout``, the layout the model must be recognized as.
     ``seq2seq``: an encoder-decoder model, whose adapters also sit after the decoder's cross-attention
     (``cross_adapter=True``). ``batch``: the model's inputs, where they are not token ids."""
@@ -236,11 +236,12 @@ def check_against_hand(model: nn.Module, placement: str, expected_layout: str, m
         calls.clear()
         launches.clear()
         out = model(**x).last_hidden_state
-    assert calls == Counter({(str(layer.index), s): 1 for layer in layers for s in layer.sites})  # (3)
+    config = hf_model.adapter_config(model, "a")
+    # (3) one hook call per layer and adapted site; sites without an adapter have no hook
+    assert calls == Counter({(str(layer.index), s): 1 for layer in layers for s in hf_model.layer_sites(config, layer)})
     assert len(layers) == (4 if seq2seq else 2) and all(("cross" in layer.sites) == (seq2seq and layer.index >= 2)
                                                         for layer in layers)
     assert (out - base).abs().max() > 1e-2  # (2)
-    config = hf_model.adapter_config(model, "a")
     weights = {f"{layer}.{site}": {k: v.detach().double() for k, v in module.state_dict().items()}
                for layer, block in model.base_model.fused_adapters["a"].items() for site, module in block.items()}
     assert sorted(weights) == sorted(f"{layer.index}.{s}" for layer in layers for s in hf_model.layer_sites(config, layer))

@@ -1,0 +1,401 @@
+"""One adapter per row of a batch: what ``per_sample_adapters`` and the ``adapter_names=`` keyword run.
+
+The adapters of one batch may differ in placement, bottleneck width, activation, scale and layers. At
+every site the rows' adapters run in one ``fused_adapter_grouped`` launch per activation: their
+weights are stacked into one bank, narrower bottlenecks padded with zero rows and columns (which add
+nothing) and differing scales folded into the up-projections; a row whose adapter has no adapter at a
+site (another placement's site, a layer left out) or that names none (None or ``"__base__"``) runs the
+base model there. Rows whose adapters read different inputs (Houlsby's sub-block output, Pfeiffer's
+normalized sum, the parallel adapter's block input) get theirs row by row before the one launch.
+
+Without autograd recording the banks are built once per model (every plain adapter, whatever the
+batch names) and kept until an adapter is added or removed; a site checks, on each call, that the
+parameters of the adapters it runs are the tensors it stacked, unchanged (version counters and data
+pointers), and restacks them when not. With autograd recording the used adapters are stacked when the
+batch is entered, so gradients reach each adapter's own parameters. A batch naming one adapter for
+every row runs that adapter's own plan, as if it were active.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..activations import ACTIVATIONS
+from ..grouped import fused_adapter_grouped
+from .. import ops
+from ..ops import KERNEL_DTYPES, run_kernels
+from .config import AdapterConfig, Placement
+from .sites import RAW, HookKey, ModelState, Site, SitePlan, site_plan
+
+BASE = "__base__"
+"""A row name meaning the base model (as None does)."""
+
+_PARAMETERS = (("down", "weight"), ("down", "bias"), ("up", "weight"), ("up", "bias"))
+
+
+def _parameters(module: nn.Module) -> list[torch.Tensor]:
+    return [getattr(getattr(module, part), kind) for part, kind in _PARAMETERS]
+
+
+def _stamp(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """Version counter and data pointer of each tensor: equal stamps, same values in the same place."""
+    return (*(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+
+
+class _Group:
+    """The adapters of one activation at one site, stacked: ``params`` (down (n, r, d), down bias
+    (n, r), up (n, d, r), up bias (n, d)), r the widest, scales folded into the up-projection unless
+    every adapter has the same ``scale``; ``slots``: adapter name -> its index in the stack."""
+
+    def __init__(self, activation: str, names: list[str], modules: list[nn.Module]) -> None:
+        self.activation = activation
+        self.names = names
+        self.modules = modules
+        self.slots = {name: i for i, name in enumerate(names)}
+        scales = {m.scale for m in modules}
+        self.scale = scales.pop() if len(scales) == 1 else 1.0
+        self.folded = len({m.scale for m in modules}) > 1
+        self.params = self.stack()
+        self.stamps = [_stamp(_parameters(m)) for m in modules]
+
+    def stack(self) -> list[torch.Tensor]:
+        """The stacked (padded, scale-folded) parameters, differentiable in the adapters' own."""
+        width = max(m.bottleneck for m in self.modules)
+        stacks: list[list[torch.Tensor]] = [[], [], [], []]
+        for module in self.modules:
+            dw, db, uw, ub = _parameters(module)
+            pad = width - module.bottleneck
+            if self.folded:
+                uw, ub = uw * module.scale, ub * module.scale
+            for bucket, t in zip(stacks, (F.pad(dw, (0, 0, 0, pad)), F.pad(db, (0, pad)), F.pad(uw, (0, pad)), ub)):
+                bucket.append(t)
+        return [torch.stack(bucket) for bucket in stacks]
+
+    def check(self, slots: Sequence[int]) -> None:
+        """Restack when a parameter of an adapter in ``slots`` changed since it was stacked (in value,
+        place, dtype or device)."""
+        for slot in slots:
+            if _stamp(_parameters(self.modules[slot])) != self.stamps[slot]:
+                with torch.no_grad():
+                    self.params = self.stack()
+                self.stamps = [_stamp(_parameters(m)) for m in self.modules]
+                return
+
+
+class _Launch(NamedTuple):
+    """One grouped launch at a site: the group, the row index into its stack (-1: not this group's),
+    and the slots it uses (checked before a cached bank runs)."""
+
+    group: _Group
+    index: torch.Tensor
+    slots: tuple[int, ...]
+
+
+class GroupedSite:
+    """A site's adapters for the rows of one batch, called like one adapter: ``site(z, residual=None)``
+    with z (B, ..., d), row b running its adapter (one launch per activation; rows of no adapter keep
+    the residual). ``check``: a cached bank, whose used slots are checked on each call.
+
+    The stacks and the index were built together, so a call whose input matches them (a plain tensor
+    in the stacks' dtype and device, of width d, no autocast) goes straight to the kernels (or, where
+    they do not run, to the rows' own weights gathered once per stack); any other input takes
+    ``fused_adapter_grouped``, which validates it."""
+
+    def __init__(self, launches: list[_Launch], check: bool) -> None:
+        self.launches = launches
+        self.check = check
+        first = launches[0].group.params[0]
+        self.dtype, self.device, self.d = first.dtype, first.device, first.shape[-1]
+        self.kernels = first.dtype in KERNEL_DTYPES and ops.kernels_available(first.device)
+        self.gathered: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def __call__(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        fast = (type(z) is torch.Tensor and z.dtype is self.dtype and z.device == self.device and z.dim() >= 2
+                and z.shape[-1] == self.d and not torch.is_autocast_enabled(z.device.type)
+                and (residual is None or residual.shape == z.shape and residual.dtype is self.dtype))
+        out = residual
+        for i, (group, index, slots) in enumerate(self.launches):
+            if z.shape[0] != index.shape[0]:
+                index = _rows(index, z)
+            if self.check:
+                group.check(slots)
+            params = group.params
+            if not fast:
+                out = fused_adapter_grouped(z, index, *params, group.activation, group.scale, check_index=False,
+                                            residual=out)
+            elif self.kernels:
+                out = run_kernels(z, params, group.activation, group.scale, index, math.prod(z.shape[1:-1]), out)
+            else:
+                out = self._rows_math(i, group, index, z, out)
+        assert out is not None
+        return out
+
+    def _rows_math(self, i: int, group: _Group, index: torch.Tensor, z: torch.Tensor,
+                   residual: torch.Tensor | None) -> torch.Tensor:
+        """The grouped adapter in plain PyTorch with each row's weights gathered (once per stack and
+        batch size; per call while autograd records): two batched matmuls whatever the mix."""
+        key = (i, index.shape[0])
+        found = self.gathered.get(key)
+        if found is None or found[0] is not group.params or torch.is_grad_enabled():
+            keep = index.clamp(min=0)
+            down_w, down_b, up_w, up_b = (p.index_select(0, keep) for p in group.params)
+            rows = (index >= 0).view(-1, 1, 1)
+            found = (group.params, [down_w.transpose(1, 2), down_b.unsqueeze(1), up_w.transpose(1, 2),
+                                    up_b.unsqueeze(1), rows])
+            if not torch.is_grad_enabled():
+                self.gathered[key] = found
+        down_t, down_b, up_t, up_b, rows = found[1]
+        x3 = z.reshape(z.shape[0], -1, self.d)
+        hidden = ACTIVATIONS[group.activation](torch.baddbmm(down_b, x3, down_t))
+        res3 = x3 if residual is None else residual.reshape(x3.shape)
+        out = torch.add(res3, torch.baddbmm(up_b, hidden, up_t), alpha=group.scale)
+        return torch.where(rows, out, res3).view(z.shape)
+
+
+def _rows(index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``index`` for the batch of ``z``: as is, or each row repeated when generation expanded the batch
+    (beams, several sequences per prompt: each prompt's rows are consecutive)."""
+    rows = z.shape[0] if z.dim() >= 2 else -1
+    if rows < 1 or rows % index.shape[0]:
+        raise ValueError(f"per_sample_adapters: {index.shape[0]} adapter names were given but the hidden states at "
+                         f"this site have shape {tuple(z.shape)} (batch first expected)")
+    return index.repeat_interleave(rows // index.shape[0])
+
+
+class MixedSite:
+    """Rows whose adapters differ in placement at one site, called as ``site(x, residual=h)`` (see
+    ``sites.RAW``): each row's adapter input and residual as its placement says, then one grouped
+    launch. ``rows``: per placement, a (B, 1) bool mask of its rows (others keep ``h``)."""
+
+    def __init__(self, grouped: GroupedSite, rows: list[tuple[Placement, torch.Tensor]], norm: nn.Module | None) -> None:
+        self.grouped = grouped
+        self.rows = rows
+        self.norm = norm
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        h = residual if residual is not None else x
+        z, r = h, h
+        for placement, mask in self.rows:
+            if mask.shape[0] != h.shape[0]:
+                mask = _rows(mask.squeeze(-1), h).unsqueeze(-1)
+            mask = mask.view(mask.shape[0], *([1] * (h.dim() - 1)))
+            if placement.parallel:
+                z_p, r_p = x, h
+            elif placement.original_ln_before:
+                total = h + x
+                z_p = self.norm(total) if self.norm is not None else total
+                before = placement.residual_before_ln
+                r_p = h if before is True else (z_p if before is False else total)
+            else:
+                z_p, r_p = h, h
+            z = torch.where(mask, z_p, z) if z_p is not h else z
+            r = torch.where(mask, r_p, r) if r_p is not h else r
+        return self.grouped(z, residual=r)
+
+
+class PerSampleBatch(NamedTuple):
+    """What a block runs at each site (``plans``, keyed (layer, site)) and the hooks those read."""
+
+    plans: dict[tuple[str, str], SitePlan]
+    hook_keys: set[HookKey]
+
+
+class _Bank:
+    """The stacked adapters of every site of a model: ``sites`` (layer, site) -> activation groups."""
+
+    def __init__(self, state: ModelState, names: Sequence[str], stacked: bool) -> None:
+        self.cached = not stacked
+        self.sites: dict[tuple[str, str], list[_Group]] = {}
+        for site in state.sites:
+            found: dict[str, list[tuple[str, nn.Module]]] = {}
+            for name in names:
+                layer = state.modules[name]._modules.get(site.layer)
+                module = layer._modules.get(site.name) if layer is not None else None
+                if module is not None:
+                    found.setdefault(module.activation, []).append((name, module))  # type: ignore[union-attr]
+            if found:
+                with torch.no_grad() if self.cached else torch.enable_grad():
+                    self.sites[site.key] = [_Group(act, [n for n, _ in pairs], [m for _, m in pairs])
+                                            for act, pairs in found.items()]
+
+
+def _check(state: ModelState, names: list[str | None]) -> tuple[list[str], dict[str, AdapterConfig]]:
+    """The distinct adapters ``names`` uses, in order, checked to run in one batch."""
+    used = list(dict.fromkeys(n for n in names if n is not None))
+    configs = {name: state.configs[name] for name in used}
+    for name, config in configs.items():
+        if not config.plain:
+            options = ", ".join([*config.unfused_options, *(["learned scale"] if config.learned_scale else [])])
+            raise ValueError(f"per_sample_adapters: adapter {name!r} uses {options}, which the grouped kernel does "
+                             "not compute; run it alone with set_active_adapters")
+    after = {name for name, config in configs.items() if not config.layout.original_ln_after}
+    if after and (len(used) > 1 or None in names):
+        name = next(iter(after))
+        raise ValueError(f"per_sample_adapters: adapter {name!r} skips the layer's own norm (original_ln_after=False), "
+                         "so it cannot share a batch with samples of other adapters or without adapter")
+    return used, configs
+
+
+def _batch(state: ModelState, names: list[str | None]) -> PerSampleBatch:
+    """The plans of a block running ``names`` (cached per names until the model's adapters change)."""
+    cache = state.__dict__.setdefault("per_sample_cache", {})
+    grad = torch.is_grad_enabled()
+    key = (tuple(names), grad)
+    found = cache.get(key) if not grad else None
+    if found is not None and found[0] == state.generation:
+        return found[1]
+    used, configs = _check(state, names)
+    if len(used) == 1 and None not in names:  # one adapter for every row: its own plan
+        plans = {site.key: plan for site in state.sites
+                 if (plan := site.resolve(used[0], state.modules, state.configs, site.norm)) is not None}
+    else:
+        plans = _grouped_plans(state, names, used, configs, grad)
+    batch = PerSampleBatch(plans, state.hook_keys((site, plans.get(site.key)) for site in state.sites))
+    if not grad:
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = (state.generation, batch)
+    return batch
+
+
+def _bank(state: ModelState, used: list[str], grad: bool) -> _Bank:
+    """With autograd recording, the ``used`` adapters stacked now; without, every plain adapter of the
+    model stacked once (kept until the model's adapters change)."""
+    if grad:
+        return _Bank(state, used, stacked=True)
+    found = state.__dict__.get("per_sample_bank")
+    if found is None or found[0] != state.generation or not set(used) <= found[2]:
+        plain = [name for name, config in state.configs.items() if config.plain]
+        found = (state.generation, _Bank(state, plain, stacked=False), set(plain))
+        state.__dict__["per_sample_bank"] = found
+    return found[1]
+
+
+def _grouped_plans(state: ModelState, names: list[str | None], used: list[str], configs: dict[str, AdapterConfig],
+                   grad: bool) -> dict[tuple[str, str], SitePlan]:
+    bank = _bank(state, used, grad)
+    device = next(state.modules[used[0]].parameters()).device if used else torch.device("cpu")
+    tensors: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def tensor(values: tuple[int, ...]) -> torch.Tensor:
+        if values not in tensors:
+            tensors[values] = torch.tensor(values, dtype=torch.long, device=device)
+        return tensors[values]
+
+    placements = {name: config.layout for name, config in configs.items()}
+    plans: dict[tuple[str, str], SitePlan] = {}
+    for site in state.sites:
+        groups = bank.sites.get(site.key)
+        if not groups:
+            continue
+        launches = []
+        present: list[str] = []
+        for group in groups:
+            slots = tuple(group.slots.get(n, -1) if n is not None else -1 for n in names)
+            if any(s >= 0 for s in slots):
+                launches.append(_Launch(group, tensor(slots), tuple(sorted({s for s in slots if s >= 0}))))
+                present += [n for n in used if n in group.slots]
+        if not launches:
+            continue
+        grouped = GroupedSite(launches, check=bank.cached)
+        kinds = {placements[n] for n in present}
+        every_row = all(n in present for n in names)
+        if len(kinds) == 1 and (every_row or _residual_is_h(next(iter(kinds)))):
+            plans[site.key] = site_plan(grouped, kinds.pop(), site.spec, site.norm is not None)
+            continue
+        rows = [(p, tensor(tuple(int(n is not None and n in present and placements[n] == p) for n in names))
+                 .bool().unsqueeze(-1)) for p in dict.fromkeys(placements[n] for n in present)]
+        plans[site.key] = site_plan(MixedSite(grouped, rows, site.norm), RAW, site.spec, site.norm is not None)
+    return plans
+
+
+def _residual_is_h(placement: Placement) -> bool:
+    """Whether a row the grouped launch skips (index -1, output = its residual) keeps the sub-block
+    output ``h``, as a row without an adapter must."""
+    return placement.parallel or not placement.original_ln_before or placement.residual_before_ln is True
+
+
+_tokens = itertools.count()
+
+
+def check_names(state: ModelState, names: Sequence[str | None]) -> list[str | None]:
+    """``names`` with ``"__base__"`` as None, every other name checked to be one of the model's
+    adapters (KeyError naming them otherwise)."""
+    rows: list[str | None] = []
+    for name in names:
+        if name is None or name == BASE:
+            rows.append(None)
+        elif name in state.configs:
+            rows.append(name)
+        else:
+            known = ", ".join(state.configs) or "none"
+            raise KeyError(f"adapter_fused: no adapter named {name!r} on this model (adapters: {known})")
+    return rows
+
+
+def enter_rows(state: ModelState, names: Sequence[str | None]) -> tuple[int, Any]:
+    """Make this thread's calls of the model run ``names`` row by row; returns what ``leave_rows``
+    needs to undo it (blocks nest)."""
+    batch = _batch(state, check_names(state, names))
+    token = next(_tokens)
+    call = state.call
+    previous = call.batch
+    with state.lock:
+        state.per_sample_blocks += 1
+        state.batches[token] = batch
+    if not batch.hook_keys <= state.installed.keys():
+        state.sync_hooks()
+    call.batch = batch
+    return token, previous
+
+
+def leave_rows(state: ModelState, entered: tuple[int, Any]) -> None:
+    """Undo ``enter_rows``."""
+    token, previous = entered
+    state.call.batch = previous
+    with state.lock:
+        state.per_sample_blocks -= 1
+        del state.batches[token]
+
+
+class AdapterNames:
+    """Forward pre-hook (with kwargs) and hook of a model: a call given ``adapter_names=[...]`` (one
+    name per row; None or ``"__base__"``: the base model) runs it row by row, as ``per_sample_adapters``
+    does; the keyword is taken out before the model's own forward sees it."""
+
+    def __init__(self, state: ModelState) -> None:
+        self.state = state
+
+    def enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if "adapter_names" not in kwargs:
+            return None
+        names = kwargs.pop("adapter_names")
+        stack = self.state.call.__dict__.setdefault("named", [])
+        stack.append((module, enter_rows(self.state, names) if names is not None else None))
+        return args, kwargs
+
+    def leave(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        stack = self.state.call.__dict__.get("named")
+        if stack and stack[-1][0] is module:
+            entered = stack.pop()[1]
+            if entered is not None:
+                leave_rows(self.state, entered)
+
+
+def hook_adapter_names(model: nn.Module, state: ModelState) -> None:
+    """Let ``model`` (and its base model) take ``adapter_names=`` (once per module)."""
+    hooked = state.__dict__.setdefault("names_hooked", [])
+    hook = AdapterNames(state)
+    for module in dict.fromkeys((model, state.base)):
+        if any(m is module for m in hooked):
+            continue
+        state.handles.append(module.register_forward_pre_hook(hook.enter, with_kwargs=True))
+        state.handles.append(module.register_forward_hook(hook.leave, always_call=True))
+        hooked.append(module)
