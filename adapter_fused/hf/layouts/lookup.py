@@ -56,7 +56,8 @@ def unregister_model_layout(model: str | type) -> None:
 
 def resolve_layers(arch: Architecture, base: nn.Module, config: object = None) -> list[ModelLayer]:
     """Every layer of ``base`` (a base model) that ``arch`` describes, numbered across its stacks in
-    order; stacks absent from ``base`` (the encoder of a decoder-only variant) are skipped."""
+    order, with its own sites (``SiteSpec.in_layer``: a hybrid model's layers differ in their token mixer);
+    stacks absent from ``base`` (the encoder of a decoder-only variant) are skipped."""
     config = config if config is not None else getattr(base, "config", None)
     out: list[ModelLayer] = []
     if arch.submodels:
@@ -74,9 +75,11 @@ def resolve_layers(arch: Architecture, base: nn.Module, config: object = None) -
         width = config_width(config, stack.hidden_size)
         for list_path, layers in find_layers(base, stack.layers):  # type: ignore[arg-type]
             for position, module in enumerate(layers):
-                cross = stack.cross if stack.cross is not None and get_submodule(module, stack.cross.output) is not None else None
-                out.append(ModelLayer(len(out), f"{list_path}.{position}", module, stack.attention, stack.ffn, width,
-                                      cross, stack.cross_with_attention and cross is not None))
+                cross = stack.cross.in_layer(module) if stack.cross is not None else None
+                cross = cross if cross is not None and get_submodule(module, cross.output) is not None else None
+                out.append(ModelLayer(len(out), f"{list_path}.{position}", module, stack.attention.in_layer(module),
+                                      stack.ffn.in_layer(module), width, cross,
+                                      stack.cross_with_attention and cross is not None))
     return out
 
 
