@@ -178,8 +178,9 @@ def _find_by_structure(model: nn.Module, base: nn.Module, model_type: object) ->
 
 def hidden_size(model: nn.Module) -> int:
     """The model width d (``config.hidden_size``, ``n_embd``, ``dim`` or ``d_model``; for a model
-    whose config has none of these, such as CLIP or an encoder-decoder, the width of its first layer)."""
-    config = model.config  # type: ignore[attr-defined]
+    whose config has none of these, such as CLIP or an encoder-decoder, the width of its first layer).
+    ValueError where neither says it (a model without ``config``)."""
+    config = getattr(model, "config", None)
     width = config_width(config, None)
     if width is not None:
         return width
@@ -189,7 +190,9 @@ def hidden_size(model: nn.Module) -> int:
         layers = []
     if layers and layers[0].hidden_size is not None:
         return layers[0].hidden_size
-    raise ValueError(f"adapter_fused: cannot find the hidden size in {type(config).__name__}")
+    where = f"in {type(config).__name__}" if config is not None else \
+        f"of {type(model).__name__}, which has no config: give it a config with hidden_size"
+    raise ValueError(f"adapter_fused: cannot find the hidden size {where}")
 
 
 def layer_widths(model: nn.Module) -> list[int]:

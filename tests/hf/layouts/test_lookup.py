@@ -302,6 +302,15 @@ def test_layout_naming_missing_modules_is_refused() -> None:
         unregister_model_layout(Tiny)
 
 
+def test_model_without_a_width_is_refused(registered: None) -> None:
+    model = Tiny()
+    del model.config
+    with pytest.raises(ValueError, match="cannot find the hidden size of Tiny, which has no config: give it a config "
+                                         "with hidden_size"):
+        add_adapter(model, "a", "houlsby")
+    assert not hasattr(model, "fused_adapters")
+
+
 def test_bad_descriptions_are_refused() -> None:
     with pytest.raises(ValueError, match="SiteSpec.output must be a dotted module path"):
         SiteSpec("", "norm1")
