@@ -15,6 +15,9 @@ A site is described by module paths relative to the layer (``SiteSpec``):
   site, so the same placements compute the same numbers.
 - ``swapped``: the adapter reads ``x`` and takes ``h`` as its residual (ALBERT's attention site, where
   AdapterHub calls its adapter that way round).
+- ``output_alternatives``: modules that take ``output``'s place in layers that lack it, in hybrid models
+  whose layers differ in their token mixer (Qwen3-Next's ``linear_attn`` layers beside its ``self_attn``
+  ones): each layer's site is after the first of them that the layer has.
 
 The adapters hook these modules; no base module is replaced and no parameter renamed.
 
@@ -33,8 +36,8 @@ Models are recognized in three ways, in this order. A layout registered with
 ``register_model_layout`` for the model's class or type. A model type listed in ``ARCHITECTURES``
 (``known``). Any other model by the structure of its layers (``structure``): the first candidate
 layout whose modules the first layer has and whose sums a forward pass on a dummy batch confirms
-(pre-norm, parallel-block, sandwich-norm and post-norm layers under several naming schemes, and
-BART-style encoder-decoder models). At run time, a site whose placement needs the residual ``x`` and
+(pre-norm, parallel-block, sandwich-norm and post-norm layers under several naming schemes, hybrid
+layers with softmax or linear attention, and BART-style encoder-decoder models). At run time, a site whose placement needs the residual ``x`` and
 whose residual module did not run before its output module in the same call raises RuntimeError rather
 than compute wrong numbers. Dropout applied by the layer to a sub-block output (Phi-3, StableLM, BART)
 acts on the adapted output, which changes nothing in evaluation mode.

@@ -56,7 +56,8 @@ def unregister_model_layout(model: str | type) -> None:
 
 def resolve_layers(arch: Architecture, base: nn.Module, config: object = None) -> list[ModelLayer]:
     """Every layer of ``base`` (a base model) that ``arch`` describes, numbered across its stacks in
-    order; stacks absent from ``base`` (the encoder of a decoder-only variant) are skipped."""
+    order, with its own sites (``SiteSpec.in_layer``: a hybrid model's layers differ in their token mixer);
+    stacks absent from ``base`` (the encoder of a decoder-only variant) are skipped."""
     config = config if config is not None else getattr(base, "config", None)
     out: list[ModelLayer] = []
     if arch.submodels:
@@ -74,9 +75,11 @@ def resolve_layers(arch: Architecture, base: nn.Module, config: object = None) -
         width = config_width(config, stack.hidden_size)
         for list_path, layers in find_layers(base, stack.layers):  # type: ignore[arg-type]
             for position, module in enumerate(layers):
-                cross = stack.cross if stack.cross is not None and get_submodule(module, stack.cross.output) is not None else None
-                out.append(ModelLayer(len(out), f"{list_path}.{position}", module, stack.attention, stack.ffn, width,
-                                      cross, stack.cross_with_attention and cross is not None))
+                cross = stack.cross.in_layer(module) if stack.cross is not None else None
+                cross = cross if cross is not None and get_submodule(module, cross.output) is not None else None
+                out.append(ModelLayer(len(out), f"{list_path}.{position}", module, stack.attention.in_layer(module),
+                                      stack.ffn.in_layer(module), width, cross,
+                                      stack.cross_with_attention and cross is not None))
     return out
 
 
@@ -175,8 +178,9 @@ def _find_by_structure(model: nn.Module, base: nn.Module, model_type: object) ->
 
 def hidden_size(model: nn.Module) -> int:
     """The model width d (``config.hidden_size``, ``n_embd``, ``dim`` or ``d_model``; for a model
-    whose config has none of these, such as CLIP or an encoder-decoder, the width of its first layer)."""
-    config = model.config  # type: ignore[attr-defined]
+    whose config has none of these, such as CLIP or an encoder-decoder, the width of its first layer).
+    ValueError where neither says it (a model without ``config``)."""
+    config = getattr(model, "config", None)
     width = config_width(config, None)
     if width is not None:
         return width
@@ -186,7 +190,9 @@ def hidden_size(model: nn.Module) -> int:
         layers = []
     if layers and layers[0].hidden_size is not None:
         return layers[0].hidden_size
-    raise ValueError(f"adapter_fused: cannot find the hidden size in {type(config).__name__}")
+    where = f"in {type(config).__name__}" if config is not None else \
+        f"of {type(model).__name__}, which has no config: give it a config with hidden_size"
+    raise ValueError(f"adapter_fused: cannot find the hidden size {where}")
 
 
 def layer_widths(model: nn.Module) -> list[int]:

@@ -6,7 +6,7 @@ module paths and call arguments. See ``adapter_fused.hf.layouts`` for what a sit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -42,6 +42,9 @@ class SiteSpec:
         they take ``x``: the site computes its placement on ``(x, h)`` and the layer's norm then gets
         the result plus ``h``. AdapterHub's ALBERT attention adapter is called this way (houlsby:
         ``LN(h + x + f(x))``), and so is this library's, to reproduce it.
+    output_alternatives: modules that take ``output``'s place in layers that lack it: the token mixers of
+        a hybrid model's other layers (``linear_attn`` beside ``self_attn``). Each layer's site has the
+        first of ``output`` and these that the layer has (``in_layer``).
     """
 
     output: str
@@ -53,9 +56,20 @@ class SiteSpec:
     hub_location: str | None = None
     output_call: int = 0
     swapped: bool = False
+    output_alternatives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_path(self.output, "SiteSpec.output")
+        alternatives = self.output_alternatives
+        alternatives = (alternatives,) if isinstance(alternatives, str) else alternatives
+        if not isinstance(alternatives, (tuple, list)):
+            raise TypeError(f"SiteSpec.output_alternatives must be a module path or a tuple of them, got {alternatives!r}")
+        for path in alternatives:
+            _check_path(path, "SiteSpec.output_alternatives")
+        if len({self.output, *alternatives}) != 1 + len(alternatives):
+            raise ValueError(f"SiteSpec.output_alternatives must name other modules than output, each once, got "
+                             f"{self.output!r} and {tuple(alternatives)!r}")
+        object.__setattr__(self, "output_alternatives", tuple(alternatives))
         _check_path(self.residual, "SiteSpec.residual", optional=True)
         _check_path(self.norm, "SiteSpec.norm", optional=True)
         _check_path(self.residual_plus, "SiteSpec.residual_plus", optional=True)
@@ -80,8 +94,16 @@ class SiteSpec:
 
     @property
     def paths(self) -> tuple[str, ...]:
-        """Every module path the site hooks or reads."""
+        """Every module path the site hooks or reads (``output``, not its alternatives: see ``in_layer``)."""
         return tuple(p for p in (self.output, self.residual, self.norm, self.residual_plus) if p)
+
+    def in_layer(self, layer: nn.Module) -> SiteSpec:
+        """The site in ``layer``: ``output`` is the first of ``output`` and ``output_alternatives`` that
+        ``layer`` has (``output`` where it has none), and no alternatives are left."""
+        if not self.output_alternatives:
+            return self
+        found = (p for p in (self.output, *self.output_alternatives) if isinstance(get_submodule(layer, p), nn.Module))
+        return replace(self, output=next(found, self.output), output_alternatives=())
 
 
 def _in_order(attention: SiteSpec, cross: SiteSpec | None, ffn: SiteSpec) -> dict[str, SiteSpec]:
@@ -215,8 +237,9 @@ def get_submodule(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def missing_modules(layer: nn.Module, *sites: SiteSpec) -> list[str]:
-    """The paths ``sites`` hook or read that ``layer`` lacks, sorted."""
-    return sorted({p for site in sites for p in site.paths if not isinstance(get_submodule(layer, p), nn.Module)})
+    """The paths ``sites`` hook or read in ``layer`` (``SiteSpec.in_layer``) that ``layer`` lacks, sorted."""
+    return sorted({p for site in sites for p in site.in_layer(layer).paths
+                   if not isinstance(get_submodule(layer, p), nn.Module)})
 
 
 def call_argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keywords: tuple[str, ...]) -> Any:

@@ -6,12 +6,13 @@ batch (one sequence, evaluation mode, no gradients), before any adapter is attac
 
 - in every layer, each site's output module runs once per call of the layer and its residual module
   at least once;
-- in the first layer, the recorded tensors add up the way the layout says: the attention site's
-  residual is the layer input ``x``; the attention block's combination ``h_a + x`` (normalized, for a
-  post-norm layout, by the layout's norm, whose input must be that sum) is what the next site's
-  residual plus its ``residual_plus`` module's output equals, and so on through the sites (attention,
-  cross-attention in decoder layers, feed-forward); and the layer output equals the feed-forward
-  combination ``h_f + r_f (+ p_f)``, normalized the same way for post-norm layouts.
+- in the first layer (in a hybrid model, whose layers differ in a site's module, the first layer of each
+  kind: ``SiteSpec.output_alternatives``), the recorded tensors add up the way the layout says: the
+  attention site's residual is the layer input ``x``; the attention block's combination ``h_a + x``
+  (normalized, for a post-norm layout, by the layout's norm, whose input must be that sum) is what the
+  next site's residual plus its ``residual_plus`` module's output equals, and so on through the sites
+  (attention, cross-attention in decoder layers, feed-forward); and the layer output equals the
+  feed-forward combination ``h_f + r_f (+ p_f)``, normalized the same way for post-norm layouts.
 
 Encoder-decoder candidates have an encoder stack and a decoder stack whose layers have a third site,
 after cross-attention; both stacks are checked, on a dummy batch that also gives the decoder its token
@@ -93,6 +94,12 @@ STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
     *(_layout(f"pre-norm layer (input_layernorm, {attn}; post_attention_layernorm, {ffn})",
               _pre("input_layernorm", attn), _pre("post_attention_layernorm", ffn))
       for attn in _ATTENTIONS[:3] for ffn in ("mlp", "block_sparse_moe", "feed_forward")),
+    # hybrid models: a layer's token mixer is softmax attention or linear attention (a gated delta net)
+    _layout("pre-norm hybrid layer (input_layernorm, self_attn or linear_attn; post_attention_layernorm, mlp)",
+            replace(_pre("input_layernorm", "self_attn"), output_alternatives=("linear_attn",)),
+            _pre("post_attention_layernorm", "mlp")),
+    _layout("pre-norm layer (attention_layernorm, self_attn; feedforward_layernorm, mlp)",
+            _pre("attention_layernorm", "self_attn"), _pre("feedforward_layernorm", "mlp")),
     _layout("pre-norm layer (ln_1, attn; ln_2, mlp)", _pre("ln_1", "attn"), _pre("ln_2", "mlp")),
     _layout("pre-norm layer (self_attn_layer_norm, self_attn; final_layer_norm, fc1 ... fc2)",
             _pre("self_attn_layer_norm", "self_attn"), _pre("final_layer_norm", "fc2")),
@@ -100,6 +107,8 @@ STRUCTURAL_LAYOUTS: tuple[Architecture, ...] = (
     _layout("pre-norm layer adding the residual inside its sub-blocks (input_layernorm, self_attention.dense; "
             "post_attention_layernorm, mlp.dense_4h_to_h)",
             _pre("input_layernorm", "self_attention.dense"), _pre("post_attention_layernorm", "mlp.dense_4h_to_h")),
+    _layout("pre-norm layer adding the residual inside its feed-forward block (norm_1, attn; norm_2, ffn.down_proj)",
+            _pre("norm_1", "attn"), _pre("norm_2", "ffn.down_proj")),
     # x = x + attn(n(x)) + mlp(n(x)): the feed-forward site's residual is x plus the attention output
     *(_layout(f"parallel block ({norm}, {attn} and mlp)", _pre(norm, attn), _pre(norm, "mlp", plus=attn))
       for norm in ("input_layernorm", "ln_1") for attn in _ATTENTIONS),
@@ -158,6 +167,7 @@ STRUCTURALLY_TESTED_MODEL_TYPES: tuple[str, ...] = (
     "deit", "vit_mae", "vit_msn", "ijepa", "dpt", "vivit", "videomae", "audio-spectrogram-transformer", "dinov2",
     "dinov2_with_registers", "wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "unispeech", "unispeech-sat",
     "siglip_vision_model", "idefics3_vision", "aimv2_vision_model", "pixtral",
+    "qwen3_next", "qwen3_5_text", "apertus", "mpt",
 )
 """Model types recognized by structure whose tiny random models the tests check against adapters
 added by hand in float64."""
@@ -170,7 +180,8 @@ def _first(value: Any) -> Any:
 
 
 class _Recording:
-    """Hooks on a candidate's modules: calls counted in every layer, tensors kept from the first."""
+    """Hooks on the candidates' modules: calls counted in every layer, tensors kept from the first layer of
+    each kind (``_kinds``)."""
 
     def __init__(self) -> None:
         self.calls: Counter[int] = Counter()
@@ -178,6 +189,7 @@ class _Recording:
         self.outputs: dict[int, Any] = {}
         self.handles: list[Any] = []
         self.hooked: set[int] = set()
+        self.kept: set[int] = set()
 
     @staticmethod
     def _keep(value: Any) -> Any:
@@ -188,18 +200,21 @@ class _Recording:
         return value
 
     def watch(self, module: nn.Module, keep: bool) -> None:
+        """Count the calls of ``module``; with ``keep`` (from any candidate watching it), keep its tensors."""
         key = id(module)
+        if keep:
+            self.kept.add(key)
         if key in self.hooked:
             return
         self.hooked.add(key)
 
         def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.calls[key] += 1
-            if keep:
+            if key in self.kept:
                 self.inputs[key] = (self._keep(args), {k: self._keep(v) for k, v in kwargs.items()})
 
         def after(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if keep:
+            if key in self.kept:
                 self.outputs[key] = self._keep(_first(output))
 
         self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
@@ -234,33 +249,52 @@ def _mismatch(actual: Any, terms: list[Any], what: str) -> str | None:
 _LABELS = {"attention": "attention", "cross": "cross-attention", "ffn": "feed-forward"}
 
 
-def _sites(stack: ModelLayout) -> list[tuple[str, SiteSpec]]:
-    """A stack's sites in the order they run, with the names the reasons use."""
-    return [(_LABELS[name], spec) for name, spec in stack.sites.items()]
+def _sites(stack: ModelLayout, layer: nn.Module | None = None) -> list[tuple[str, SiteSpec]]:
+    """A stack's sites in the order they run, with the names the reasons use; in ``layer`` where given
+    (``SiteSpec.in_layer``)."""
+    return [(_LABELS[name], spec if layer is None else spec.in_layer(layer)) for name, spec in stack.sites.items()]
+
+
+def _kinds(stack: ModelLayout, layers: nn.ModuleList) -> list[int]:
+    """The positions of the first layer of each kind: layers whose sites differ in a hybrid model (one
+    with full attention, one with linear attention), else only the first layer."""
+    seen: dict[tuple[SiteSpec, ...], int] = {}
+    for position, layer in enumerate(layers):
+        seen.setdefault(tuple(site for _, site in _sites(stack, layer)), position)
+    return sorted(seen.values())
 
 
 def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str | None:
     """Why ``stack`` does not describe ``layers`` (given a forward pass recorded), or None."""
-    sites = _sites(stack)
     for position, layer in enumerate(layers):
         called = record.calls[id(layer)]
-        for _, site in sites:
+        for _, site in _sites(stack, layer):
             output, residual = get_submodule(layer, site.output), get_submodule(layer, site.residual) if site.residual else None
-            if record.calls[id(output)] != called:
-                return f"in layer {position}, {site.output} ran {record.calls[id(output)]} times in {called} calls"
+            if output is None or record.calls[id(output)] != called:
+                return f"in layer {position}, {site.output} ran {record.calls[id(output)] if output else 0} times " \
+                       f"in {called} calls"
             if residual is not None and record.calls[id(residual)] < called:
                 return f"in layer {position}, {site.residual} ran {record.calls[id(residual)]} times in {called} calls"
-    first = layers[0]
-    if id(first) not in record.inputs:
-        return "the first layer did not run"
-    args, kwargs = record.inputs[id(first)]
-    x, y = call_argument(args, kwargs, 0, ("hidden_states",)), record.outputs.get(id(first))
+    for position in _kinds(stack, layers):
+        why = _sums(stack, layers[position], record)
+        if why is not None:
+            return why if position == 0 else f"in layer {position}, {why}"
+    return None
+
+
+def _sums(stack: ModelLayout, layer: nn.Module, record: _Recording) -> str | None:
+    """Why the tensors recorded in ``layer`` do not add up as ``stack`` says, or None."""
+    if id(layer) not in record.inputs:
+        return "the layer did not run"
+    sites = _sites(stack, layer)
+    args, kwargs = record.inputs[id(layer)]
+    x, y = call_argument(args, kwargs, 0, ("hidden_states",)), record.outputs.get(id(layer))
 
     def site_parts(site: SiteSpec) -> tuple[Any, Any, Any]:
-        h = record.outputs.get(id(get_submodule(first, site.output)))
-        r_args, r_kwargs = record.inputs.get(id(get_submodule(first, site.residual)), ((), {}))  # type: ignore[arg-type]
+        h = record.outputs.get(id(get_submodule(layer, site.output)))
+        r_args, r_kwargs = record.inputs.get(id(get_submodule(layer, site.residual)), ((), {}))  # type: ignore[arg-type]
         r = call_argument(r_args, r_kwargs, site.residual_position, site.residual_keywords)
-        p = record.outputs.get(id(get_submodule(first, site.residual_plus))) if site.residual_plus else None
+        p = record.outputs.get(id(get_submodule(layer, site.residual_plus))) if site.residual_plus else None
         return h, r, p
 
     def combined(site: SiteSpec, h: Any, r: Any, p: Any, what: str) -> tuple[Any, str | None]:
@@ -269,12 +303,12 @@ def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str
             return None, f"{what}: a value was not recorded"
         if site.norm is None:
             return sum(terms[1:], terms[0]), None
-        norm = get_submodule(first, site.norm)
+        norm = get_submodule(layer, site.norm)
         n_args, n_kwargs = record.inputs.get(id(norm), ((), {}))
         why = _mismatch(call_argument(n_args, n_kwargs, 0, _NORM_INPUT), terms, f"the input of {site.norm} is not {what}")
         return record.outputs.get(id(norm)), why
 
-    attention = stack.attention
+    attention = sites[0][1]
     h, r, p = site_parts(attention)
     why = _mismatch(r, [x], f"the input of {attention.residual} is not the layer input")
     if why:
@@ -295,7 +329,7 @@ def _check(stack: ModelLayout, layers: nn.ModuleList, record: _Recording) -> str
         if why:
             return why
         previous = name
-    return _mismatch(y, [result], f"the layer output is not {stack.ffn.output} output + residual")
+    return _mismatch(y, [result], f"the layer output is not {sites[-1][1].output} output + residual")
 
 
 def _stacks(layout: Architecture, base: nn.Module) -> list[tuple[ModelLayout, nn.ModuleList]] | None:
@@ -396,11 +430,12 @@ def _run(base: nn.Module, candidates: list[_Candidate], batch: dict[str, Any]) -
     try:
         for _, stacks in candidates:
             for stack, layers in stacks:
+                kinds = _kinds(stack, layers)
                 for position, layer in enumerate(layers):
-                    record.watch(layer, keep=position == 0)
-                    for _, site in _sites(stack):
-                        for path in site.paths:
-                            record.watch(get_submodule(layer, path), keep=position == 0)  # type: ignore[arg-type]
+                    record.watch(layer, keep=position in kinds)
+                    for _, site in _sites(stack, layer):
+                        for module in filter(None, (get_submodule(layer, path) for path in site.paths)):
+                            record.watch(module, keep=position in kinds)
         base.eval()
         with torch.no_grad():
             base(**batch)

@@ -16,6 +16,7 @@ from torch import nn
 import adapter_fused
 from adapter_fused import ACTIVATIONS, ModelLayout, SiteSpec, register_model_layout, unregister_model_layout
 from adapter_fused.hf import AdapterConfig, Placement, add_adapter, set_active_adapters
+from adapter_fused.hf.layouts import model_layers
 from adapter_fused.hf.model import adapter_config
 
 from ..models import randomize
@@ -35,6 +36,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class MixBlock(Block):
+    """A hybrid model's other kind of layer: ``Block`` whose token mixer is ``mix`` instead of ``attn``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = self.attn
+        del self.attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mix(self.norm1(x))
         return x + self.ff(self.norm2(x))
 
 
@@ -136,7 +150,8 @@ def hand(model: Tiny, x: torch.Tensor, placement: str, y: torch.Tensor | None = 
 
     x = x.double()
     for i, block in enumerate(ref.blocks):
-        x = site(i, "attention", block.attn(block.norm1(x)), x, None)
+        mixer = block.mix if isinstance(block, MixBlock) else block.attn
+        x = site(i, "attention", mixer(block.norm1(x)), x, None)
         x = site(i, "ffn", block.ff(block.norm2(x)), x, None)
     for j, block in enumerate(ref.head_blocks or (), start=len(ref.blocks)):
         x = block.ln1(site(j, "attention", block.attn(x), x, block.ln1))
@@ -192,6 +207,30 @@ def test_swapped_sites_match_adapters_added_by_hand(placement: str) -> None:
         torch.testing.assert_close(out, hand(model, x, placement, swapped=True).float(), rtol=1e-5, atol=1e-5)
         if placement != "pfeiffer":  # pfeiffer's adapter reads h + x, the same either way round
             assert (out - hand(model, x, placement).float()).abs().max() > 1e-2
+    finally:
+        unregister_model_layout(Tiny)
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+def test_layers_of_two_kinds_with_output_alternatives(placement: str) -> None:
+    """``output_alternatives``: each layer's site is after the first of its modules the layer has (``mix`` in
+    the first, ``attn`` in the second); outputs equal adapters added by hand in float64."""
+    attention = dataclasses.replace(PRE_NORM.attention, output_alternatives="mix")
+    register_model_layout(Tiny, dataclasses.replace(PRE_NORM, attention=attention))
+    try:
+        torch.manual_seed(0)
+        model = Tiny().eval()
+        model.blocks = nn.ModuleList([MixBlock(), Block()])
+        x = torch.randn(2, 5, D)
+        base = model(x)
+        add_adapter(model, "a", placement)
+        assert [layer.attention.output for layer in model_layers(model)[1]] == ["mix", "attn"]
+        randomize(model.fused_adapters.parameters())
+        set_active_adapters(model, "a")
+        with torch.no_grad():
+            out = model(x)
+        assert (out - base).abs().max() > 1e-2
+        torch.testing.assert_close(out, hand(model, x, placement).float(), rtol=1e-5, atol=1e-5)
     finally:
         unregister_model_layout(Tiny)
 
@@ -263,6 +302,15 @@ def test_layout_naming_missing_modules_is_refused() -> None:
         unregister_model_layout(Tiny)
 
 
+def test_model_without_a_width_is_refused(registered: None) -> None:
+    model = Tiny()
+    del model.config
+    with pytest.raises(ValueError, match="cannot find the hidden size of Tiny, which has no config: give it a config "
+                                         "with hidden_size"):
+        add_adapter(model, "a", "houlsby")
+    assert not hasattr(model, "fused_adapters")
+
+
 def test_bad_descriptions_are_refused() -> None:
     with pytest.raises(ValueError, match="SiteSpec.output must be a dotted module path"):
         SiteSpec("", "norm1")
@@ -274,6 +322,12 @@ def test_bad_descriptions_are_refused() -> None:
         SiteSpec("attn", None, swapped=True)
     with pytest.raises(TypeError, match="SiteSpec.swapped must be True or False"):
         SiteSpec("attn", "norm1", swapped=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="SiteSpec.output_alternatives must be a dotted module path"):
+        SiteSpec("attn", "norm1", output_alternatives=("mix", ""))
+    with pytest.raises(ValueError, match="SiteSpec.output_alternatives must name other modules than output"):
+        SiteSpec("attn", "norm1", output_alternatives=("mix", "attn"))
+    with pytest.raises(TypeError, match="SiteSpec.output_alternatives must be a module path or a tuple"):
+        SiteSpec("attn", "norm1", output_alternatives=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ModelLayout.layers must be a dotted module path"):
         ModelLayout("blocks..x", SiteSpec("attn", "norm1"), SiteSpec("ff", "norm2"))
     with pytest.raises(TypeError, match="ModelLayout.ffn must be a SiteSpec"):

@@ -40,7 +40,14 @@ VOCAB = 101
 COMMON = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
           "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 64, "pad_token_id": 0}
 GPT = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64}
+# hybrid models: both kinds of layer, in either order (a linear-attention first layer needs the hybrid candidate)
+LINEAR_ATTENTION = {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                    "linear_value_head_dim": 8, "head_dim": 16}
 EXTRA: dict[str, dict[str, Any]] = {
+    "qwen3_next": {**LINEAR_ATTENTION, "layer_types": ["linear_attention", "full_attention"], "num_experts": 4,
+                   "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+                   "decoder_sparse_step": 1},
+    "qwen3_5_text": {**LINEAR_ATTENTION, "layer_types": ["full_attention", "linear_attention"]},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1},
@@ -59,6 +66,7 @@ EXTRA: dict[str, dict[str, Any]] = {
 }
 PRE = "pre-norm layer (input_layernorm, self_attn; post_attention_layernorm, mlp)"
 MOE = "pre-norm layer (input_layernorm, self_attn; post_attention_layernorm, block_sparse_moe)"
+HYBRID = "pre-norm hybrid layer (input_layernorm, self_attn or linear_attn; post_attention_layernorm, mlp)"
 # The layout each type must get, decided by reading its layer's forward pass.
 EXPECTED = {
     "qwen3_moe": PRE, "qwen2_moe": PRE, "gemma": PRE, "phi3": PRE, "olmo": PRE, "olmoe": PRE,
@@ -78,6 +86,9 @@ EXPECTED = {
              "post_attention_layernorm, mlp.dense_4h_to_h)",
     "camembert": "post-norm BERT-like layer (attention.output: dense, dropout, LayerNorm; output: dense, dropout, "
                  "LayerNorm)",
+    "qwen3_next": HYBRID, "qwen3_5_text": HYBRID,
+    "apertus": "pre-norm layer (attention_layernorm, self_attn; feedforward_layernorm, mlp)",
+    "mpt": "pre-norm layer adding the residual inside its feed-forward block (norm_1, attn; norm_2, ffn.down_proj)",
 }
 MODEL_TYPES = tuple(EXPECTED)
 # Variants selected by config flags: the layout found changes with them.
@@ -259,6 +270,10 @@ def test_layers_are_recognized_by_structure(model_type: str, placement: str, mon
     if expected == MOE and not hasattr(model.base_model.layers[0], "block_sparse_moe"):
         expected = PRE  # transformers 5 names the mixture of experts mlp
     check_against_hand(model, placement, expected, monkeypatch, launches)
+    if expected == HYBRID:  # each layer adapted after its own token mixer, both kinds present
+        mixers = ["linear_attn" if kind == "linear_attention" else "self_attn" for kind in model.config.layer_types]
+        assert sorted(mixers) == ["linear_attn", "self_attn"]
+        assert [layer.attention.output for layer in model_layers(model)[1]] == mixers
 
 
 SEQ2SEQ = {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
@@ -526,6 +541,39 @@ def test_layer_that_combines_differently_is_refused_on_the_forward_pass() -> Non
                                          r"parallel block"):
         add_adapter(model, "a", "pfeiffer")
     assert not hasattr(model, "fused_adapters")
+
+
+class _Hybrid(_SkipsNorm):
+    """Llama's layer whose token mixer is ``self_attn`` or, with ``linear``, ``linear_attn`` (Qwen3-Next's
+    names); the feed-forward output is multiplied by ``scale`` before the residual add."""
+
+    def __init__(self, linear: bool, scale: float = 1.0) -> None:
+        super().__init__()
+        if linear:
+            self.linear_attn = self.self_attn
+            del self.self_attn
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixer = self.linear_attn if hasattr(self, "linear_attn") else self.self_attn
+        x = x + mixer(self.input_layernorm(x))
+        return x + self.scale * self.mlp(self.post_attention_layernorm(x))
+
+
+def test_hybrid_layers_are_checked_in_each_kind() -> None:
+    """A layer lacking a candidate's token mixer fails that candidate (its module ran 0 times); the hybrid
+    candidate checks the sums in the first layer of each kind, so a linear-attention layer that scales its
+    feed-forward output is refused although the first layer fits."""
+    model = _Mystery(iter([_Hybrid(False), _Hybrid(True, scale=0.5)]).__next__)
+    with pytest.raises(ValueError, match=r"as a pre-norm layer \(input_layernorm, self_attn; post_attention_layernorm, "
+                                         r"mlp\): in layer 1, self_attn ran 0 times in 1 calls; .*as a pre-norm hybrid "
+                                         r"layer \(input_layernorm, self_attn or linear_attn; post_attention_layernorm, "
+                                         r"mlp\): in layer 1, the layer output is not mlp output \+ residual \(off by"):
+        add_adapter(model, "a", "pfeiffer")
+    assert not hasattr(model, "fused_adapters")
+    model = _Mystery(iter([_Hybrid(True), _Hybrid(False)]).__next__)
+    add_adapter(model, "a", "pfeiffer")
+    assert [layer.attention.output for layer in model_layers(model)[1]] == ["linear_attn", "self_attn"]
 
 
 def test_layer_whose_residual_sums_fit_a_parallel_block_gets_its_sites() -> None:
