@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .composition import Composition, active_names, check_setup, parse_setup
@@ -96,12 +97,28 @@ def check_cross_adapter(model: nn.Module, config: AdapterConfig) -> None:
                          f"(houlsby) for adapters there")
 
 
+def adapter_placement(module: nn.Module, model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype for adapters on ``module`` (a layer, or the embeddings) of ``model``: those
+    of its first floating-point parameter, which carries the dtype of the hidden states. Integer
+    parameters are passed over: a quantized layer keeps its packed weights in them (bitsandbytes' 4-bit
+    weights are uint8), while its norms, biases or compute run in the model's float dtype. A module
+    without a floating-point parameter takes the dtype of the model's first one (on the device of its
+    own first parameter); (None, None), the defaults, where neither has any."""
+    floating = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if floating is not None:
+        return floating.device, floating.dtype
+    first = next(module.parameters(), None)
+    fallback = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = first.device if first is not None else fallback.device if fallback is not None else None
+    return device, fallback.dtype if fallback is not None else None
+
+
 def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleDict:
     """Freshly initialised adapters for every layer (but those in ``config.leave_out``) and site of
-    ``config`` (see ``layer_sites``), each on the device and in the dtype of its layer and in the
-    model's training mode: ``{layer index: {site: module}}``, the module a ``FusedAdapter(d, r)`` for
-    plain configs and a ``BottleneckAdapter`` otherwise, d the layer's width and r its bottleneck (see
-    ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names every layer, a per-layer
+    ``config`` (see ``layer_sites``), each on the device and in the dtype of its layer (see
+    ``adapter_placement``) and in the model's training mode: ``{layer index: {site: module}}``, the
+    module a ``FusedAdapter(d, r)`` for plain configs and a ``BottleneckAdapter`` otherwise, d the
+    layer's width and r its bottleneck (see ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names every layer, a per-layer
     ``reduction_factor`` has no value for a layer, or a parallel placement meets a site without a
     block residual."""
     arch, layers = model_layers(model)
@@ -116,9 +133,7 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
         if layer.index in config.leave_out:
             continue
         r = config.bottleneck_for(width, layer.index)
-        reference = next(layer.module.parameters(), None)
-        device = reference.device if reference is not None else None
-        dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+        device, dtype = adapter_placement(layer.module, model)
         out[str(layer.index)] = nn.ModuleDict({
             site: site_adapter(config, width, r, device=device, dtype=dtype) for site in layer_sites(config, layer)
         })
@@ -126,11 +141,9 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
         raise ValueError(f"adapter_fused: leave_out {list(config.leave_out)} leaves out every one of the model's "
                          f"{len(layers)} layers")
     if config.inv_adapter:
-        embeddings = embedding_module(base_model(model), arch.name)
-        reference = next(embeddings.parameters(), None)
-        reference = reference if reference is not None else next(model.parameters())
+        device, dtype = adapter_placement(embedding_module(base_model(model), arch.name), model)
         out["invertible"] = NiceCoupling(d, config.inv_adapter_reduction_factor, config.resolved_activation,  # type: ignore[arg-type]
-                                         device=reference.device, dtype=reference.dtype)
+                                         device=device, dtype=dtype)
     out.train(model.training)  # dropout inside adapters follows the model's mode
     return out
 
