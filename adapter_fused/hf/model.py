@@ -34,6 +34,8 @@ from .sites import MODULE_NAME, ModelState, hook_invertible, hook_norms, install
 
 STATE_NAME = "_fused_adapter_state"
 """The key of the base model's ``__dict__`` holding its ``ModelState``."""
+HEAD_FROZEN = "head_frozen"
+"""The key of a ``ModelState``'s ``__dict__`` recording that the last ``train_adapter`` froze the task head."""
 
 
 def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
@@ -248,19 +250,32 @@ def set_active_adapters(model: nn.Module, name: str | Composition | list[Any] | 
     _activate(state, setup)
 
 
+def output_embedding_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters of ``model.get_output_embeddings()`` (an ``lm_head``, the decoder of
+    BERT's masked-LM head and its bias), or of each module it returns in a list; empty for a model
+    without output embeddings."""
+    getter = getattr(model, "get_output_embeddings", None)
+    found = getter() if callable(getter) else None
+    modules = found if isinstance(found, (list, tuple)) else [found]
+    return {id(p) for m in modules if isinstance(m, nn.Module) for p in m.parameters()}
+
+
 def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """The parameters of ``model``'s task head: those outside ``model.base_model`` (e.g.
-    ``classifier.*``, ``score.*``, ``qa_outputs.*``, an untied ``lm_head.*``), by their names in
-    ``model``. Parameters shared with the base model (an output layer tied to the input embeddings)
-    are not part of the head; a bare base model has none."""
+    """The parameters of ``model``'s task head, by their names in ``model``: those outside
+    ``model.base_model`` (e.g. ``classifier.*``, ``score.*``, ``qa_outputs.*``, the transform of
+    BERT's masked-LM head) but for the output embeddings (``model.get_output_embeddings()``: an
+    ``lm_head``, tied to the input embeddings or not, and the masked-LM decoder with its bias), which
+    are pretrained weights of the language model that AdapterHub's ``train_adapter`` keeps frozen.
+    Parameters shared with the base model are not part of the head either; a bare base model has
+    none."""
     base = base_model(model)
     if base is model:
         return
-    shared = {id(p) for p in base.parameters()}
+    excluded = {id(p) for p in base.parameters()} | output_embedding_parameters(model)
     storages = {p.untyped_storage().data_ptr() for p in base.parameters() if p.device.type != "meta"}
     seen: set[int] = set()
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in shared or id(parameter) in seen:
+        if id(parameter) in excluded or id(parameter) in seen:
             continue
         if parameter.device.type != "meta" and parameter.untyped_storage().data_ptr() in storages:
             continue
@@ -268,14 +283,28 @@ def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield name, parameter
 
 
+def saved_head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """What ``save_adapter(..., with_head=True)`` writes of the task head: ``head_parameters``, or
+    nothing where ``train_adapter(..., train_head=False)`` froze the head and it is still frozen (then
+    the head is not part of what trained, only a copy of the model's own weights)."""
+    head = list(head_parameters(model))
+    state = model_state(model)
+    if (state is not None and state.training is not None and state.__dict__.get(HEAD_FROZEN)
+            and not any(p.requires_grad for _, p in head)):
+        return []
+    return head
+
+
 def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[Any, ...],
                   train_head: bool = True) -> None:
     """Prepare ``model`` to train adapter ``name``: the adapter's parameters get ``requires_grad=True``,
     and so does the model's task head when ``train_head`` (see ``head_parameters``: e.g. the
-    ``classifier`` of a ``BertForSequenceClassification``, never embeddings tied to an output
-    layer); every other parameter (base model, other adapters, the head when not ``train_head``)
-    gets False. The adapter becomes active, the model is put in training mode, and adapters added
-    afterwards start frozen. ``save_adapter(..., with_head=True)`` keeps the trained head.
+    ``classifier`` of a ``BertForSequenceClassification``, never the output embeddings, such as an
+    ``lm_head``, tied or not, as in AdapterHub); every other parameter (base model, output
+    embeddings, other adapters, the head when not ``train_head``) gets False. The adapter becomes
+    active, the model is put in training mode, and adapters added afterwards start frozen.
+    ``save_adapter(..., with_head=True)`` keeps the trained head; after ``train_head=False`` it
+    writes no head (see ``saved_head_parameters``).
 
     ``name`` may be a composition (as for ``set_active_adapters``): every adapter in it trains, and
     the composition becomes active.
@@ -289,6 +318,7 @@ def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[
     if train_head:
         for _, parameter in head_parameters(model):
             parameter.requires_grad_(True)
+    state.__dict__[HEAD_FROZEN] = not train_head
     for adapter in active_names(setup):
         for parameter in state.modules[adapter].parameters():
             parameter.requires_grad_(True)

@@ -140,10 +140,6 @@ def test_adapter_trains_saves_and_loads_on_a_quantized_base(base_dir: Path, kind
     assert err <= 1e-6, f"{kind}: a fresh quantized base with the loaded adapter differs by {err:.2e}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "save_adapter(..., with_head=True), the default, writes the untied lm_head (a frozen, pretrained base weight, "
-    "vocab x d) to adapter_head.safetensors even after train_adapter(..., train_head=False): the head of a causal "
-    "LM is treated as a new task head (adapter_fused/hf/io.py, save_adapter)"))
 def test_default_save_writes_no_frozen_base_weights(base_dir: Path, tmp_path: Path) -> None:
     model = quantized(base_dir, "nf4")
     add_adapter(model, "a", AdapterConfig("pfeiffer", reduction_factor=4))
