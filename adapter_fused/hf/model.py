@@ -36,6 +36,8 @@ STATE_NAME = "_fused_adapter_state"
 """The key of the base model's ``__dict__`` holding its ``ModelState``."""
 HEAD_FROZEN = "head_frozen"
 """The key of a ``ModelState``'s ``__dict__`` recording that the last ``train_adapter`` froze the task head."""
+INPUTS_HOOKED = "inputs_grad_hooked"
+"""The key of a ``ModelState``'s ``__dict__`` recording that ``InputsRequireGrad`` is registered."""
 
 
 def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
@@ -295,6 +297,46 @@ def saved_head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return head
 
 
+class InputsRequireGrad:
+    """Forward hook on the input embeddings of a model whose adapters train: while ``train_adapter``'s
+    setup stands and activation checkpointing is on in training mode (a module's
+    ``gradient_checkpointing`` flag, which transformers' ``gradient_checkpointing_enable`` sets), the
+    embeddings' output is made to require grad when autograd records and it does not already, as
+    transformers' ``enable_input_require_grads`` (PEFT's way) does. Torch's reentrant checkpoint, the
+    default of ``gradient_checkpointing_enable`` in transformers 4.57, gives a layer's outputs a
+    gradient only when one of its tensor inputs requires one, which frozen embeddings' output does
+    not: the adapters inside the layers would get no gradient. Without checkpointing the hook does
+    nothing, so no backward pass runs below the first adapter."""
+
+    def __init__(self, state: ModelState, flagged: list[nn.Module]) -> None:
+        self.state = state
+        self.flagged = flagged  # the modules with a gradient_checkpointing flag
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if (self.state.training is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor)
+                or output.requires_grad or not output.is_floating_point()):
+            return
+        if any(m.training and getattr(m, "gradient_checkpointing", False) is True for m in self.flagged):
+            output.requires_grad_(True)
+
+
+def hook_input_grads(model: nn.Module, state: ModelState) -> None:
+    """Register ``InputsRequireGrad`` on ``model.get_input_embeddings()`` (once per model; its handle
+    joins the state's hooks, removed with the last adapter). Nothing for a model without input
+    embeddings or without a module that transformers can checkpoint."""
+    if state.__dict__.get(INPUTS_HOOKED):
+        return
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if callable(getter) else None
+    except NotImplementedError:
+        embeddings = None
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if isinstance(embeddings, nn.Module) and flagged:
+        state.handles.append(embeddings.register_forward_hook(InputsRequireGrad(state, flagged)))
+    state.__dict__[INPUTS_HOOKED] = True
+
+
 def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[Any, ...],
                   train_head: bool = True) -> None:
     """Prepare ``model`` to train adapter ``name``: the adapter's parameters get ``requires_grad=True``,
@@ -307,7 +349,9 @@ def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[
     writes no head (see ``saved_head_parameters``).
 
     ``name`` may be a composition (as for ``set_active_adapters``): every adapter in it trains, and
-    the composition becomes active.
+    the composition becomes active. With activation checkpointing enabled, before or after (also
+    transformers 4.57's default, ``use_reentrant=True``), the adapters get their gradients: the input
+    embeddings' output then requires grad (see ``InputsRequireGrad``).
     """
     state, setup = _resolve_setup(model, name)
     if setup is None:
@@ -324,6 +368,7 @@ def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[
             parameter.requires_grad_(True)
     _activate(state, setup)
     state.training = setup
+    hook_input_grads(model, state)
     model.train()
 
 
