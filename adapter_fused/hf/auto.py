@@ -170,6 +170,12 @@ def restore_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> lis
     return attached
 
 
+LOCATION_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
+                      "trust_remote_code")
+"""The keyword arguments of ``from_pretrained`` that say where and how to read the checkpoint's config
+(the others are config attributes or model options)."""
+
+
 class AutoAdapterModel:
     """``AutoAdapterModel.from_pretrained(path)``: transformers' ``AutoModel`` of ``path`` with
     AdapterHub's adapter methods and flexible prediction heads (see the module docstring)."""
@@ -186,9 +192,15 @@ class AutoAdapterModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any,
-                        **kwargs: Any) -> nn.Module:
-        """Load the base model saved at ``pretrained_model_name_or_path`` (keyword arguments go to
-        transformers' ``from_pretrained``) with the methods and heads.
+                        **kwargs: Any) -> Any:
+        """Load the base model saved at ``pretrained_model_name_or_path`` with the methods and heads.
+
+        Keyword arguments work as in transformers' ``AutoModel.from_pretrained``: without a config
+        object (``config=``), those that are attributes of the saved config update it (e.g.
+        ``hidden_dropout_prob=0.0``) and the others go to the model's ``from_pretrained`` (``dtype``,
+        ``device_map``, ``quantization_config``, ...); with one, all go to the model.
+        ``output_loading_info=True`` returns ``(model, loading_info)``; ``return_unused_kwargs`` is
+        refused (TypeError), as transformers refuses it for models.
 
         A checkpoint of a task model listed in ``STATIC_HEADS`` brings its head as the flexible head
         ``"default"`` (active); other task heads are dropped with a warning. A checkpoint saved from
@@ -197,18 +209,23 @@ class AutoAdapterModel:
         ``restore_adapters``)."""
         import transformers
 
-        config = kwargs.pop("config", None)
-        if config is None:
+        if "return_unused_kwargs" in kwargs:
+            raise TypeError("adapter_fused: AutoAdapterModel.from_pretrained takes no return_unused_kwargs (nor does "
+                            "transformers' AutoModel.from_pretrained); config attributes among the keyword arguments "
+                            "update the config, the others go to the model")
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs["output_loading_info"] = True  # transformers' from_pretrained then returns (model, loading info)
+        config = kwargs.get("config")
+        if not isinstance(config, transformers.PretrainedConfig):
+            # Only to choose the class: its from_pretrained reads the config again, with the keyword arguments.
             config = transformers.AutoConfig.from_pretrained(
-                pretrained_model_name_or_path,
-                **{k: kwargs[k] for k in ("trust_remote_code", "revision", "cache_dir", "local_files_only")
-                   if k in kwargs})
+                pretrained_model_name_or_path if config is None else config,
+                **{k: kwargs[k] for k in LOCATION_ARGUMENTS if k in kwargs})
         architecture = (getattr(config, "architectures", None) or [None])[0]
         base_class = transformers.AutoModel._model_mapping[type(config)]
         if architecture in STATIC_HEADS:
-            task_class = getattr(transformers, architecture)
-            task = subclass_for(task_class, AdapterMethodsMixin).from_pretrained(
-                pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            task_class = subclass_for(getattr(transformers, architecture), AdapterMethodsMixin)
+            task, info = task_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             model = task.base_model
             with_flexible_heads(model)
             model.add_prediction_head(static_head(model, task, architecture))
@@ -217,11 +234,11 @@ class AutoAdapterModel:
                 logger.warning("adapter_fused: %s was saved from %s; its task head is not turned into a flexible head "
                                "and is dropped (heads converted: %s)", pretrained_model_name_or_path, architecture,
                                ", ".join(STATIC_HEADS))
-            model = flexible_class(base_class).from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                               config=config, **kwargs)
+            model, info = flexible_class(base_class).from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                                     **kwargs)
             find_architecture(model)  # ValueError for a model the adapters do not support
             model.add_module(HEADS_MODULE, nn.ModuleDict())
             model.__dict__["_active_head"] = None
         if (Path(pretrained_model_name_or_path) / SETUP_FILE).is_file():
             restore_adapters(model, pretrained_model_name_or_path)
-        return model
+        return (model, info) if output_loading_info else model

@@ -84,6 +84,7 @@ from .model import (
     head_parameters,
     list_adapters,
     model_state,
+    saved_head_parameters,
 )
 
 CONFIG_FILE = "adapter_config.json"
@@ -243,9 +244,9 @@ class SavedHead:
 
 
 def task_head(model: nn.Module, name: str) -> HeadToSave | None:
-    """The task head of a transformers task model (its parameters outside ``model.base_model``, see
-    ``model.head_parameters``) to save beside adapter ``name``; None for a model without one."""
-    head: dict[str, torch.Tensor] = {n: p for n, p in head_parameters(model)}
+    """The task head of a transformers task model (see ``model.saved_head_parameters``) to save beside
+    adapter ``name``; None for a model without one."""
+    head: dict[str, torch.Tensor] = {n: p for n, p in saved_head_parameters(model)}
     return HeadToSave(name, None, head) if head else None
 
 
@@ -391,11 +392,12 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike[str],
     """Save adapter ``name`` of ``model`` to ``directory`` (created if missing) as
     ``adapter_config.json`` + ``adapter_model.safetensors``, each replaced atomically.
 
-    with_head: also write the model's task head (the parameters outside ``model.base_model``, e.g.
-    ``classifier.weight`` (num_labels, d), trained with ``train_adapter(..., train_head=True)``) as
-    ``head_config.json`` (parameter names and shapes) + ``head_model.safetensors``. A model without
-    a head (a bare base model, or one whose only output layer is tied to the embeddings) writes no
-    head files. Head files that an earlier save left in ``directory`` are removed when no head is
+    with_head: also write the model's task head (the parameters outside ``model.base_model`` but for
+    the output embeddings, e.g. ``classifier.weight`` (num_labels, d), trained with
+    ``train_adapter(..., train_head=True)``) as ``head_config.json`` (parameter names and shapes) +
+    ``head_model.safetensors``. A model without a head (a bare base model, or one whose only output
+    layer is its output embeddings, such as an ``lm_head``), or whose head ``train_adapter(...,
+    train_head=False)`` froze, writes no head files. Head files that an earlier save left in ``directory`` are removed when no head is
     written, so the directory never pairs an adapter with another model's head.
     """
     write_adapter(model, name, directory, task_head(model, name) if with_head else None)

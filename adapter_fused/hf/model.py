@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .composition import Composition, active_names, check_setup, parse_setup
@@ -34,6 +35,10 @@ from .sites import MODULE_NAME, ModelState, hook_invertible, install_replication
 
 STATE_NAME = "_fused_adapter_state"
 """The key of the base model's ``__dict__`` holding its ``ModelState``."""
+HEAD_FROZEN = "head_frozen"
+"""The key of a ``ModelState``'s ``__dict__`` recording that the last ``train_adapter`` froze the task head."""
+INPUTS_HOOKED = "inputs_grad_hooked"
+"""The key of a ``ModelState``'s ``__dict__`` recording that ``InputsRequireGrad`` is registered."""
 
 
 def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
@@ -97,12 +102,28 @@ def check_cross_adapter(model: nn.Module, config: AdapterConfig) -> None:
                          f"(houlsby) for adapters there")
 
 
+def adapter_placement(module: nn.Module, model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype for adapters on ``module`` (a layer, or the embeddings) of ``model``: those
+    of its first floating-point parameter, which carries the dtype of the hidden states. Integer
+    parameters are passed over: a quantized layer keeps its packed weights in them (bitsandbytes' 4-bit
+    weights are uint8), while its norms, biases or compute run in the model's float dtype. A module
+    without a floating-point parameter takes the dtype of the model's first one (on the device of its
+    own first parameter); (None, None), the defaults, where neither has any."""
+    floating = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if floating is not None:
+        return floating.device, floating.dtype
+    first = next(module.parameters(), None)
+    fallback = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = first.device if first is not None else fallback.device if fallback is not None else None
+    return device, fallback.dtype if fallback is not None else None
+
+
 def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleDict:
     """Freshly initialised adapters for every layer (but those in ``config.leave_out``) and site of
-    ``config`` (see ``layer_sites``), each on the device and in the dtype of its layer and in the
-    model's training mode: ``{layer index: {site: module}}``, the module a ``FusedAdapter(d, r)`` for
-    plain configs and a ``BottleneckAdapter`` otherwise, d the layer's width and r its bottleneck (see
-    ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names every layer, a per-layer
+    ``config`` (see ``layer_sites``), each on the device and in the dtype of its layer (see
+    ``adapter_placement``) and in the model's training mode: ``{layer index: {site: module}}``, the
+    module a ``FusedAdapter(d, r)`` for plain configs and a ``BottleneckAdapter`` otherwise, d the
+    layer's width and r its bottleneck (see ``AdapterConfig.bottleneck_for``). ValueError when ``leave_out`` names every layer, a per-layer
     ``reduction_factor`` has no value for a layer, or a parallel placement meets a site without a
     block residual."""
     arch, layers = model_layers(model)
@@ -117,9 +138,7 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
         if layer.index in config.leave_out:
             continue
         r = config.bottleneck_for(width, layer.index)
-        reference = next(layer.module.parameters(), None)
-        device = reference.device if reference is not None else None
-        dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+        device, dtype = adapter_placement(layer.module, model)
         out[str(layer.index)] = nn.ModuleDict({
             site: site_adapter(config, width, r, device=device, dtype=dtype) for site in layer_sites(config, layer)
         })
@@ -127,11 +146,9 @@ def build_adapter_modules(model: nn.Module, config: AdapterConfig) -> nn.ModuleD
         raise ValueError(f"adapter_fused: leave_out {list(config.leave_out)} leaves out every one of the model's "
                          f"{len(layers)} layers")
     if config.inv_adapter:
-        embeddings = embedding_module(base_model(model), arch.name)
-        reference = next(embeddings.parameters(), None)
-        reference = reference if reference is not None else next(model.parameters())
+        device, dtype = adapter_placement(embedding_module(base_model(model), arch.name), model)
         out["invertible"] = NiceCoupling(d, config.inv_adapter_reduction_factor, config.resolved_activation,  # type: ignore[arg-type]
-                                         device=reference.device, dtype=reference.dtype)
+                                         device=device, dtype=dtype)
     out.train(model.training)  # dropout inside adapters follows the model's mode
     return out
 
@@ -236,19 +253,32 @@ def set_active_adapters(model: nn.Module, name: str | Composition | list[Any] | 
     _activate(state, setup)
 
 
+def output_embedding_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters of ``model.get_output_embeddings()`` (an ``lm_head``, the decoder of
+    BERT's masked-LM head and its bias), or of each module it returns in a list; empty for a model
+    without output embeddings."""
+    getter = getattr(model, "get_output_embeddings", None)
+    found = getter() if callable(getter) else None
+    modules = found if isinstance(found, (list, tuple)) else [found]
+    return {id(p) for m in modules if isinstance(m, nn.Module) for p in m.parameters()}
+
+
 def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """The parameters of ``model``'s task head: those outside ``model.base_model`` (e.g.
-    ``classifier.*``, ``score.*``, ``qa_outputs.*``, an untied ``lm_head.*``), by their names in
-    ``model``. Parameters shared with the base model (an output layer tied to the input embeddings)
-    are not part of the head; a bare base model has none."""
+    """The parameters of ``model``'s task head, by their names in ``model``: those outside
+    ``model.base_model`` (e.g. ``classifier.*``, ``score.*``, ``qa_outputs.*``, the transform of
+    BERT's masked-LM head) but for the output embeddings (``model.get_output_embeddings()``: an
+    ``lm_head``, tied to the input embeddings or not, and the masked-LM decoder with its bias), which
+    are pretrained weights of the language model that AdapterHub's ``train_adapter`` keeps frozen.
+    Parameters shared with the base model are not part of the head either; a bare base model has
+    none."""
     base = base_model(model)
     if base is model:
         return
-    shared = {id(p) for p in base.parameters()}
+    excluded = {id(p) for p in base.parameters()} | output_embedding_parameters(model)
     storages = {p.untyped_storage().data_ptr() for p in base.parameters() if p.device.type != "meta"}
     seen: set[int] = set()
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in shared or id(parameter) in seen:
+        if id(parameter) in excluded or id(parameter) in seen:
             continue
         if parameter.device.type != "meta" and parameter.untyped_storage().data_ptr() in storages:
             continue
@@ -256,17 +286,73 @@ def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield name, parameter
 
 
+def saved_head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """What ``save_adapter(..., with_head=True)`` writes of the task head: ``head_parameters``, or
+    nothing where ``train_adapter(..., train_head=False)`` froze the head and it is still frozen (then
+    the head is not part of what trained, only a copy of the model's own weights)."""
+    head = list(head_parameters(model))
+    state = model_state(model)
+    if (state is not None and state.training is not None and state.__dict__.get(HEAD_FROZEN)
+            and not any(p.requires_grad for _, p in head)):
+        return []
+    return head
+
+
+class InputsRequireGrad:
+    """Forward hook on the input embeddings of a model whose adapters train: while ``train_adapter``'s
+    setup stands and activation checkpointing is on in training mode (a module's
+    ``gradient_checkpointing`` flag, which transformers' ``gradient_checkpointing_enable`` sets), the
+    embeddings' output is made to require grad when autograd records and it does not already, as
+    transformers' ``enable_input_require_grads`` (PEFT's way) does. Torch's reentrant checkpoint, the
+    default of ``gradient_checkpointing_enable`` in transformers 4.57, gives a layer's outputs a
+    gradient only when one of its tensor inputs requires one, which frozen embeddings' output does
+    not: the adapters inside the layers would get no gradient. Without checkpointing the hook does
+    nothing, so no backward pass runs below the first adapter."""
+
+    def __init__(self, state: ModelState, flagged: list[nn.Module]) -> None:
+        self.state = state
+        self.flagged = flagged  # the modules with a gradient_checkpointing flag
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if (self.state.training is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor)
+                or output.requires_grad or not output.is_floating_point()):
+            return
+        if any(m.training and getattr(m, "gradient_checkpointing", False) is True for m in self.flagged):
+            output.requires_grad_(True)
+
+
+def hook_input_grads(model: nn.Module, state: ModelState) -> None:
+    """Register ``InputsRequireGrad`` on ``model.get_input_embeddings()`` (once per model; its handle
+    joins the state's hooks, removed with the last adapter). Nothing for a model without input
+    embeddings or without a module that transformers can checkpoint."""
+    if state.__dict__.get(INPUTS_HOOKED):
+        return
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if callable(getter) else None
+    except NotImplementedError:
+        embeddings = None
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if isinstance(embeddings, nn.Module) and flagged:
+        state.handles.append(embeddings.register_forward_hook(InputsRequireGrad(state, flagged)))
+    state.__dict__[INPUTS_HOOKED] = True
+
+
 def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[Any, ...],
                   train_head: bool = True) -> None:
     """Prepare ``model`` to train adapter ``name``: the adapter's parameters get ``requires_grad=True``,
     and so does the model's task head when ``train_head`` (see ``head_parameters``: e.g. the
-    ``classifier`` of a ``BertForSequenceClassification``, never embeddings tied to an output
-    layer); every other parameter (base model, other adapters, the head when not ``train_head``)
-    gets False. The adapter becomes active, the model is put in training mode, and adapters added
-    afterwards start frozen. ``save_adapter(..., with_head=True)`` keeps the trained head.
+    ``classifier`` of a ``BertForSequenceClassification``, never the output embeddings, such as an
+    ``lm_head``, tied or not, as in AdapterHub); every other parameter (base model, output
+    embeddings, other adapters, the head when not ``train_head``) gets False. The adapter becomes
+    active, the model is put in training mode, and adapters added afterwards start frozen.
+    ``save_adapter(..., with_head=True)`` keeps the trained head; after ``train_head=False`` it
+    writes no head (see ``saved_head_parameters``).
 
     ``name`` may be a composition (as for ``set_active_adapters``): every adapter in it trains, and
-    the composition becomes active.
+    the composition becomes active. With activation checkpointing enabled, before or after (also
+    transformers 4.57's default, ``use_reentrant=True``), the adapters get their gradients: the input
+    embeddings' output then requires grad (see ``InputsRequireGrad``).
     """
     state, setup = _resolve_setup(model, name)
     if setup is None:
@@ -277,11 +363,13 @@ def train_adapter(model: nn.Module, name: str | Composition | list[Any] | tuple[
     if train_head:
         for _, parameter in head_parameters(model):
             parameter.requires_grad_(True)
+    state.__dict__[HEAD_FROZEN] = not train_head
     for adapter in active_names(setup):
         for parameter in state.modules[adapter].parameters():
             parameter.requires_grad_(True)
     _activate(state, setup)
     state.training = setup
+    hook_input_grads(model, state)
     model.train()
 
 

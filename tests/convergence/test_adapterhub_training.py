@@ -90,12 +90,7 @@ def test_training_follows_adapterhub(arch: str, config: str, tmp_path: Path, lau
     assert all(torch.equal(p, base[n]) for n, p in ours.state_dict().items()), "different base weights"
     assert load_adapter(ours, tmp_path / "start") == "a"
     train_adapter(ours, "a")
-    # AdapterHub keeps output embeddings frozen (an untied lm_head, the MLM decoder's bias), which
-    # train_adapter here trains (see test_train_adapter_trains_what_adapterhub_trains): train the same.
     hub_trained = trained_names(hub)
-    for name, parameter in ours.named_parameters():
-        if "fused_adapters." not in name and name not in hub_trained:
-            parameter.requires_grad_(False)
     ours_trained = trained_names(ours)
     assert {n for n in ours_trained if "fused_adapters." not in n} == {n for n in hub_trained if ".adapters." not in n}
     assert sum(p.numel() for n, p in ours.named_parameters() if n in ours_trained) == sum(
@@ -156,15 +151,7 @@ def test_training_with_a_prediction_head_follows_adapterhub(tmp_path: Path, laun
     compare(ours_run, hub_run, loaded, "bert seq_bn + classification head")
 
 
-@pytest.mark.parametrize("arch", [
-    pytest.param("bert", marks=pytest.mark.xfail(strict=True, reason=(
-        "train_adapter also trains cls.predictions.bias (the MLM decoder's bias, part of the output embeddings), "
-        "which AdapterHub's train_adapter freezes with the output embeddings (freeze_embeddings)"))),
-    "gpt2",
-    pytest.param("llama", marks=pytest.mark.xfail(strict=True, reason=(
-        "train_adapter also trains an lm_head that is not tied to the input embeddings; AdapterHub's train_adapter "
-        "freezes the output embeddings (freeze_embeddings) unless train_embeddings=True"))),
-])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_train_adapter_trains_what_adapterhub_trains(arch: str, tmp_path: Path) -> None:
     hub: Any = task_model(arch)
     adapters.init(hub)

@@ -27,7 +27,6 @@ from .models import make_inputs, make_model, randomize
 transformers = pytest.importorskip("transformers")
 
 SETUPS = ("one", "per_sample", "stack", "parallel", "average")
-TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 
 def build(arch: str, setup: str) -> nn.Module:
@@ -84,18 +83,8 @@ def enable_checkpointing(model: Any, reentrant: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
-NO_INPUT_GRADS = ("with frozen embeddings no input of a checkpointed layer requires grad, so torch's reentrant "
-                  "checkpoint returns outputs without grad_fn and the adapters inside get no gradient: transformers 5 "
-                  "calls enable_input_require_grads() in gradient_checkpointing_enable, transformers 4.57 only for PEFT "
-                  "models, and neither init() nor train_adapter() calls it (AdapterHub refuses use_reentrant=True)")
-REENTRANT_ON_TRANSFORMERS_4 = pytest.mark.xfail(
-    TRANSFORMERS_4, strict=True, raises=RuntimeError,
-    reason=f"{NO_INPUT_GRADS}; here nothing after the layers trains, so backward() raises 'element 0 of tensors "
-           f"does not require grad'")
-
-
 @pytest.mark.parametrize("setup", SETUPS)
-@pytest.mark.parametrize("reentrant", [pytest.param(True, marks=REENTRANT_ON_TRANSFORMERS_4), False])
+@pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_checkpointed_gradients_equal_plain_ones(arch: str, reentrant: bool, setup: str,
                                                  launches) -> None:  # type: ignore[no-untyped-def]
@@ -124,10 +113,6 @@ def test_checkpointed_gradients_equal_plain_ones(arch: str, reentrant: bool, set
         assert err <= 1e-6, f"{name}: gradient with checkpointing differs by {err:.2e}"
 
 
-@pytest.mark.xfail(TRANSFORMERS_4, strict=True,
-                   reason=f"{NO_INPUT_GRADS}; gradient_checkpointing_enable() defaults to use_reentrant=True on "
-                          f"transformers 4.57, and with a trainable task head the loss still has a gradient, so "
-                          f"only the head trains (torch warns 'None of the inputs have requires_grad=True')")
 def test_default_checkpointing_trains_the_adapters_with_a_task_head() -> None:
     """The setup of ``Trainer(gradient_checkpointing=True)``: a task model whose head trains with the
     adapter, checkpointing enabled with transformers' defaults."""
@@ -139,7 +124,8 @@ def test_default_checkpointing_trains_the_adapters_with_a_task_head() -> None:
     train_adapter(model, "a")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`gradient_checkpointing_enable` is deprecated", FutureWarning)
-        warnings.filterwarnings("ignore", "None of the inputs have requires_grad", UserWarning)
+        warnings.filterwarnings("error", "None of the inputs have requires_grad", UserWarning)  # torch's reentrant
+        # checkpoint warns so when no input of a checkpointed layer requires grad
         model.gradient_checkpointing_enable()
         inputs = make_inputs(batch=2, length=5)
         model(**inputs, labels=torch.tensor([0, 1])).loss.backward()
