@@ -85,12 +85,7 @@ def test_bf16_training_tracks_the_reference_path(arch: str, placement: str, monk
 
 @pytest.mark.parametrize("arch, placement", [
     ("bert", "houlsby"),
-    pytest.param("gpt2", "pfeiffer", marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="under torch.autocast, fused_adapter's reference path (no kernels) casts the parameters to bf16 but "
-               "keeps a float32 input in float32, then calls reference_adapter with autocast switched off, which "
-               "refuses the mixed dtypes (adapter_fused/ops.py, fused_adapter); the pfeiffer adapter's input here, "
-               "feed-forward output plus the residual stream, is float32")),
+    ("gpt2", "pfeiffer"),
 ])
 def test_autocast_training_tracks_the_reference_path(arch: str, placement: str, monkeypatch: pytest.MonkeyPatch,
                                                      launches) -> None:  # type: ignore[no-untyped-def]
