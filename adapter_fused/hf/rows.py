@@ -101,7 +101,8 @@ class _Launch(NamedTuple):
 class GroupedSite:
     """A site's adapters for the rows of one batch, called like one adapter: ``site(z, residual=None)``
     with z (B, ..., d), row b running its adapter (one launch per activation; rows of no adapter keep
-    the residual). ``check``: a cached bank, whose used slots are checked on each call.
+    the residual). ``check``: a cached bank, whose used slots are checked on each call. Traced by
+    torch.compile, the site stacks the parameters in the graph instead of reading the cached bank.
 
     The stacks and the index were built together, so a call whose input matches them (a plain tensor
     in the stacks' dtype and device, of width d, no autocast) goes straight to the kernels (or, where
@@ -121,12 +122,16 @@ class GroupedSite:
                 and z.shape[-1] == self.d and not torch.is_autocast_enabled(z.device.type)
                 and (residual is None or residual.shape == z.shape and residual.dtype is self.dtype))
         out = residual
+        compiling = torch.compiler.is_compiling()
         for i, (group, index, slots) in enumerate(self.launches):
             if z.shape[0] != index.shape[0]:
                 index = _rows(index, z)
-            if self.check:
-                group.check(slots)
-            params = group.params
+            if compiling:  # traced: the stacking joins the graph, which reads the parameters on every run
+                params = group.stack()
+            else:
+                if self.check:
+                    group.check(slots)
+                params = group.params
             if not fast:
                 out = fused_adapter_grouped(z, index, *params, group.activation, group.scale, check_index=False,
                                             residual=out)
