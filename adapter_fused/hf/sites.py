@@ -107,18 +107,25 @@ class _CallLocal(threading.local):
         self.output_calls: dict[tuple[str, str], int] = {}  # (layer, output path) -> its calls in this layer call
 
 
+DIRECT, PARALLEL, BEFORE, GENERAL = range(4)
+"""How ``Site.apply`` computes a plan's new sub-block output ``h'`` from ``h`` and the block residual ``x``:
+``adapter(h)`` (Houlsby's placement); ``adapter(x, residual=h)`` (the parallel placement, and compositions
+given ``RAW``); ``adapter(LN(h + x), residual=h)`` (Pfeiffer's; ``h + x`` where the layer has no norm
+there); anything else by ``site_forward`` and the swapped-site and norm-replacing steps."""
+
+
 class SitePlan(NamedTuple):
     """What one site runs for a setup, resolved when the setup is activated (not per call).
 
     ``adapter`` is called as ``adapter(z, residual=None)`` under ``placement`` (see ``site_forward``);
     ``needs_x``: the site reads the captured block residual (so the residual module's hook must run);
-    ``direct``: the new sub-block output is ``adapter(h)`` itself (no residual, no norm replaced, not
-    swapped: Houlsby's placement); ``replaces_norm``: the layer's norm returns what the site computed."""
+    ``kind``: how ``Site.apply`` runs it (``DIRECT``, ``PARALLEL``, ``BEFORE`` or ``GENERAL``);
+    ``replaces_norm``: the layer's norm returns what the site computed."""
 
     adapter: SiteAdapter
     placement: Placement
     needs_x: bool
-    direct: bool
+    kind: int
     replaces_norm: bool
 
 
@@ -130,11 +137,19 @@ def site_plan(adapter: SiteAdapter, placement: Placement, spec: SiteSpec, has_no
         try:
             placement = no_residual_placement(placement, "this site")
         except ValueError:
-            return SitePlan(adapter, placement, False, False, False)  # Site.apply raises the error
+            return SitePlan(adapter, placement, False, GENERAL, False)  # Site.apply raises the error
     needs_x = (placement.parallel or placement.original_ln_before or spec.swapped
                or (not placement.original_ln_after and not has_norm))
     replaces_norm = has_norm and (spec.swapped or not placement.original_ln_after)
-    return SitePlan(adapter, placement, needs_x, not needs_x and not replaces_norm, replaces_norm)
+    kind = GENERAL
+    if not spec.swapped and placement.original_ln_after:
+        if not needs_x:
+            kind = DIRECT
+        elif placement.parallel:
+            kind = PARALLEL
+        elif placement.residual_before_ln is True:
+            kind = BEFORE
+    return SitePlan(adapter, placement, needs_x, kind, replaces_norm)
 
 
 class Site:
@@ -213,23 +228,35 @@ class Site:
         """Forward hook of ``spec.output``: the adapted sub-block output (None: unchanged)."""
         call = self.state.call
         batch = call.batch
+        norm = self.norm
         if batch is not None:
             plan = batch.plans.get(self.key)
         elif module is self.output_module:
             plan = self.plan
         else:
             plan = self.replica_plan(call)
+            norm = self._norm(call)
         if plan is None:
             return None
-        if plan.direct:  # Houlsby's placement: h' = h + s * f(h), nothing captured, nothing replaced
-            if type(output) is tuple:
-                return (plan.adapter(output[0]), *output[1:])
-            return plan.adapter(output)
+        kind = plan.kind
+        h = output[0] if isinstance(output, tuple) else output
+        if kind == DIRECT:  # Houlsby's placement: h' = h + s * f(h), nothing captured, nothing replaced
+            new = plan.adapter(h)
+        elif kind == PARALLEL:
+            new = plan.adapter(_captured(call.residuals.pop(self.key, None)), residual=h)
+        elif kind == BEFORE:  # Pfeiffer's placement: h' = h + s * f(LN(h + x))
+            total = h + _captured(call.residuals.pop(self.key, None))
+            new = plan.adapter(norm(total) if norm is not None else total, residual=h)
+        else:
+            return self._general(plan, call, norm, output)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def _general(self, plan: SitePlan, call: _CallLocal, norm: nn.Module | None, output: Any) -> Any:
+        """``apply`` for the plans of kind ``GENERAL``."""
         placement = plan.placement
         x = call.residuals.pop(self.key, None)
         if self.spec.residual is None:  # no residual at this site: h + x is h itself
             placement = no_residual_placement(placement, f"the {self.name} site")
-        norm = self._norm(call)
         h = output[0] if isinstance(output, tuple) else output
         if not self.spec.swapped:
             new = site_forward(plan.adapter, placement, h, x, norm)
