@@ -20,7 +20,7 @@ command=$1
 shift
 case $command in
     report) extras="" ;;
-    test) extras="[test,bench,hf,docs,quant]" ;;
+    test) extras="[test,bench,hf,docs,quant,export]" ;;
     *) echo "$usage" >&2; exit 2 ;;
 esac
 

@@ -75,6 +75,6 @@ def fused_adapter_grouped(
     rows_index, rows_per_index = index_layout(x, index)
     if check_index:
         check_index_values(index, params[0].shape[0])
-    if not use_kernels:  # under the caller's autocast, if any: F.linear casts the parameters
+    if not use_kernels and not torch.compiler.is_exporting():  # under the caller's autocast, if any
         return reference_adapter_grouped(x, index, *params, act, scale_f, residual=residual)
     return run_kernels(x, params, act, scale_f, rows_index, rows_per_index, residual)

@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 
 from .library import EagerAdapterFunction, adapter_forward, launch_forward, load_kernels
-from .reference import adapter_math
+from .reference import adapter_math, gather_rows, rows_math
 from .validation import check_adapter_args
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -238,6 +238,18 @@ def _launch_op(args: tuple, grad: bool, save_h: bool) -> torch.Tensor:
     return launch_forward(*args)
 
 
+def _exported(x: torch.Tensor, params: Params, activation: str, scale: float, index: torch.Tensor | None,
+              rows_per_index: int, residual: torch.Tensor | None) -> torch.Tensor:
+    """The fused op as ``torch.export`` records it: the reference's operators (matrix products, the
+    activation, additions) in place of the kernels' operator, which no other runtime knows."""
+    if index is None:
+        return adapter_math(x, *params, activation, scale, residual)
+    d = x.shape[-1]
+    x3 = x.reshape(index.shape[0], rows_per_index, d)
+    res3 = residual.reshape(x3.shape) if residual is not None else None
+    return rows_math(x3, gather_rows(index, *params), activation, scale, res3).reshape(x.shape)
+
+
 def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,
                 index: torch.Tensor | None = None, rows_per_index: int = 1,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,6 +258,8 @@ def run_kernels(x: torch.Tensor, params: Params, activation: str, scale: float,
     Traced by torch.compile, this is the registered operator (one opaque node). Eager, the
     operator's dispatcher is skipped: with autograd recording, its formula runs as an
     ``autograd.Function``; without, the launcher runs directly."""
+    if torch.compiler.is_exporting():  # an exported program holds plain operators (ONNX and other runtimes)
+        return _exported(x, params, activation, scale, index, rows_per_index, residual)
     grad = torch.is_grad_enabled()
     save_h = grad and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
     fixed = torch.are_deterministic_algorithms_enabled()

@@ -51,6 +51,38 @@ def adapter_math(
     return base + out if scale == 1.0 else torch.add(base, out, alpha=scale)
 
 
+RowWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]
+"""Each row's adapter weights, gathered: W_down^T (B, d, r), b_down (B, 1, r) or None, W_up^T (B, r, d),
+b_up (B, 1, d) or None, and whether the row has an adapter, (B, 1, 1) bool."""
+
+
+def gather_rows(index: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+                up_weight: torch.Tensor, up_bias: torch.Tensor | None) -> RowWeights:
+    """The weights of row b's adapter ``index[b]`` (B,) from parameters stacked over n adapters
+    (down_weight (n, r, d), down_bias (n, r) or None, up_weight (n, d, r), up_bias (n, d) or None)."""
+    keep = index.clamp(min=0)
+    return (down_weight.index_select(0, keep).transpose(1, 2),
+            None if down_bias is None else down_bias.index_select(0, keep).unsqueeze(1),
+            up_weight.index_select(0, keep).transpose(1, 2),
+            None if up_bias is None else up_bias.index_select(0, keep).unsqueeze(1),
+            (index >= 0).view(-1, 1, 1))
+
+
+def rows_math(x: torch.Tensor, rows: RowWeights, activation: str, scale: float,
+              residual: torch.Tensor | None) -> torch.Tensor:
+    """The grouped adapter as a fixed sequence of plain operators (no loop over adapters, no reading of
+    the index's values): two batched matrix products with each row's gathered weights (``gather_rows``),
+    then rows without an adapter take the residual. x (B, S, d): row b's S tokens use its adapter;
+    residual (B, S, d) or None (x)."""
+    down, down_bias, up, up_bias, present = rows
+    hidden = x @ down if down_bias is None else torch.baddbmm(down_bias, x, down)
+    hidden = ACTIVATIONS[activation](hidden)
+    out = hidden @ up if up_bias is None else torch.baddbmm(up_bias, hidden, up)
+    base = x if residual is None else residual
+    out = base + out if scale == 1.0 else torch.add(base, out, alpha=scale)
+    return torch.where(present, out, base)
+
+
 def reference_adapter_grouped(
     x: torch.Tensor,
     index: torch.Tensor,

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..activations import ACTIVATIONS
 from ..grouped import fused_adapter_grouped
 from .. import ops
 from ..ops import KERNEL_DTYPES, run_kernels
+from ..reference import RowWeights, gather_rows, rows_math
 from .config import AdapterConfig, Placement
 from .sites import RAW, HookKey, ModelState, Site, SitePlan, site_plan
 
@@ -115,7 +115,7 @@ class GroupedSite:
         first = launches[0].group.params[0]
         self.dtype, self.device, self.d = first.dtype, first.device, first.shape[-1]
         self.kernels = first.dtype in KERNEL_DTYPES and ops.kernels_available(first.device)
-        self.gathered: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.gathered: dict[tuple[int, int], tuple[list[torch.Tensor], RowWeights]] = {}
 
     def __call__(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         fast = (type(z) is torch.Tensor and z.dtype is self.dtype and z.device == self.device and z.dim() >= 2
@@ -149,19 +149,12 @@ class GroupedSite:
         key = (i, index.shape[0])
         found = self.gathered.get(key)
         if found is None or found[0] is not group.params or torch.is_grad_enabled():
-            keep = index.clamp(min=0)
-            down_w, down_b, up_w, up_b = (p.index_select(0, keep) for p in group.params)
-            rows = (index >= 0).view(-1, 1, 1)
-            found = (group.params, [down_w.transpose(1, 2), down_b.unsqueeze(1), up_w.transpose(1, 2),
-                                    up_b.unsqueeze(1), rows])
+            found = (group.params, gather_rows(index, *group.params))
             if not torch.is_grad_enabled():
                 self.gathered[key] = found
-        down_t, down_b, up_t, up_b, rows = found[1]
         x3 = z.reshape(z.shape[0], -1, self.d)
-        hidden = ACTIVATIONS[group.activation](torch.baddbmm(down_b, x3, down_t))
-        res3 = x3 if residual is None else residual.reshape(x3.shape)
-        out = torch.add(res3, torch.baddbmm(up_b, hidden, up_t), alpha=group.scale)
-        return torch.where(rows, out, res3).view(z.shape)
+        res3 = None if residual is None else residual.reshape(x3.shape)
+        return rows_math(x3, found[1], group.activation, group.scale, res3).view(z.shape)
 
 
 def _rows(index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
