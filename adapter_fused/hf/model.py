@@ -11,6 +11,8 @@ left as they are, and with no active adapter the model computes exactly what it 
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,8 @@ from .modules import NiceCoupling, site_adapter
 from .rows import hook_adapter_names
 from .sites import MODULE_NAME, ModelState, hook_invertible, install_replication, no_residual_placement
 
+logger = logging.getLogger(__name__)
+
 STATE_NAME = "_fused_adapter_state"
 """The key of the base model's ``__dict__`` holding its ``ModelState``."""
 HEAD_FROZEN = "head_frozen"
@@ -52,6 +56,13 @@ def model_state(model: nn.Module, create: bool = False) -> ModelState | None:
         base.add_module(MODULE_NAME, modules)
         state = ModelState(arch, base, layers, modules)
         base.__dict__[STATE_NAME] = state
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None:
+            # torch.compile does not watch hooks being added: code it compiled for this model before it had
+            # adapters would go on without them. Later changes are guarded (ModelState.plan_version).
+            logger.info("adapter_fused: a model's first adapter clears torch.compile's caches (code compiled "
+                        "earlier recompiles)")
+            dynamo.reset()
     return state
 
 

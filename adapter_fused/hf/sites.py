@@ -315,7 +315,7 @@ class _NormReplacement:
 
 class _Hook(NamedTuple):
     """One hook a ``ModelState`` may register: on ``module``, of ``kind`` (``"pre"``, ``"pre_kwargs"``,
-    ``"post"``; the base model's own two: ``"bind"``, ``"unbind"``)."""
+    ``"post"``)."""
 
     module: nn.Module
     kind: str
@@ -328,16 +328,11 @@ def _register(hook: _Hook) -> torch.utils.hooks.RemovableHandle:
         return module.register_forward_pre_hook(fn)
     if kind == "pre_kwargs":
         return module.register_forward_pre_hook(fn, with_kwargs=True)
-    if kind == "bind":
-        return module.register_forward_pre_hook(fn, prepend=True)
-    if kind == "unbind":
-        return module.register_forward_hook(fn, always_call=True)
     return module.register_forward_hook(fn)
 
 
 HookKey = tuple[str, ...]
-"""("apply" | "capture" | "plus" | "norm", layer, site), ("shared" | "reset", layer, output path), ("bind",)
-or ("unbind",)."""
+"""("apply" | "capture" | "plus" | "norm", layer, site) or ("shared" | "reset", layer, output path)."""
 
 
 class ModelState:
@@ -348,8 +343,8 @@ class ModelState:
 
     Hooks exist only where a plan reads them: a site's output hook where the active setup (or an open
     ``per_sample_adapters`` block) has an adapter there, its residual hook where the placement reads the
-    block residual, its norm's hook where the site replaces the norm's output, and the base model's two
-    while any site has one. Setting ``active`` (or calling ``refresh`` after adapters are added, removed
+    block residual, its norm's hook where the site replaces the norm's output; the base model's two hooks
+    stay while the model has adapters. Setting ``active`` (or calling ``refresh`` after adapters are added, removed
     or replaced) resolves every site's plan and registers and removes hooks to match, so an adapter
     that is added but not active costs nothing per call.
     """
@@ -369,8 +364,12 @@ class ModelState:
         self.lock = threading.Lock()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []  # installed once (replication, invertible)
         self.sites: list[Site] = []
-        self.hooks: dict[HookKey, _Hook] = {("bind",): _Hook(base, "bind", self.bind),
-                                            ("unbind",): _Hook(base, "unbind", self.unbind)}
+        self.plan_version = 0
+        """Counts changes of the plans and hooks. ``bind`` reads it on every call, so torch.compile, which does
+        not watch hooks being added or removed, guards on it and recompiles when the setup changes."""
+        self.handles += [base.register_forward_pre_hook(self.bind, prepend=True),
+                         base.register_forward_hook(self.unbind, always_call=True)]
+        self.hooks: dict[HookKey, _Hook] = {}
         """Every hook a plan may read, in the order hooks on one module are registered."""
         self.installed: dict[HookKey, torch.utils.hooks.RemovableHandle] = {}
         norms: dict[HookKey, _Hook] = {}
@@ -427,6 +426,7 @@ class ModelState:
         active, modules, configs = self._active, self.modules, self.configs
         for site in self.sites:
             site.plan = site.resolve(active, modules, configs, site.norm)
+        self.plan_version += 1
         self.sync_hooks()
 
     def hook_keys(self, plans: Iterable[tuple[Site, SitePlan | None]]) -> set[HookKey]:
@@ -444,8 +444,6 @@ class ModelState:
                 keys.update((("capture", layer, name), ("plus", layer, name)))
             if plan.replaces_norm:
                 keys.add(("norm", layer, name))
-        if keys:
-            keys.update((("bind",), ("unbind",)))
         return keys & self.hooks.keys()
 
     def sync_hooks(self, extra: set[HookKey] = frozenset()) -> None:  # type: ignore[assignment]
@@ -457,6 +455,7 @@ class ModelState:
                 wanted |= batch.hook_keys
             if wanted == self.installed.keys():
                 return
+            self.plan_version += 1
             changed = {id(self.hooks[key].module) for key in wanted ^ self.installed.keys()}
             for key, hook in self.hooks.items():
                 if id(hook.module) in changed and key in self.installed:
@@ -468,6 +467,8 @@ class ModelState:
     def bind(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook of the base model: this thread's sites read ``module``'s adapters until
         it returns (an ``nn.DataParallel`` replica shares these hooks but holds its own adapters)."""
+        if self.plan_version < 0:  # never: the read makes torch.compile guard on the setup (see plan_version)
+            return
         if self.per_sample_blocks and self.call.batch is None and getattr(module, "_is_replica", False):
             raise RuntimeError("adapter_fused: per_sample_adapters does not reach nn.DataParallel replicas (they run "
                                "in worker threads on slices of the batch); call the model itself inside the block")

@@ -73,3 +73,31 @@ def test_compiled_step_follows_the_rows_of_each_block() -> None:
                 want = step(model, token, copy.deepcopy(cache))
                 got = compiled(model, token, copy.deepcopy(cache))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_code_follows_adapters_added_and_switched_after_compiling() -> None:
+    """torch.compile does not watch hooks being added or removed: compiled code must still see a model's
+    first adapter (added after compiling), a change of the active adapter, deactivation and new weights."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=2 * HIDDEN, vocab_size=97, max_position_embeddings=64)).eval()
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(2))
+
+    def logits(model, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return model(input_ids=ids).logits
+
+    compiled = torch.compile(logits, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        base = compiled(model, ids)
+        add_adapter(model, "a", "houlsby")
+        add_adapter(model, "b", "pfeiffer")
+        randomize(model.model.fused_adapters.parameters(), seed=4, std=0.3)
+        for setup in ("a", "b", None, "a"):
+            set_active_adapters(model, setup)
+            want = logits(model, ids)
+            torch.testing.assert_close(compiled(model, ids), want, rtol=1e-5, atol=1e-5)
+            assert (setup is None) == torch.allclose(want, base, atol=1e-5)
+        for p in model.model.fused_adapters["a"].parameters():
+            p.mul_(2.0)
+        torch.testing.assert_close(compiled(model, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
