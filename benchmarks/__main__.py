@@ -257,6 +257,9 @@ def run(args: argparse.Namespace, device_name: str, command: str) -> int:
             bert_spec, bert_providers, device, settings, skips, args.seed))))
         steps.append(("models", gpt2_spec.name, lambda: model_records.extend(models.bench_gpt2_latency(
             gpt2_spec, models.GPT2_PROVIDERS, device, settings, skips, args.seed))))
+        decoder = models.DECODER_SMOKE if device.type == "cpu" else models.DECODER
+        steps.append(("models", decoder.name, lambda: model_records.extend(models.bench_decode(
+            decoder, device, settings, skips, args.seed))))
     steps += [("grouped", str(gcase), partial(mixed, gcase)) for gcase in grouped_cases]
     if jobs:
         steps.append(("host cost", "one call", host_figures))

@@ -7,12 +7,19 @@ with bottleneck adapters inserted by a small local helper.
   own Houlsby set-up, ``DoubleSeqBnConfig``).
 - GPT-2 medium, batch 1, one inference forward of the transformer body (no LM head): latency of
   the ``base`` model, with ``eager`` Houlsby adapters and with ``fused`` adapters.
+- A Llama-style decoder of GPT-2 medium's size, one decode step (one new token) over a static KV cache:
+  the base model and the model with this library's Houlsby adapters (``adapter_fused.add_adapter``), each
+  eager and compiled whole (``torch.compile(fullgraph=True)``: on CUDA with the ``cudagraphs`` backend, so
+  the step replays as one CUDA graph; on the CPU with the ``eager`` backend, which checks the tracing only),
+  and a batch of two rows with two adapters (``per_sample_adapters``), compiled.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +56,12 @@ BERT_SMOKE = ModelSpec("bert-tiny-smoke", hidden=64, layers=2, heads=2, intermed
                        batch=2, seq=16, rank=16)
 GPT2_SMOKE = ModelSpec("gpt2-tiny-smoke", hidden=64, layers=2, heads=2, intermediate=256, vocab=512,
                        batch=1, seq=16, rank=16)
+DECODER = ModelSpec("llama-1024x24-decode", hidden=1024, layers=24, heads=16, intermediate=4096, vocab=32000,
+                    batch=1, seq=128, rank=64)
+"""``seq``: the tokens in the KV cache before the timed step."""
+DECODER_SMOKE = ModelSpec("llama-tiny-decode-smoke", hidden=64, layers=2, heads=2, intermediate=128, vocab=512,
+                          batch=1, seq=16, rank=16)
+DECODE_PROVIDERS: tuple[str, ...] = ("base", "base compiled", "fused", "fused compiled", "fused per-row compiled")
 
 
 class WithAdapter(nn.Module):
@@ -244,4 +257,66 @@ def bench_gpt2_latency(spec: ModelSpec, providers: Sequence[str], device: torch.
                                      timing, peak, None, reason))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return records
+
+
+def bench_decode(spec: ModelSpec, device: torch.device, settings: TimingSettings, skips: list[Skip] | None = None,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """One decode step over a static KV cache of ``spec.seq`` tokens (bf16 on CUDA, fp32 on CPU), per
+    provider of ``DECODE_PROVIDERS``; the cache position is the same at every repetition."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from adapter_fused import AdapterConfig, add_adapter, per_sample_adapters, set_active_adapters
+
+    skips = skips if skips is not None else []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backend = "cudagraphs" if device.type == "cuda" else "eager"
+    config = LlamaConfig(hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                         num_key_value_heads=spec.heads, intermediate_size=spec.intermediate, vocab_size=spec.vocab,
+                         max_position_embeddings=spec.seq + 8)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    adapter = AdapterConfig("houlsby", bottleneck=spec.rank, activation=MODEL_ACTIVATION)
+    records = []
+    for provider in DECODE_PROVIDERS:
+        reason = _reason("fused", device) if "fused" in provider else None
+        timing = None
+        rows = 2 if "per-row" in provider else spec.batch
+        if reason is None:
+            try:
+                if "fused" in provider and "a" not in getattr(model.model, "fused_adapters", {}):
+                    add_adapter(model, "a", adapter)
+                    add_adapter(model, "b", adapter)
+                set_active_adapters(model, "a" if provider in ("fused", "fused compiled") else None)
+                cache = StaticCache(config=config, max_cache_len=spec.seq + 8)
+                ids = torch.randint(0, spec.vocab, (rows, spec.seq + 1), generator=torch.Generator().manual_seed(seed))
+                prompt, token = ids[:, :-1].to(device), ids[:, -1:].to(device)
+                position = torch.tensor([spec.seq], device=device)
+
+                def step(model: nn.Module = model, token: torch.Tensor = token, cache: Any = cache) -> Any:
+                    # past_key_values (deprecated in transformers 5.25 for cache=, which ignores cache_position
+                    # and moves on at every call): the step writes the same position every time
+                    return model(input_ids=token, cache_position=position, use_cache=True,
+                                 past_key_values=cache).logits
+
+                run = torch.compile(step, fullgraph=True, backend=backend) if "compiled" in provider else step
+                with torch.inference_mode(), warnings.catch_warnings(), \
+                        (per_sample_adapters(model, ["a", "b"]) if rows == 2 else nullcontext()):
+                    warnings.simplefilter("ignore", FutureWarning)
+                    model(input_ids=prompt, cache_position=torch.arange(spec.seq, device=device), use_cache=True,
+                          past_key_values=cache)
+                    run()  # compile (and capture) before timing
+                    timing = measure(run, [], device, _model_timing(settings, device))
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                timing = None
+        if reason is not None:
+            skips.append(Skip(provider, "decode", spec.name, reason))
+        record = _model_record(replace(spec, batch=rows), "decode", provider, str(dtype).removeprefix("torch."),
+                               0 if provider.startswith("base") else 2, timing, None, None, reason)
+        records.append({**record, "seq": 1, "cache_tokens": spec.seq, "compile_backend": backend})
+    set_active_adapters(model, None)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return records

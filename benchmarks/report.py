@@ -219,6 +219,9 @@ def model_table(models: Sequence[dict[str, Any]], title: str) -> Table:
         if m["ms_median"] is not None:
             if m["task"] == "inference" and "base" in times and m["provider"] != "base":
                 ratio = f"{100 * (m['ms_median'] / times['base'] - 1):+.1f}% vs base"
+            elif m["task"] == "decode" and m["provider"] != "base":
+                same = "base compiled" if "compiled" in m["provider"] else "base"
+                ratio = f"{100 * (m['ms_median'] / times[same] - 1):+.1f}% vs {same}" if same in times else ""
             elif m["task"] == "train_step" and "fused" in times and m["provider"] != "fused":
                 ratio = f"fused {m['ms_median'] / times['fused']:.2f}× tokens/s"
         if m["ms_median"] is None:
