@@ -2,7 +2,7 @@
 
 The blocks of one page run in order in one fresh interpreter (a reader running them one after the
 other), from a scratch directory of its own that holds tiny random models saved under the hub names the pages use
-(``bert-base-uncased``, ``gpt2``): ``from_pretrained`` finds a local directory of that name before it
+(``bert-base-uncased``, ``gpt2``, ``meta-llama/Llama-3.2-1B``): ``from_pretrained`` finds a local directory of that name before it
 would look on the hub, so the code runs unchanged and offline. The kernels run on the CPU without the
 interpreter there (the reference path), so the pages test their code, not the kernels.
 
@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 FENCE = re.compile(r"(?:<!-- requires: (?P<requires>[\w., -]+) -->\n)?^```python\n(?P<code>.*?)^```", re.S | re.M)
-HUB_MODELS = ("bert-base-uncased", "gpt2")
+HUB_MODELS = ("bert-base-uncased", "gpt2", "meta-llama/Llama-3.2-1B")
 
 
 def code_blocks(page: Path) -> list[tuple[tuple[str, ...], str]]:
@@ -65,7 +65,11 @@ def hub_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0))
     gpt2.save_pretrained(where / "gpt2")
-    assert sorted(p.name for p in where.iterdir()) == sorted(HUB_MODELS)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(  # 64 wide: bitsandbytes' CPU kernels need it
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False))
+    llama.save_pretrained(where / "meta-llama" / "Llama-3.2-1B")
+    assert all((where / name / "config.json").is_file() for name in HUB_MODELS)
     return where
 
 
@@ -80,6 +84,7 @@ def test_code_blocks_run(requires: tuple[str, ...], blocks: list[str], hub_dir: 
     for package in requires:
         pytest.importorskip(package)
     for name in HUB_MODELS:  # each page runs in its own directory, with the models at hand
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).symlink_to(hub_dir / name, target_is_directory=True)
     script = "\n".join(f"# --- block {i}\n{code}" for i, code in enumerate(blocks))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -103,7 +103,7 @@ class AdapterConfig:
         (a trainable scalar, initialised to 1) or ``"channel"`` (a trainable vector (d,), initialised
         to ones).
     init: ``"bert"``, ``"houlsby"`` or ``"mam"`` (see ``FusedAdapter``).
-    reduction_factor may also be a mapping ``{"default": x, "<layer>": y}`` (per-layer widths; a layer
+    reduction_factor: also a mapping ``{"default": x, "<layer>": y}`` (per-layer widths; a layer
         not named takes ``"default"``, which is then required unless every layer is named).
     leave_out: layer indices (from 0) that get no adapter.
     ln_before / ln_after: a LayerNorm inside the adapter on its input / on its output.
