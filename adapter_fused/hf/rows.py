@@ -90,32 +90,73 @@ class _Group:
 
 
 class _Launch(NamedTuple):
-    """One grouped launch at a site: the group, the row index into its stack (-1: not this group's),
-    and the slots it uses (checked before a cached bank runs)."""
+    """One grouped launch at the sites of a signature: the position of the group in each site's bank, the
+    row index into its stack (-1: not this group's), and the slots it uses (checked before a cached bank
+    runs)."""
 
-    group: _Group
+    group: int
     index: torch.Tensor
     slots: tuple[int, ...]
 
 
-class GroupedSite:
-    """A site's adapters for the rows of one batch, called like one adapter: ``site(z, residual=None)``
-    with z (B, ..., d), row b running its adapter (one launch per activation; rows of no adapter keep
-    the residual). ``check``: a cached bank, whose used slots are checked on each call. Traced by
-    torch.compile, the site stacks the parameters in the graph instead of reading the cached bank.
+class RowsAtSites(NamedTuple):
+    """What one batch runs at the sites sharing a signature: the launches, and, where the rows' adapters
+    differ in placement, each placement's (B, 1) bool mask of its rows."""
 
-    The stacks and the index were built together, so a call whose input matches them (a plain tensor
-    in the stacks' dtype and device, of width d, no autocast) goes straight to the kernels (or, where
-    they do not run, to the rows' own weights gathered once per stack); any other input takes
-    ``fused_adapter_grouped``, which validates it."""
+    launches: tuple[_Launch, ...]
+    masks: tuple[tuple[Placement, torch.Tensor], ...]
 
-    def __init__(self, launches: list[_Launch], check: bool) -> None:
-        self.launches = launches
+
+class PerSampleBatch(NamedTuple):
+    """What a block runs at each site (``plans``, keyed (layer, site)), the hooks those read, and the
+    rows of each signature (see ``SiteBank``)."""
+
+    plans: dict[tuple[str, str], SitePlan]
+    hook_keys: set[HookKey]
+    rows: dict[int, RowsAtSites]
+
+
+Pattern = tuple[tuple[Placement, ...], bool]
+"""The placements of the adapters a batch runs at a site, and whether every row has one there."""
+
+
+class SiteBank:
+    """The stacked adapters of one site (a ``_Group`` per activation), called like one adapter,
+    ``bank(z, residual=None)`` with z (B, ..., d): row b runs its adapter, as the current thread's batch
+    says (its ``rows`` under this bank's ``signature``; one launch per activation; rows of no adapter
+    keep the residual). What it runs does not depend on the batch's names, so a new mix of names costs
+    an index per signature, not a plan per site. ``check``: a cached bank, whose used slots are checked
+    on each call; traced by torch.compile, the bank stacks the parameters in the graph instead.
+
+    A call whose input matches the stacks (a plain tensor in their dtype and device, of width d, no
+    autocast) goes straight to the kernels (or, where they do not run, to the rows' own weights,
+    gathered once per stack and index); any other input takes ``fused_adapter_grouped``, which
+    validates it."""
+
+    def __init__(self, state: ModelState, site: Site, groups: list[_Group], signature: int, check: bool) -> None:
+        self.state = state
+        self.site = site
+        self.groups = groups
+        self.signature = signature
         self.check = check
-        first = launches[0].group.params[0]
+        first = groups[0].params[0]
         self.dtype, self.device, self.d = first.dtype, first.device, first.shape[-1]
         self.kernels = first.dtype in KERNEL_DTYPES and ops.kernels_available(first.device)
-        self.gathered: dict[tuple[int, int], tuple[list[torch.Tensor], RowWeights]] = {}
+        self.gathered: dict[tuple[int, int], tuple[list[torch.Tensor], torch.Tensor, RowWeights]] = {}
+        self.plans: dict[Pattern, SitePlan] = {}
+
+    def plan(self, pattern: Pattern) -> SitePlan:
+        """The plan of a batch whose adapters here have ``pattern``."""
+        found = self.plans.get(pattern)
+        if found is None:
+            kinds, every_row = pattern
+            site = self.site
+            if len(kinds) == 1 and (every_row or _residual_is_h(kinds[0])):
+                found = site_plan(self, kinds[0], site.spec, site.norm is not None)
+            else:
+                found = site_plan(MixedRows(self), RAW, site.spec, site.norm is not None)
+            self.plans[pattern] = found
+        return found
 
     def __call__(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         fast = (type(z) is torch.Tensor and z.dtype is self.dtype and z.device == self.device and z.dim() >= 2
@@ -123,7 +164,8 @@ class GroupedSite:
                 and (residual is None or residual.shape == z.shape and residual.dtype is self.dtype))
         out = residual
         compiling = torch.compiler.is_compiling()
-        for i, (group, index, slots) in enumerate(self.launches):
+        for position, index, slots in self.state.call.batch.rows[self.signature].launches:
+            group = self.groups[position]
             if z.shape[0] != index.shape[0]:
                 index = _rows(index, z)
             if compiling:  # traced: the stacking joins the graph, which reads the parameters on every run
@@ -138,23 +180,25 @@ class GroupedSite:
             elif self.kernels:
                 out = run_kernels(z, params, group.activation, group.scale, index, math.prod(z.shape[1:-1]), out)
             else:
-                out = self._rows_math(i, group, index, z, out)
+                out = self._rows_math(position, group, index, z, out)
         assert out is not None
         return out
 
-    def _rows_math(self, i: int, group: _Group, index: torch.Tensor, z: torch.Tensor,
+    def _rows_math(self, position: int, group: _Group, index: torch.Tensor, z: torch.Tensor,
                    residual: torch.Tensor | None) -> torch.Tensor:
-        """The grouped adapter in plain PyTorch with each row's weights gathered (once per stack and
-        batch size; per call while autograd records): two batched matmuls whatever the mix."""
-        key = (i, index.shape[0])
+        """The grouped adapter in plain PyTorch with each row's weights gathered (kept per stack and index
+        without autograd; per call while autograd records): two batched matmuls whatever the mix."""
+        key = (position, id(index))
         found = self.gathered.get(key)
-        if found is None or found[0] is not group.params or torch.is_grad_enabled():
-            found = (group.params, gather_rows(index, *group.params))
+        if found is None or found[0] is not group.params or found[1] is not index or torch.is_grad_enabled():
+            found = (group.params, index, gather_rows(index, *group.params))
             if not torch.is_grad_enabled():
+                if len(self.gathered) >= 64:
+                    self.gathered.clear()
                 self.gathered[key] = found
         x3 = z.reshape(z.shape[0], -1, self.d)
         res3 = None if residual is None else residual.reshape(x3.shape)
-        return rows_math(x3, found[1], group.activation, group.scale, res3).view(z.shape)
+        return rows_math(x3, found[2], group.activation, group.scale, res3).view(z.shape)
 
 
 def _rows(index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -167,20 +211,20 @@ def _rows(index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return index.repeat_interleave(rows // index.shape[0])
 
 
-class MixedSite:
-    """Rows whose adapters differ in placement at one site, called as ``site(x, residual=h)`` (see
-    ``sites.RAW``): each row's adapter input and residual as its placement says, then one grouped
-    launch. ``rows``: per placement, a (B, 1) bool mask of its rows (others keep ``h``)."""
+class MixedRows:
+    """A bank's rows whose adapters differ in placement, called as ``site(x, residual=h)`` (see
+    ``sites.RAW``): each row's adapter input and residual as its placement says (the batch's masks),
+    then the bank's launches."""
 
-    def __init__(self, grouped: GroupedSite, rows: list[tuple[Placement, torch.Tensor]], norm: nn.Module | None) -> None:
-        self.grouped = grouped
-        self.rows = rows
-        self.norm = norm
+    def __init__(self, bank: SiteBank) -> None:
+        self.bank = bank
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        bank = self.bank
+        norm = bank.site.norm
         h = residual if residual is not None else x
         z, r = h, h
-        for placement, mask in self.rows:
+        for placement, mask in bank.state.call.batch.rows[bank.signature].masks:
             if mask.shape[0] != h.shape[0]:
                 mask = _rows(mask.squeeze(-1), h).unsqueeze(-1)
             mask = mask.view(mask.shape[0], *([1] * (h.dim() - 1)))
@@ -188,29 +232,26 @@ class MixedSite:
                 z_p, r_p = x, h
             elif placement.original_ln_before:
                 total = h + x
-                z_p = self.norm(total) if self.norm is not None else total
+                z_p = norm(total) if norm is not None else total
                 before = placement.residual_before_ln
                 r_p = h if before is True else (z_p if before is False else total)
             else:
                 z_p, r_p = h, h
             z = torch.where(mask, z_p, z) if z_p is not h else z
             r = torch.where(mask, r_p, r) if r_p is not h else r
-        return self.grouped(z, residual=r)
-
-
-class PerSampleBatch(NamedTuple):
-    """What a block runs at each site (``plans``, keyed (layer, site)) and the hooks those read."""
-
-    plans: dict[tuple[str, str], SitePlan]
-    hook_keys: set[HookKey]
+        return bank(z, residual=r)
 
 
 class _Bank:
-    """The stacked adapters of every site of a model: ``sites`` (layer, site) -> activation groups."""
+    """The stacked adapters of every site of a model (``sites``: (layer, site) -> ``SiteBank``). Sites whose
+    groups hold the same adapters in the same slots share a signature (``structures[signature]``: per
+    group, adapter name -> slot), so a batch's rows are worked out once per signature."""
 
     def __init__(self, state: ModelState, names: Sequence[str], stacked: bool) -> None:
-        self.cached = not stacked
-        self.sites: dict[tuple[str, str], list[_Group]] = {}
+        self.sites: dict[tuple[str, str], SiteBank] = {}
+        self.structures: list[list[dict[str, int]]] = []
+        self.hook_keys: dict[tuple[Any, ...], set[HookKey]] = {}
+        signatures: dict[tuple[Any, ...], int] = {}
         for site in state.sites:
             found: dict[str, list[tuple[str, nn.Module]]] = {}
             for name in names:
@@ -218,10 +259,15 @@ class _Bank:
                 module = layer._modules.get(site.name) if layer is not None else None
                 if module is not None:
                     found.setdefault(module.activation, []).append((name, module))  # type: ignore[union-attr]
-            if found:
-                with torch.no_grad() if self.cached else torch.enable_grad():
-                    self.sites[site.key] = [_Group(act, [n for n, _ in pairs], [m for _, m in pairs])
-                                            for act, pairs in found.items()]
+            if not found:
+                continue
+            with torch.enable_grad() if stacked else torch.no_grad():
+                groups = [_Group(act, [n for n, _ in pairs], [m for _, m in pairs]) for act, pairs in found.items()]
+            structure = tuple(tuple(group.names) for group in groups)
+            if structure not in signatures:
+                signatures[structure] = len(self.structures)
+                self.structures.append([group.slots for group in groups])
+            self.sites[site.key] = SiteBank(state, site, groups, signatures[structure], check=not stacked)
 
 
 def _check(state: ModelState, names: list[str | None]) -> tuple[list[str], dict[str, AdapterConfig]]:
@@ -253,9 +299,9 @@ def _batch(state: ModelState, names: list[str | None]) -> PerSampleBatch:
     if len(used) == 1 and None not in names:  # one adapter for every row: its own plan
         plans = {site.key: plan for site in state.sites
                  if (plan := site.resolve(used[0], state.modules, state.configs, site.norm)) is not None}
+        batch = PerSampleBatch(plans, state.hook_keys((site, plans.get(site.key)) for site in state.sites), {})
     else:
-        plans = _grouped_plans(state, names, used, configs, grad)
-    batch = PerSampleBatch(plans, state.hook_keys((site, plans.get(site.key)) for site in state.sites))
+        batch = _grouped_batch(state, _bank(state, used, grad), names, used, configs)
     if not grad:
         if len(cache) >= 64:
             cache.clear()
@@ -276,10 +322,11 @@ def _bank(state: ModelState, used: list[str], grad: bool) -> _Bank:
     return found[1]
 
 
-def _grouped_plans(state: ModelState, names: list[str | None], used: list[str], configs: dict[str, AdapterConfig],
-                   grad: bool) -> dict[tuple[str, str], SitePlan]:
-    bank = _bank(state, used, grad)
-    device = next(state.modules[used[0]].parameters()).device if used else torch.device("cpu")
+def _grouped_batch(state: ModelState, bank: _Bank, names: list[str | None], used: list[str],
+                   configs: dict[str, AdapterConfig]) -> PerSampleBatch:
+    """The batch of ``names`` on ``bank``: per signature, the launches' indices (and masks of a mix of
+    placements); per site, the bank's plan for its pattern."""
+    device = next(iter(bank.sites.values())).device if bank.sites else torch.device("cpu")
     tensors: dict[tuple[int, ...], torch.Tensor] = {}
 
     def tensor(values: tuple[int, ...]) -> torch.Tensor:
@@ -288,30 +335,32 @@ def _grouped_plans(state: ModelState, names: list[str | None], used: list[str], 
         return tensors[values]
 
     placements = {name: config.layout for name, config in configs.items()}
-    plans: dict[tuple[str, str], SitePlan] = {}
-    for site in state.sites:
-        groups = bank.sites.get(site.key)
-        if not groups:
-            continue
-        launches = []
-        present: list[str] = []
-        for group in groups:
-            slots = tuple(group.slots.get(n, -1) if n is not None else -1 for n in names)
+    rows: dict[int, RowsAtSites] = {}
+    patterns: dict[int, Pattern] = {}
+    for signature, structure in enumerate(bank.structures):
+        launches, present = [], []
+        for position, slot_of in enumerate(structure):
+            slots = tuple(slot_of.get(n, -1) if n is not None else -1 for n in names)
             if any(s >= 0 for s in slots):
-                launches.append(_Launch(group, tensor(slots), tuple(sorted({s for s in slots if s >= 0}))))
-                present += [n for n in used if n in group.slots]
+                launches.append(_Launch(position, tensor(slots), tuple(sorted({s for s in slots if s >= 0}))))
+                present += [n for n in used if n in slot_of]
         if not launches:
             continue
-        grouped = GroupedSite(launches, check=bank.cached)
-        kinds = {placements[n] for n in present}
+        kinds = tuple(dict.fromkeys(placements[n] for n in present))
         every_row = all(n in present for n in names)
-        if len(kinds) == 1 and (every_row or _residual_is_h(next(iter(kinds)))):
-            plans[site.key] = site_plan(grouped, kinds.pop(), site.spec, site.norm is not None)
-            continue
-        rows = [(p, tensor(tuple(int(n is not None and n in present and placements[n] == p) for n in names))
-                 .bool().unsqueeze(-1)) for p in dict.fromkeys(placements[n] for n in present)]
-        plans[site.key] = site_plan(MixedSite(grouped, rows, site.norm), RAW, site.spec, site.norm is not None)
-    return plans
+        masks = ()
+        if not (len(kinds) == 1 and (every_row or _residual_is_h(kinds[0]))):
+            masks = tuple((p, tensor(tuple(int(n in present and placements[n] == p) for n in names)).bool()
+                           .unsqueeze(-1)) for p in kinds)
+        rows[signature] = RowsAtSites(tuple(launches), masks)
+        patterns[signature] = (kinds, every_row)
+    plans = {key: site_bank.plan(patterns[site_bank.signature]) for key, site_bank in bank.sites.items()
+             if site_bank.signature in patterns}
+    hook_key = tuple(sorted(patterns.items(), key=lambda item: item[0]))
+    hooks = bank.hook_keys.get(hook_key)
+    if hooks is None:
+        hooks = bank.hook_keys[hook_key] = state.hook_keys((site, plans.get(site.key)) for site in state.sites)
+    return PerSampleBatch(plans, hooks, rows)
 
 
 def _residual_is_h(placement: Placement) -> bool:
