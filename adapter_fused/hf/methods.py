@@ -40,21 +40,27 @@ import torch
 from torch import nn
 
 from . import formats
+from . import fusion as _fusion
 from . import model as _model
+from .compose import given_task_ids
+from .composition import Composition, Fuse
 from .config import resolve_config
 from .formats import HeadToSave
 from .heads import (
     CausalLMHead,
     ClassificationHead,
+    MaskedLMHead,
     MultipleChoiceHead,
     PredictionHead,
     QuestionAnsweringHead,
+    Seq2SeqLMHead,
     TaggingHead,
     build_head,
     head_name_for,
     load_head_weights,
 )
 from .layouts import find_architecture
+from .sites import BATCH_FIRST, replicated_for_generation
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +121,22 @@ class AdapterMethodsMixin:
 
     @classmethod
     def _prepare_subclass(cls, subclass: type) -> None:
-        """Complete a subclass made by ``subclass_for`` (also when one is rebuilt by unpickling)."""
+        """Complete a subclass made by ``subclass_for`` (also when one is rebuilt by unpickling): a
+        model class that generates gets ``generate`` running Parallel compositions."""
+        if callable(getattr(subclass._fused_base_class, "generate", None)):  # type: ignore[attr-defined]
+            subclass.generate = _generate  # type: ignore[attr-defined]
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         state = self.__getstate__()  # type: ignore[misc]
         return _rebuild, (type(self)._fused_mixin, type(self)._fused_base_class), state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model; ``task_ids=`` (AdapterHub's keyword: a (batch,) tensor of child positions or
+        a list of adapter names) gives an active ``MultiTask`` the task of each sample."""
+        if "task_ids" not in kwargs:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        with given_task_ids(kwargs.pop("task_ids")):
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -221,6 +238,61 @@ class AdapterMethodsMixin:
         lines.append("=" * len(header))
         return "\n".join(lines)
 
+    # -- adapter fusion (see ``fusion``) ------------------------------------------------------------
+
+    def add_adapter_fusion(self, adapter_names: Any, config: Any = None, name: str | None = None,
+                           overwrite_ok: bool = False, set_active: bool = False) -> None:
+        """Add the fusion of ``adapter_names`` (a Fuse block, a list of adapter names or a comma-separated
+        string) with ``config`` (``"dynamic"`` by default, ``"static"``, a dict or a ``FusionConfig``),
+        named ``name`` (default: as its Fuse block is); ``set_active`` activates it."""
+        added = _fusion.add_adapter_fusion(self, adapter_names, config, name, overwrite_ok)  # type: ignore[arg-type]
+        if set_active:
+            self.set_active_adapters(_fuse_block(self, added))
+
+    def delete_adapter_fusion(self, adapter_names: Any) -> None:
+        """Remove a fusion (an unknown one only logs a warning, as in AdapterHub)."""
+        if _fusion.fusion_name(adapter_names) not in _fusion.list_fusions(self):  # type: ignore[arg-type]
+            logger.warning("adapter_fused: no adapter fusion named %r to delete", _fusion.fusion_name(adapter_names))
+            return
+        _fusion.delete_adapter_fusion(self, adapter_names)  # type: ignore[arg-type]
+
+    def train_adapter_fusion(self, adapter_setup: Any, unfreeze_adapters: bool = False) -> None:
+        """Train the fusions of the Fuse blocks in ``adapter_setup`` (the adapters too with
+        ``unfreeze_adapters``); everything else frozen, the setup active, training mode."""
+        _fusion.train_adapter_fusion(self, adapter_setup, unfreeze_adapters, train_head=True)  # type: ignore[arg-type]
+        self._after_activation(adapter_setup)
+        self._after_train(True)
+
+    def get_fusion_regularization_loss(self) -> torch.Tensor | None:
+        """AdapterHub's regularization of the fusions' value matrices being trained (see ``fusion``)."""
+        return _fusion.fusion_regularization_loss(self)  # type: ignore[arg-type]
+
+    def save_adapter_fusion(self, save_directory: str | os.PathLike[str], adapter_names: Any,
+                            with_head: bool | str = False, use_safetensors: bool = False) -> None:
+        """Save a fusion in AdapterHub's files (``adapter_fusion_config.json`` and its weights, a torch
+        state dict unless ``use_safetensors``); with ``with_head`` also the head named like the fusion
+        (or ``with_head`` itself, a head name)."""
+        name = _fusion.fusion_name(adapter_names)
+        formats.save_adapter_fusion(self, name, save_directory, use_safetensors)  # type: ignore[arg-type]
+        if with_head:
+            head = self._head_to_save(with_head if isinstance(with_head, str) else name)
+            if head is None:
+                raise ValueError(f"adapter_fused: no head named {with_head if isinstance(with_head, str) else name!r} "
+                                 f"to save with the fusion")
+            formats.write_head(self, head, save_directory)  # type: ignore[arg-type]
+
+    def load_adapter_fusion(self, adapter_fusion_name_or_path: str | os.PathLike[str], load_as: str | None = None,
+                            set_active: bool = False, with_head: bool = True) -> str:
+        """Load a fusion saved by ``save_adapter_fusion`` or AdapterHub (its adapters must be loaded);
+        returns its name. With ``with_head``, a head saved beside it is loaded too."""
+        head = self._read_head(adapter_fusion_name_or_path) if with_head else None
+        name = formats.load_adapter_fusion(self, adapter_fusion_name_or_path, load_as)  # type: ignore[arg-type]
+        if head is not None:
+            self._install_head(name, head)
+        if set_active:
+            self.set_active_adapters(_fuse_block(self, name))
+        return name
+
     # -- saving and loading ---------------------------------------------------------------------
 
     def save_adapter(self, save_directory: str | os.PathLike[str], adapter_name: str, with_head: bool = True) -> None:
@@ -295,6 +367,32 @@ class AdapterMethodsMixin:
         """Install what ``_read_head`` returned as the head of adapter ``name``."""
 
 
+def _fuse_block(model: nn.Module, name: str) -> Fuse:
+    """The Fuse block that runs the fusion ``name`` of ``model``."""
+    adapters = _fusion.get_fusion(model, name).adapter_names
+    return Fuse(*adapters, name=None if name == ",".join(adapters) else name)
+
+
+def _repeated(value: Any, n: int) -> Any:
+    return value.repeat(n, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) and value.dim() else value
+
+
+def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``generate``; while a Parallel composition of n children is active, its
+    batch-first inputs are repeated once (copy-major, as AdapterHub does) and generation runs on the
+    n*B rows, so it returns n*B sequences, copy i (rows i*B to (i+1)*B) from child i."""
+    base_generate = type(self)._fused_base_class.generate  # type: ignore[attr-defined]
+    state = _model.model_state(self)
+    active = state.active if state is not None else None
+    n = active.parallel_channels if isinstance(active, Composition) else 1
+    if n == 1 or state.call.batch is not None:  # type: ignore[union-attr]
+        return base_generate(self, *args, **kwargs)
+    args = tuple(_repeated(value, n) if i == 0 else value for i, value in enumerate(args))
+    kwargs = {k: _repeated(v, n) if k == "inputs" or k in BATCH_FIRST else v for k, v in kwargs.items()}
+    with replicated_for_generation(state):
+        return base_generate(self, *args, **kwargs)
+
+
 def _adapter_parameter_ids(model: Any) -> set[int]:
     state = _model.model_state(model)
     return {id(p) for p in state.modules.parameters()} if state is not None else set()
@@ -347,6 +445,8 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
     def _prepare_subclass(cls, subclass: type) -> None:
         """Give the subclass a ``forward`` that runs the heads, with the base forward's parameters
         plus the label inputs in its signature (read by transformers' Trainer)."""
+        super()._prepare_subclass(subclass)
+
         def forward(self: FlexibleHeadsMixin, *args: Any, **kwargs: Any) -> Any:
             return self._heads_forward(*args, **kwargs)
 
@@ -425,6 +525,20 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
         self._add(CausalLMHead, head_name, overwrite_ok, activation_function=activation_function, layers=layers,
                   layer_norm=True, bias=True)
 
+    def add_masked_lm_head(self, head_name: str, activation_function: str | None = "gelu", layers: int = 2,
+                           overwrite_ok: bool = False) -> None:
+        """Add a masked language modelling head (logits (batch, length, vocab), loss against ``labels``
+        at each position, -100 ignored) and make it active."""
+        self._add(MaskedLMHead, head_name, overwrite_ok, activation_function=activation_function, layers=layers,
+                  layer_norm=True, bias=True)
+
+    def add_seq2seq_lm_head(self, head_name: str, layers: int = 1, overwrite_ok: bool = False) -> None:
+        """Add a sequence-to-sequence language modelling head on an encoder-decoder model (logits
+        (batch, target length, vocab) from the decoder; with ``labels`` and no ``decoder_input_ids``
+        the decoder reads the labels shifted right) and make it active."""
+        self._add(Seq2SeqLMHead, head_name, overwrite_ok, activation_function=None, layers=layers, layer_norm=False,
+                  bias=False)
+
     def delete_head(self, head_name: str) -> None:
         """Remove head ``head_name`` (an unknown name only logs a warning, as in AdapterHub)."""
         if head_name not in self.heads:
@@ -438,6 +552,9 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
 
     def _heads_forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward, then the active head (or ``head=``) with its loss."""
+        if "task_ids" in kwargs:
+            with given_task_ids(kwargs.pop("task_ids")):
+                return self._heads_forward(*args, **kwargs)
         head_name = kwargs.pop("head", None)
         targets = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
         cls = type(self)
@@ -482,6 +599,7 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
                 embeds = kwargs["inputs_embeds"]
                 kwargs["inputs_embeds"] = embeds.reshape(-1, *embeds.shape[-2:])
             inputs["attention_mask"] = kwargs.get("attention_mask")
+        head.prepare(self, kwargs, targets)
         outputs = base_forward(self, **kwargs)
         result = head.predict(self, outputs, inputs, targets)  # type: ignore[arg-type]
         return result if return_dict else result.to_tuple()
@@ -536,7 +654,7 @@ def _forward_signature(base: type) -> inspect.Signature:
     keyword = [p for p in params if p.kind == kinds.KEYWORD_ONLY]
     names = {p.name for p in params}
     extra = [kinds(n, kinds.KEYWORD_ONLY, default=None)
-             for n in ("labels", "start_positions", "end_positions", "head") if n not in names]
+             for n in ("labels", "start_positions", "end_positions", "head", "task_ids") if n not in names]
     var = [p for p in params if p.kind == kinds.VAR_KEYWORD]
     return inspect.Signature([*plain, *keyword, *extra, *var])
 
