@@ -26,6 +26,7 @@ At a site with sub-block output ``h`` and block residual ``x``, each adapter's p
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,26 +53,30 @@ from .composition import (
 from .config import AdapterConfig, Placement
 
 
-class _TaskIds(threading.local):
-    """The ``task_ids`` of the model calls running in this thread, innermost last."""
+class CallStack(threading.local):
+    """Values given to the calls running in this thread, innermost last (each thread has its own)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stack: list[Any] = []
+        self.items: list[Any] = []
+
+    @contextmanager
+    def pushed(self, value: Any) -> Iterator[None]:
+        """``value`` is the innermost item within the block."""
+        self.items.append(value)
+        try:
+            yield
+        finally:
+            self.items.pop()
 
 
-_TASK_IDS = _TaskIds()
+_TASK_IDS = CallStack()
 
 
-@contextmanager
-def given_task_ids(task_ids: Any) -> Iterator[None]:
+def given_task_ids(task_ids: Any) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``MultiTask`` sites in this thread read ``task_ids`` (a (batch,) integer
     tensor of child positions, or a sequence of the children's names or positions)."""
-    _TASK_IDS.stack.append(task_ids)
-    try:
-        yield
-    finally:
-        _TASK_IDS.stack.pop()
+    return _TASK_IDS.pushed(task_ids)
 
 
 Part = slice | torch.Tensor
@@ -124,7 +129,7 @@ class CompositionSite(SetupAtSite):
         z, residual = self._pre(self._common(node), hidden, x)
         if isinstance(node, Fuse):
             fusion = self.fusion(node)
-            terms = [self._term(child, z, x) for child in node.children if self.present(child)]
+            terms = [self._term(child, z, x) for child in node.children if child is not None and self.present(child)]
             return fusion(hidden if fusion.query_before_ln else z, torch.stack(terms, dim=-2), residual)  # type: ignore[misc,union-attr]
         if isinstance(node, Average):
             n = len(node.children)
@@ -183,7 +188,7 @@ class CompositionSite(SetupAtSite):
         if not self.present(node):
             return base
         if isinstance(node, Fuse):
-            terms = [self._term(child, x, x) for child in node.children if self.present(child)]
+            terms = [self._term(child, x, x) for child in node.children if child is not None and self.present(child)]
             return base + self.fusion(node)(x, torch.stack(terms, dim=-2), x)  # type: ignore[misc]
         fused = self._fusable(node)
         if isinstance(node, Average):
@@ -228,7 +233,7 @@ class CompositionSite(SetupAtSite):
 
     def _task_ids(self, node: MultiTask, batch: int, device: torch.device) -> torch.Tensor:
         """The task id (child position) of every row, from the ``task_ids`` of this call."""
-        given = _TASK_IDS.stack[-1] if _TASK_IDS.stack else None
+        given = _TASK_IDS.items[-1] if _TASK_IDS.items else None
         n = len(node.children)
         if given is None:
             raise ValueError(f"adapter_fused: {node!r} needs the task of each sample: call the model with task_ids= "
@@ -350,8 +355,9 @@ def _grouped(adapters: list[tuple[str | None, FusedAdapter | None]], positions: 
             bucket.append(tensor)
     lookup = torch.tensor([names.index(name) if module is not None else -1 for name, module in adapters],  # type: ignore[arg-type]
                           dtype=torch.long, device=z.device)
-    return fused_adapter_grouped(z, lookup[positions], *(torch.stack(b) for b in stacks),
-                                 next(iter(bank.values())).activation, 1.0, check_index=False, residual=residual)
+    down_w, down_b, up_w, up_b = (torch.stack(b) for b in stacks)
+    return fused_adapter_grouped(z, lookup[positions], down_w, down_b, up_w, up_b, next(iter(bank.values())).activation,
+                                 1.0, check_index=False, residual=residual)
 
 
 def composition_site(setup: Composition, modules: nn.ModuleDict, configs: dict[str, AdapterConfig], layer: str,

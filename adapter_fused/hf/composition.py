@@ -1,10 +1,13 @@
 """Several adapters at once, with AdapterHub's composition semantics: ``Stack``, ``Parallel``,
-``Average`` and ``BatchSplit``.
+``Average``, ``BatchSplit``, ``Split``, ``MultiTask`` and ``Fuse``.
 
     set_active_adapters(model, Stack("lang", "task"))                 # MAD-X: task on top of language
     set_active_adapters(model, Stack("lang", Average("t1", "t2", weights=[0.7, 0.3])))
     set_active_adapters(model, Parallel("a", "b"))                    # batch B in, batch 2B out
-    set_active_adapters(model, BatchSplit("a", "b", batch_sizes=[3, 5]))
+    set_active_adapters(model, BatchSplit("a", None, batch_sizes=[3, 5]))   # None: the base model
+    set_active_adapters(model, Split("a", "b", splits=[4, 12]))       # positions 0-3 and 4-15
+    set_active_adapters(model, MultiTask("a", "b"))                   # model(..., task_ids=[1, 0, ...])
+    set_active_adapters(model, Fuse("a", "b"))                        # after add_adapter_fusion (``fusion``)
 
 At each site, with sub-block output ``h`` (the layer then computes ``LN(h' + x)``), block residual
 ``x`` and each adapter's placement deciding its input ``z`` and residual ``r`` (see ``Placement``):
@@ -19,18 +22,22 @@ At each site, with sub-block output ``h`` (the layer then computes ``LN(h' + x)`
   up-projection columns and bias, one ``fused_adapter`` launch per site.
 - ``Parallel(c1, ..., cn)``: every batch-first input of the base model is repeated n times, so the
   outputs have batch n*B, copy i running child i. ``BatchSplit(c1, ..., batch_sizes=[b1, ...])``:
-  rows ``b1 + ... + b(i-1)`` onwards (``bi`` of them) run child i. Both take one
-  ``fused_adapter_grouped`` launch per site when their children are adapters sharing an activation.
+  rows ``b1 + ... + b(i-1)`` onwards (``bi`` of them) run child i. ``MultiTask(c1, ...)``: the rows
+  whose task id (given with the call) is i run child i. ``Split(c1, ..., splits=[s1, ...])``: the
+  positions ``s1 + ... + s(i-1)`` onwards (``si`` of them) run child i. Each takes one
+  ``fused_adapter_grouped`` launch per site when its children are adapters sharing an activation.
+- ``Fuse(c1, ...)``: the children's outputs combined by a fusion layer (AdapterFusion, see ``fusion``).
 
-Adapters under one Average, Parallel or BatchSplit must share their placement at each site. With
-parallel-placement adapters (``"parallel"``) the adapter outputs are added to ``h``: a Stack may then
-hold only one of them per site (AdapterHub keeps only the last one's output). Nesting follows
-AdapterHub's rules; a child that reruns the placement's input step (a Stack, Average or BatchSplit
-under Average, Parallel or BatchSplit) rereads it from its parent's adapter input, as AdapterHub
-does. A child of Parallel or BatchSplit with no adapter at a site leaves its rows unchanged there.
+What each block computes at a site is ``compose``'s. Adapters under one block other than Stack must
+share their placement at each site. With parallel-placement adapters (``"parallel"``) the adapter
+outputs are added to ``h``: a Stack may then hold only one of them per site (AdapterHub keeps only the
+last one's output). Nesting follows AdapterHub's rules; a child that reruns the placement's input step
+(a Stack, Average, BatchSplit or Split under another block) rereads it from its parent's adapter
+input, as AdapterHub does. A None child of Parallel or BatchSplit (the base model), or a child with no
+adapter at a site, leaves its rows unchanged there.
 
 This module holds the blocks, the parsing of what ``set_active_adapters`` is given (``parse_setup``)
-and the checks a setup passes before it runs (``SetupAtSite``, ``check_setup``); ``sites.CompositionSite``
+and the checks a setup passes before it runs (``SetupAtSite``, ``check_setup``); ``compose.CompositionSite``
 runs a setup at a site.
 """
 
@@ -161,46 +168,51 @@ class Average(Composition):
         return f"weights={list(self.weights)}"
 
 
-def _sizes(kind: str, n: int, given: int | Sequence[int], what: str) -> tuple[int, ...]:
-    """``given`` (one int for every child, or one per child) as a tuple of n non-negative ints."""
-    sizes = [given] * n if isinstance(given, int) and not isinstance(given, bool) else list(given)  # type: ignore[arg-type]
-    if len(sizes) != n or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in sizes):
-        raise ValueError(f"adapter_fused: {kind} of {n} adapters needs {n} non-negative {what}, got {given!r}")
-    return tuple(sizes)
+class _Slices(Composition):
+    """A block whose children take consecutive slices of one dimension; the attribute (and keyword)
+    ``option`` holds their sizes."""
+
+    option = ""
+
+    def _set_sizes(self, given: int | Sequence[int]) -> None:
+        n, kind, what = len(self.children), type(self).__name__, self.option.replace("_", " ")
+        sizes = [given] * n if isinstance(given, int) and not isinstance(given, bool) else list(given)  # type: ignore[arg-type]
+        if len(sizes) != n or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in sizes):
+            raise ValueError(f"adapter_fused: {kind} of {n} adapters needs {n} non-negative {what}, got {given!r}")
+        setattr(self, self.option, tuple(sizes))
+
+    def _options(self) -> tuple[Any, ...]:
+        return getattr(self, self.option)  # type: ignore[no-any-return]
+
+    def _extra_repr(self) -> str:
+        return f"{self.option}={list(self._options())}"
 
 
-class BatchSplit(Composition):
+class BatchSplit(_Slices):
     """Consecutive slices of the batch, ``batch_sizes[i]`` rows each, through child i
     (AdapterHub's ``BatchSplit``); an int gives every child that many rows. A None child's rows run
     the base model."""
 
     allows_none = True
+    option = "batch_sizes"
+    batch_sizes: tuple[int, ...]
 
     def __init__(self, *children: str | Composition | Sequence[Any] | None, batch_sizes: int | Sequence[int]) -> None:
         super().__init__(*children)
-        self.batch_sizes = _sizes("BatchSplit", len(self.children), batch_sizes, "batch sizes")
-
-    def _options(self) -> tuple[Any, ...]:
-        return self.batch_sizes
-
-    def _extra_repr(self) -> str:
-        return f"batch_sizes={list(self.batch_sizes)}"
+        self._set_sizes(batch_sizes)
 
 
-class Split(Composition):
+class Split(_Slices):
     """Consecutive slices of the sequence, ``splits[i]`` positions each (along dim 1 of the hidden
     states), through child i (AdapterHub's ``Split``); an int gives every child that many positions.
     The splits must add up to the sequence length at every site."""
 
+    option = "splits"
+    splits: tuple[int, ...]
+
     def __init__(self, *children: str | Composition | Sequence[Any], splits: int | Sequence[int]) -> None:
         super().__init__(*children)
-        self.splits = _sizes("Split", len(self.children), splits, "splits")
-
-    def _options(self) -> tuple[Any, ...]:
-        return self.splits
-
-    def _extra_repr(self) -> str:
-        return f"splits={list(self.splits)}"
+        self._set_sizes(splits)
 
 
 class MultiTask(Composition):

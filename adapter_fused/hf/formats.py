@@ -34,6 +34,11 @@ and the two head layouts this package wrote before: a task head as ``adapter_hea
 prediction head as ``head_config.json`` (format ``adapter_fused_prediction_head`` 1: ``name``,
 ``hidden_size``, ``config``) with ``head_model.safetensors``.
 
+Fusion (``save_adapter_fusion``, ``load_adapter_fusion``), in AdapterHub's files: ``adapter_fusion_config.json``
+(``name``, ``adapter_names``, ``config`` (``fusion.FusionConfig.to_dict()``), ``hidden_size``, ``model_class``,
+``model_type``) and the weights under AdapterHub's names (``<layer path>.<location>.adapter_fusion_layer.<name>.
+{query,key,value}.*``) in ``pytorch_model_adapter_fusion.bin`` or ``model_adapter_fusion.safetensors``.
+
 Checkpoint setup (``write_setup``, ``read_setup``): the adapters' and heads' weights are parameters of
 the model, so transformers' ``save_pretrained`` (and ``Trainer.save_model`` and Trainer's periodic
 checkpoints, which call it) already write them into ``model.safetensors`` under keys such as
@@ -44,9 +49,10 @@ the methods (``methods``) writes beside them in ``adapter_fused_setup.json``:
     {"format": "adapter_fused_setup", "format_version": 1, "model_class",
      "adapters_module": "bert.fused_adapters", "adapters": {name: AdapterConfig.to_dict()},
      "active": name | null | {"list": [...]} | {"block": "module:Class", "children": [...], ...},
-     "heads_module": "heads", "heads": {name: head config}, "active_head": name | null}
+     "heads_module": "heads", "heads": {name: head config}, "active_head": name | null,
+     "fusions": {name: {"adapter_names": [...], "config": FusionConfig.to_dict()}}  (only with fusions)}
 
-``auto.restore_adapters`` reads it back with the weights (``checkpoint_tensors``).
+``auto.restore_adapters`` reads it back with the weights (``checkpoint_tensors``, ``restore_fusions``).
 """
 
 from __future__ import annotations
@@ -80,7 +86,7 @@ from .adapterhub.convert import (
 )
 from .composition import FUSION_KEY, Average, BatchSplit, Composition, Fuse, Split
 from .config import AdapterConfig
-from .fusion import FusionConfig, attach_fusion, build_fusion, fusions, get_fusion, list_fusions
+from .fusion import FusionConfig, attach_fusion, build_fusion, get_fusion, list_fusions
 from .layouts import find_architecture, hidden_size
 from .model import (
     active_adapter,
@@ -161,7 +167,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 - a bad file
     return data
 
 
@@ -172,7 +178,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a damaged or foreign file
+    except Exception as exc:  # any reader failure is a damaged or foreign file
         raise ValueError(f"{path}: cannot read adapter weights, the file is truncated or not a weights file "
                          f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -343,7 +349,7 @@ def _read_legacy_task_head(root: Path) -> SavedHead | None:
                          f"format_version {meta.get('format_version')!r})")
     shapes = meta.get("parameters")
     if not isinstance(shapes, dict):
-        raise ValueError(f"{config_path}: expected \"parameters\" to map parameter names to shapes")
+        raise ValueError(f"{config_path}: expected \"parameters\" to map parameter names to shapes")  # noqa: TRY004
     return SavedHead(str(meta.get("name") or root.name), None, config_path, weights_path, shapes)
 
 
@@ -640,10 +646,12 @@ def write_setup(model: nn.Module, directory: str | os.PathLike[str]) -> None:
         "heads": {name: head.config for name, head in heads.items()} if heads is not None else {},
         "active_head": getattr(model, "active_head", None),
     }
-    found = fusions(model)
-    if found is not None:
-        meta["fusions"] = {name: {"adapter_names": list(block.adapter_names), "config": block.config.to_dict()}
-                           for name, block in found.items()}
+    recorded = {}
+    for name in list_fusions(model):
+        block = get_fusion(model, name)
+        recorded[name] = {"adapter_names": list(block.adapter_names), "config": block.config.to_dict()}
+    if recorded:
+        meta["fusions"] = recorded
     target.mkdir(parents=True, exist_ok=True)
     _write_files(target, [(SETUP_FILE, _json_bytes(meta))])
 

@@ -112,6 +112,10 @@ class FusionLayer(nn.Module):
     """The fusion attention at one site; see the module docstring. Called as ``layer(query, terms,
     residual)`` with query and residual (..., d) and the adapters' terms (..., n, d); returns (..., d)."""
 
+    query: nn.Linear  # each present where the config turns it on
+    key: nn.Linear
+    value: nn.Linear
+
     def __init__(self, config: FusionConfig, d_model: int, dropout: float, *, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -258,7 +262,8 @@ def attach_fusion(model: nn.Module, name: str, block: FusionBlock) -> None:
             parameter.requires_grad_(False)
     if FUSION_KEY not in state.modules:
         state.modules[FUSION_KEY] = nn.ModuleDict()
-    state.modules[FUSION_KEY][name] = block  # type: ignore[index]
+    container: nn.ModuleDict = state.modules[FUSION_KEY]  # type: ignore[assignment]
+    container[name] = block
 
 
 def add_adapter_fusion(model: nn.Module, adapters: Fuse | Sequence[str] | str, config: object = None,
@@ -285,9 +290,9 @@ def delete_adapter_fusion(model: nn.Module, fusion: Fuse | Sequence[str] | str) 
     name = fusion_name(fusion)
     state = model_state(model)
     assert state is not None
-    container = state.modules[FUSION_KEY]
-    del container[name]  # type: ignore[arg-type]
-    if not len(container):  # type: ignore[arg-type]
+    container: nn.ModuleDict = state.modules[FUSION_KEY]  # type: ignore[assignment]
+    del container[name]
+    if not len(container):
         del state.modules[FUSION_KEY]
     for setup in ("active", "training"):
         if name in _fuse_names(getattr(state, setup)):
@@ -328,13 +333,11 @@ def fusion_regularization_loss(model: nn.Module) -> torch.Tensor | None:
     """AdapterHub's fusion regularization: ``0.01 * sum ||I - V||^2`` over the value matrices being
     trained (fusions with ``value``); None when there are none. AdapterHub's trainer adds it to the loss."""
     total = None
-    for block in (fusions(model) or {}).values():
-        for layer in block.values():
-            for fusion in layer.values():
-                value = fusion._modules.get("value")
-                if value is None or not value.weight.requires_grad:
-                    continue
-                eye = torch.eye(value.weight.shape[0], device=value.weight.device, dtype=value.weight.dtype)
-                term = 0.01 * (eye - value.weight).pow(2).sum()
-                total = term if total is None else total + term
+    found = fusions(model)
+    for fusion in found.modules() if found is not None else ():
+        if not isinstance(fusion, FusionLayer) or not fusion.config.value or not fusion.value.weight.requires_grad:
+            continue
+        weight = fusion.value.weight
+        term = 0.01 * (torch.eye(weight.shape[0], device=weight.device, dtype=weight.dtype) - weight).pow(2).sum()
+        total = term if total is None else total + term
     return total

@@ -327,7 +327,7 @@ class Seq2SeqLMHead(_LanguageModelHead):
         hidden = outputs.last_hidden_state
         config = model.config
         if getattr(config, "model_type", None) in ("t5", "mt5") and getattr(config, "tie_word_embeddings", False):
-            hidden = hidden * (config.d_model ** -0.5)
+            hidden = hidden * float(getattr(config, "d_model")) ** -0.5  # noqa: B009 - a config attribute
         logits = self(hidden)
         extras = {key: getattr(outputs, key, None) for key in (
             "past_key_values", "decoder_hidden_states", "decoder_attentions", "cross_attentions",

@@ -19,14 +19,19 @@ replicas keep it. Each method delegates to the free functions of ``adapter_fused
 are passed through to them unchanged.
 
 ``save_pretrained`` (and so ``Trainer.save_model`` and Trainer's checkpoints) of an init-ed model
-also records the adapters' configs and the active setup (see ``formats``).
+also records the adapters' configs and the active setup (see ``formats``). AdapterFusion has
+AdapterHub's methods (``add_adapter_fusion``, ``train_adapter_fusion``, ``save_adapter_fusion``,
+``load_adapter_fusion``, ``delete_adapter_fusion``, ``get_fusion_regularization_loss``; see ``fusion``). A
+call takes AdapterHub's ``task_ids=`` for a ``MultiTask`` setup, and ``generate()`` (of models that
+generate) runs a ``Parallel`` setup on its inputs repeated once, returning n*B sequences.
 
 ``with_flexible_heads`` gives a base model both: its heads live in ``model.heads`` (an ``nn.ModuleDict``,
 state-dict keys ``heads.<name>.<index>.*``, see ``heads``). The active head is the one named like the
 last adapter of the active setup when such a head exists (``set_active_adapters``, ``train_adapter``),
 else the head last added or set via ``active_head``; ``forward(..., head="name")`` picks one for a
 call. The loss is computed when ``labels`` (``start_positions`` and ``end_positions`` for question
-answering) are passed, so ``transformers.Trainer`` can train the model.
+answering) are passed, so ``transformers.Trainer`` can train the model; a sequence-to-sequence head
+makes the decoder inputs from the labels when none are given.
 """
 
 from __future__ import annotations
@@ -247,7 +252,7 @@ class AdapterMethodsMixin:
         named ``name`` (default: as its Fuse block is); ``set_active`` activates it."""
         added = _fusion.add_adapter_fusion(self, adapter_names, config, name, overwrite_ok)  # type: ignore[arg-type]
         if set_active:
-            self.set_active_adapters(_fuse_block(self, added))
+            self.set_active_adapters(_fuse_block(self, added))  # type: ignore[arg-type]
 
     def delete_adapter_fusion(self, adapter_names: Any) -> None:
         """Remove a fusion (an unknown one only logs a warning, as in AdapterHub)."""
@@ -290,7 +295,7 @@ class AdapterMethodsMixin:
         if head is not None:
             self._install_head(name, head)
         if set_active:
-            self.set_active_adapters(_fuse_block(self, name))
+            self.set_active_adapters(_fuse_block(self, name))  # type: ignore[arg-type]
         return name
 
     # -- saving and loading ---------------------------------------------------------------------
@@ -556,7 +561,7 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
             with given_task_ids(kwargs.pop("task_ids")):
                 return self._heads_forward(*args, **kwargs)
         head_name = kwargs.pop("head", None)
-        targets = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
+        targets: dict[str, Any] = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
         cls = type(self)
         base_forward = cls._fused_base_class.forward
         positional = cls._fused_positional  # type: ignore[attr-defined]
@@ -599,7 +604,7 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
                 embeds = kwargs["inputs_embeds"]
                 kwargs["inputs_embeds"] = embeds.reshape(-1, *embeds.shape[-2:])
             inputs["attention_mask"] = kwargs.get("attention_mask")
-        head.prepare(self, kwargs, targets)
+        head.prepare(self, kwargs, targets)  # type: ignore[arg-type]
         outputs = base_forward(self, **kwargs)
         result = head.predict(self, outputs, inputs, targets)  # type: ignore[arg-type]
         return result if return_dict else result.to_tuple()

@@ -1,6 +1,6 @@
 """What runs on every forward pass: the hooks on a model's modules, what one call carries from hook to
-hook, and what a site computes (``site_forward``), for one adapter or for a composition
-(``CompositionSite``).
+hook, and what a site computes (``site_forward``), for one adapter or for a composition (made by
+``compose.composition_site``).
 
 ``ModelState`` (one per model, kept by ``model``) registers forward hooks on the existing modules of
 every layer (see ``layouts``): at each site (``Site``) a pre-hook on the residual module captures the
@@ -8,7 +8,9 @@ block residual ``x`` and a hook on the output module rewrites the sub-block outp
 active adapter the hooks return nothing, so the model computes exactly what it computed before. Hooks
 registered when a model first needs them: on a site's layer norm, to return an output computed at the
 site in its place (``hook_norms``); on the base model, to replicate the batch for ``Parallel``
-(``install_replication``); on the embeddings, for the invertible adapter (``hook_invertible``).
+(``install_replication``, which also continues a filled key/value cache and leaves alone the inputs of a
+``generate()`` that replicated them, see ``replicated_for_generation``); on the embeddings, for the
+invertible adapter (``hook_invertible``).
 
 One model may be called from many threads at once: what a call needs between hooks (the captured
 block residual, the ``per_sample_adapters`` batch, the adapters of the module being run) is kept
@@ -23,17 +25,17 @@ attributes and this module's globals, not through other modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .compose import composition_site
+from .compose import CallStack, composition_site
 from .composition import Composition
 from .config import AdapterConfig, Placement
 from .layouts import Architecture, SiteSpec, call_argument, embedding_module, get_submodule, resolve_layers
@@ -349,26 +351,14 @@ _LEADS = ("input_ids", "inputs_embeds", "input_features", "pixel_values", "decod
 """The inputs whose first dimension gives the batch size, in the order they are looked for."""
 
 
-class _Generation(threading.local):
-    """The models whose ``generate()`` runs in this thread on inputs already replicated for Parallel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.states: list[Any] = []
+_GENERATION = CallStack()
+"""The models whose ``generate()`` runs in this thread on inputs already replicated for Parallel."""
 
 
-_GENERATION = _Generation()
-
-
-@contextmanager
-def replicated_for_generation(state: Any) -> Iterator[None]:
+def replicated_for_generation(state: Any) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``ReplicateInputs`` of ``state`` leaves the inputs of this thread's calls
     as they are: a ``generate()`` that repeated its inputs once runs on the n*B rows throughout."""
-    _GENERATION.states.append(state)
-    try:
-        yield
-    finally:
-        _GENERATION.states.pop()
+    return _GENERATION.pushed(state)
 
 
 def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
@@ -428,7 +418,7 @@ class ReplicateInputs:
         if lead is None:
             raise ValueError(f"adapter_fused: {active!r} needs one of {', '.join(_LEADS)} to replicate the batch")
         batch = lead.shape[0]
-        if any(s is state for s in _GENERATION.states):
+        if any(s is state for s in _GENERATION.items):
             if batch % n:
                 raise ValueError(f"adapter_fused: {active!r} needs {n} copies of the batch, got {batch} rows")
             return None
@@ -440,10 +430,10 @@ class ReplicateInputs:
         small = batch if rows is None else rows // n
 
         def repeat(name: str, value: Any) -> Any:
-            if name == "encoder_outputs" and isinstance(value, (tuple, dict)):
-                items = value.items() if isinstance(value, dict) else enumerate(value)
-                new = {key: repeat("encoder_hidden_states", item) for key, item in items}
-                return type(value)(**new) if isinstance(value, dict) else type(value)(new.values())
+            if name == "encoder_outputs" and isinstance(value, dict):  # a ModelOutput
+                return type(value)(**{str(k): repeat("encoder_hidden_states", v) for k, v in value.items()})
+            if name == "encoder_outputs" and isinstance(value, tuple):
+                return type(value)(repeat("encoder_hidden_states", v) for v in value)
             if name in BATCH_FIRST and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == small:
                 return value.repeat(n, *([1] * (value.dim() - 1)))
             return value

@@ -15,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import LAYERS, make_inputs, make_model, randomize
-from .test_model import SITES, layers_of
-
-from adapter_fused import ACTIVATIONS, Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack  # noqa: E402
-from adapter_fused.hf import (  # noqa: E402
+from adapter_fused import ACTIVATIONS, Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack
+from adapter_fused.hf import (
     AdapterConfig,
     active_adapter,
     adapter_summary,
@@ -31,6 +28,9 @@ from adapter_fused.hf import (  # noqa: E402
     train_adapter,
 )
 from adapter_fused.hf.compose import given_task_ids
+
+from .models import LAYERS, make_inputs, make_model, randomize
+from .test_model import SITES, layers_of
 
 Weights = dict[str, dict[str, dict[str, torch.Tensor]]]  # adapter -> "layer.site" -> parameter -> float64 tensor
 Site = Callable[[int, str, torch.Tensor, torch.Tensor, nn.Module | None], torch.Tensor]

@@ -16,6 +16,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,7 +160,7 @@ def _reads_up(layer: nn.Module | None) -> bool:
         return True
     if not any(isinstance(block, hub.concatenating) for block in found):
         return False
-    present = layer.adapters  # type: ignore[union-attr]
+    present: Any = layer.adapters
     return any(name in present and not _one_pass(present[name]) for name in setup.flatten())
 
 
@@ -169,8 +170,8 @@ def _one_pass(adapter: nn.Module) -> bool:
     after the bottleneck taken before the residual always return it."""
     if _ACTIVATION not in adapter.__dict__:
         return False
-    return not adapter.use_gating and (adapter.__dict__[_PARALLEL] or not adapter.add_layer_norm_after
-                                       or adapter.adapter_residual_before_ln)
+    return bool(not adapter.use_gating and (adapter.__dict__[_PARALLEL] or not adapter.add_layer_norm_after
+                                            or adapter.adapter_residual_before_ln))
 
 
 def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: torch.Tensor | None,
