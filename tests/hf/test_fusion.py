@@ -303,7 +303,7 @@ def _grads(model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: object) 
 @pytest.mark.parametrize("kind", HUB_FUSE_SETUPS)
 @pytest.mark.parametrize(("arch", "config", "fusion"), [("bert", "seq_bn", "dynamic"), ("bert", "double_seq_bn", "static"),
                                                         ("gpt2", "seq_bn", "dynamic"), ("llama", "double_seq_bn", "dynamic"),
-                                                        ("bert", "par_bn", "dynamic")])
+                                                        ("bert", "par_bn", "dynamic"), ("bert", "options", "dynamic")])
 def test_fusion_trained_in_adapterhub_loads_with_its_outputs_and_gradients(tmp_path: Path, arch: str, config: str,
                                                                           fusion: str, kind: str) -> None:
     adapters = pytest.importorskip("adapters")
@@ -316,6 +316,8 @@ def test_fusion_trained_in_adapterhub_loads_with_its_outputs_and_gradients(tmp_p
 
     if config == "par_bn" and "Stack" in kind:
         pytest.skip("a Stack holds one parallel-placement adapter per site (AdapterHub keeps only its output)")
+    if config == "options":  # the fusion reads s f(LN(z)) with the learned scale; gate and norm after count in Stacks
+        config = adapters.SeqBnConfig(ln_before=True, ln_after=True, scaling="learned", use_gating=True)
     hub = make_model(arch)
     adapters.init(hub)
     for name in "ab":
