@@ -187,11 +187,10 @@ def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: tor
     ``g * s * f(z)``, normed with ``ln_after``. Without a gate or a layer norm after, or with the
     latter applied to the kernel's sum, the kernel computes the output in one pass and ``up`` is None
     unless AdapterHub reads it (gating scores requested: it records the last item for adapters without
-    a gate; a Fuse; Parallel/BatchSplit/MultiTask beside an adapter that returns one,
-    see ``_reads_up``). Otherwise ``up`` is
-    ``s * f(z)`` from the kernel and the output is formed from it. The gate comes last when
-    ``output_gating``. The bottleneck activation (second item) is never read by AdapterHub's
-    compositions and is None. Everything is read from ``self`` at call time, so a deep copy computes
+    a gate; a Fuse; Parallel/BatchSplit/MultiTask beside an adapter that returns one, see
+    ``_reads_up``). Otherwise ``up`` is ``s * f(z)`` from the kernel and the output is formed from it.
+    The gate comes last when ``output_gating``. The bottleneck activation (second item) is never read
+    by AdapterHub's compositions and is None. Everything is read from ``self`` at call time, so a deep copy computes
     with its own weights and dtype.
     """
     parallel, ln_after, gating = self.__dict__[_PARALLEL], self.add_layer_norm_after, self.use_gating
