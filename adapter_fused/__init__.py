@@ -26,7 +26,9 @@ _EXPORTS: dict[str, str] = {
         "AdapterConfig", "accelerate", "adapter_summary", "add_adapter", "delete_adapter", "list_adapters",
         "load_adapter", "per_sample_adapters", "save_adapter", "set_active_adapters", "train_adapter",
         "ModelLayout", "SiteSpec", "register_model_layout", "unregister_model_layout",
-        "Average", "BatchSplit", "Parallel", "Stack",
+        "Average", "BatchSplit", "Parallel", "Stack", "Split", "MultiTask", "Fuse",
+        "FusionConfig", "add_adapter_fusion", "delete_adapter_fusion", "load_adapter_fusion", "save_adapter_fusion",
+        "train_adapter_fusion",
         "AutoAdapterModel", "init", "restore_adapters",
     )},
 }
@@ -36,10 +38,11 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from .activations import ACTIVATIONS
     from .grouped import fused_adapter_grouped
-    from .hf import (AdapterConfig, AutoAdapterModel, Average, BatchSplit, ModelLayout, Parallel, SiteSpec, Stack,
-                     accelerate, adapter_summary, add_adapter, delete_adapter, init, list_adapters, load_adapter,
-                     per_sample_adapters, register_model_layout, restore_adapters, save_adapter, set_active_adapters,
-                     train_adapter, unregister_model_layout)
+    from .hf import (AdapterConfig, AutoAdapterModel, Average, BatchSplit, Fuse, FusionConfig, ModelLayout, MultiTask,
+                     Parallel, SiteSpec, Split, Stack, accelerate, adapter_summary, add_adapter, add_adapter_fusion,
+                     delete_adapter, delete_adapter_fusion, init, list_adapters, load_adapter, load_adapter_fusion,
+                     per_sample_adapters, register_model_layout, restore_adapters, save_adapter, save_adapter_fusion,
+                     set_active_adapters, train_adapter, train_adapter_fusion, unregister_model_layout)
     from .layer import FusedAdapter
     from .ops import fused_adapter
     from .reference import reference_adapter

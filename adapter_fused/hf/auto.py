@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from .config import AdapterConfig
-from .formats import SETUP_FILE, checkpoint_tensors, decode_setup, fill_adapter_modules, read_setup
+from .formats import SETUP_FILE, checkpoint_tensors, decode_setup, fill_adapter_modules, read_setup, restore_fusions
 from .heads import STATIC_HEADS, build_head, load_head_weights, static_head
 from .layouts import find_architecture
 from .methods import (
@@ -158,6 +158,7 @@ def restore_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> lis
         for name, config, modules in built:
             attach_adapter(model, name, config, modules)
             attached.append(name)
+        restore_fusions(model, meta, tensors, weights_path)
         set_active_adapters(model, active)
     except BaseException:
         for name in attached:

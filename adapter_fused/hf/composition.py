@@ -1,10 +1,13 @@
 """Several adapters at once, with AdapterHub's composition semantics: ``Stack``, ``Parallel``,
-``Average`` and ``BatchSplit``.
+``Average``, ``BatchSplit``, ``Split``, ``MultiTask`` and ``Fuse``.
 
     set_active_adapters(model, Stack("lang", "task"))                 # MAD-X: task on top of language
     set_active_adapters(model, Stack("lang", Average("t1", "t2", weights=[0.7, 0.3])))
     set_active_adapters(model, Parallel("a", "b"))                    # batch B in, batch 2B out
-    set_active_adapters(model, BatchSplit("a", "b", batch_sizes=[3, 5]))
+    set_active_adapters(model, BatchSplit("a", None, batch_sizes=[3, 5]))   # None: the base model
+    set_active_adapters(model, Split("a", "b", splits=[4, 12]))       # positions 0-3 and 4-15
+    set_active_adapters(model, MultiTask("a", "b"))                   # model(..., task_ids=[1, 0, ...])
+    set_active_adapters(model, Fuse("a", "b"))                        # after add_adapter_fusion (``fusion``)
 
 At each site, with sub-block output ``h`` (the layer then computes ``LN(h' + x)``), block residual
 ``x`` and each adapter's placement deciding its input ``z`` and residual ``r`` (see ``Placement``):
@@ -19,18 +22,22 @@ At each site, with sub-block output ``h`` (the layer then computes ``LN(h' + x)`
   up-projection columns and bias, one ``fused_adapter`` launch per site.
 - ``Parallel(c1, ..., cn)``: every batch-first input of the base model is repeated n times, so the
   outputs have batch n*B, copy i running child i. ``BatchSplit(c1, ..., batch_sizes=[b1, ...])``:
-  rows ``b1 + ... + b(i-1)`` onwards (``bi`` of them) run child i. Both take one
-  ``fused_adapter_grouped`` launch per site when their children are adapters sharing an activation.
+  rows ``b1 + ... + b(i-1)`` onwards (``bi`` of them) run child i. ``MultiTask(c1, ...)``: the rows
+  whose task id (given with the call) is i run child i. ``Split(c1, ..., splits=[s1, ...])``: the
+  positions ``s1 + ... + s(i-1)`` onwards (``si`` of them) run child i. Each takes one
+  ``fused_adapter_grouped`` launch per site when its children are adapters sharing an activation.
+- ``Fuse(c1, ...)``: the children's outputs combined by a fusion layer (AdapterFusion, see ``fusion``).
 
-Adapters under one Average, Parallel or BatchSplit must share their placement at each site. With
-parallel-placement adapters (``"parallel"``) the adapter outputs are added to ``h``: a Stack may then
-hold only one of them per site (AdapterHub keeps only the last one's output). Nesting follows
-AdapterHub's rules; a child that reruns the placement's input step (a Stack, Average or BatchSplit
-under Average, Parallel or BatchSplit) rereads it from its parent's adapter input, as AdapterHub
-does. A child of Parallel or BatchSplit with no adapter at a site leaves its rows unchanged there.
+What each block computes at a site is ``compose``'s. Adapters under one block other than Stack must
+share their placement at each site. With parallel-placement adapters (``"parallel"``) the adapter
+outputs are added to ``h``: a Stack may then hold only one of them per site (AdapterHub keeps only the
+last one's output). Nesting follows AdapterHub's rules; a child that reruns the placement's input step
+(a Stack, Average, BatchSplit or Split under another block) rereads it from its parent's adapter
+input, as AdapterHub does. A None child of Parallel or BatchSplit (the base model), or a child with no
+adapter at a site, leaves its rows unchanged there.
 
 This module holds the blocks, the parsing of what ``set_active_adapters`` is given (``parse_setup``)
-and the checks a setup passes before it runs (``SetupAtSite``, ``check_setup``); ``sites.CompositionSite``
+and the checks a setup passes before it runs (``SetupAtSite``, ``check_setup``); ``compose.CompositionSite``
 runs a setup at a site.
 """
 
@@ -46,29 +53,44 @@ from torch import nn
 from .adapterhub.convert import block_from_adapterhub
 from .config import AdapterConfig, Placement
 
+FUSION_KEY = "fusion"
+"""The entry of a model's ``fused_adapters`` that holds its fusion layers (``{fusion name: {layer:
+{site: fusion layer}}}``, see ``fusion``); no adapter may take this name."""
+
 
 class Composition:
-    """Base of the composition blocks: an ordered tuple of children (adapter names or blocks)."""
+    """Base of the composition blocks: an ordered tuple of children (adapter names or blocks; None,
+    the base model, where the block allows it)."""
 
-    def __init__(self, *children: str | Composition | Sequence[Any]) -> None:
+    allows_none = False
+
+    def __init__(self, *children: str | Composition | Sequence[Any] | None) -> None:
         kind = type(self).__name__
         if not children:
             raise ValueError(f"adapter_fused: {kind}() needs at least one adapter")
-        self.children: tuple[str | Composition, ...] = tuple(_child(c, kind) for c in children)
+        self.children: tuple[str | Composition | None, ...] = tuple(_child(c, kind, self.allows_none)
+                                                                    for c in children)
+        if all(c is None for c in self.children):
+            raise ValueError(f"adapter_fused: {kind}() needs at least one adapter besides None (the base model)")
 
     def flatten(self) -> list[str]:
         """The adapter names in the block, each once, in order of appearance."""
         names: list[str] = []
         for child in self.children:
-            for name in [child] if isinstance(child, str) else child.flatten():
+            for name in [] if child is None else [child] if isinstance(child, str) else child.flatten():
                 if name not in names:
                     names.append(name)
         return names
 
     def first(self) -> str:
         """The first adapter name (depth first)."""
-        child = self.children[0]
+        child = next(c for c in self.children if c is not None)
         return child if isinstance(child, str) else child.first()
+
+    def last(self) -> str:
+        """The last adapter name (depth first, from the end)."""
+        child = next(c for c in reversed(self.children) if c is not None)
+        return child if isinstance(child, str) else child.last()
 
     @property
     def parallel_channels(self) -> int:
@@ -106,7 +128,10 @@ class Stack(Composition):
 
 class Parallel(Composition):
     """Each child on its own copy of the batch: batch B in, ``len(children) * B`` out, copy i
-    (rows ``i*B`` to ``(i+1)*B``) running child i (AdapterHub's ``Parallel``)."""
+    (rows ``i*B`` to ``(i+1)*B``) running child i (AdapterHub's ``Parallel``); a None child's copy
+    runs the base model."""
+
+    allows_none = True
 
     @property
     def parallel_channels(self) -> int:
@@ -143,39 +168,105 @@ class Average(Composition):
         return f"weights={list(self.weights)}"
 
 
-class BatchSplit(Composition):
-    """Consecutive slices of the batch, ``batch_sizes[i]`` rows each, through child i
-    (AdapterHub's ``BatchSplit``); an int gives every child that many rows."""
+class _Slices(Composition):
+    """A block whose children take consecutive slices of one dimension; the attribute (and keyword)
+    ``option`` holds their sizes."""
 
-    def __init__(self, *children: str | Composition | Sequence[Any], batch_sizes: int | Sequence[int]) -> None:
-        super().__init__(*children)
-        n = len(self.children)
-        sizes = [batch_sizes] * n if isinstance(batch_sizes, int) else list(batch_sizes)
+    option = ""
+
+    def _set_sizes(self, given: int | Sequence[int]) -> None:
+        n, kind, what = len(self.children), type(self).__name__, self.option.replace("_", " ")
+        sizes = [given] * n if isinstance(given, int) and not isinstance(given, bool) else list(given)  # type: ignore[arg-type]
         if len(sizes) != n or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in sizes):
-            raise ValueError(f"adapter_fused: BatchSplit of {n} adapters needs {n} non-negative batch sizes, "
-                             f"got {batch_sizes!r}")
-        self.batch_sizes: tuple[int, ...] = tuple(sizes)
+            raise ValueError(f"adapter_fused: {kind} of {n} adapters needs {n} non-negative {what}, got {given!r}")
+        setattr(self, self.option, tuple(sizes))
 
     def _options(self) -> tuple[Any, ...]:
-        return self.batch_sizes
+        return getattr(self, self.option)  # type: ignore[no-any-return]
 
     def _extra_repr(self) -> str:
-        return f"batch_sizes={list(self.batch_sizes)}"
+        return f"{self.option}={list(self._options())}"
 
 
-# What AdapterHub lets each block hold (bottleneck adapters; Fuse, Split and MultiTask are not offered here).
+class BatchSplit(_Slices):
+    """Consecutive slices of the batch, ``batch_sizes[i]`` rows each, through child i
+    (AdapterHub's ``BatchSplit``); an int gives every child that many rows. A None child's rows run
+    the base model."""
+
+    allows_none = True
+    option = "batch_sizes"
+    batch_sizes: tuple[int, ...]
+
+    def __init__(self, *children: str | Composition | Sequence[Any] | None, batch_sizes: int | Sequence[int]) -> None:
+        super().__init__(*children)
+        self._set_sizes(batch_sizes)
+
+
+class Split(_Slices):
+    """Consecutive slices of the sequence, ``splits[i]`` positions each (along dim 1 of the hidden
+    states), through child i (AdapterHub's ``Split``); an int gives every child that many positions.
+    The splits must add up to the sequence length at every site."""
+
+    option = "splits"
+    splits: tuple[int, ...]
+
+    def __init__(self, *children: str | Composition | Sequence[Any], splits: int | Sequence[int]) -> None:
+        super().__init__(*children)
+        self._set_sizes(splits)
+
+
+class MultiTask(Composition):
+    """Each sample through the child its task id names (AdapterHub's ``MultiTask``): the model is
+    called with ``task_ids=`` (a (batch,) integer tensor of child positions, or a list of the
+    children's names), given to a model with the methods (``init``, ``AutoAdapterModel``)."""
+
+
+class Fuse(Composition):
+    """AdapterFusion (AdapterHub's ``Fuse``): the children (adapters, or Stacks of them) read the
+    same input, and a fusion layer added with ``add_adapter_fusion`` combines their outputs by
+    attention (see ``fusion``). ``name`` names that fusion layer; it defaults to the children's
+    (last) adapter names joined by commas, as in AdapterHub."""
+
+    def __init__(self, *children: str | Composition | Sequence[Any], name: str | None = None) -> None:
+        super().__init__(*children)
+        if name is not None and (not isinstance(name, str) or not name or "." in name):
+            raise ValueError(f"adapter_fused: Fuse name must be a non-empty string without dots, got {name!r}")
+        self.fusion_name = name
+
+    @property
+    def name(self) -> str:
+        """The name of the fusion layer this block runs."""
+        if self.fusion_name is not None:
+            return self.fusion_name
+        return ",".join(c if isinstance(c, str) else c.last() for c in self.children)  # type: ignore[union-attr]
+
+    def _options(self) -> tuple[Any, ...]:
+        return (self.name,)
+
+    def _extra_repr(self) -> str:
+        return "" if self.fusion_name is None else f"name={self.fusion_name!r}"
+
+
+# What AdapterHub lets each block hold (None: the base model, where this package allows it).
+_NONE = type(None)
 _ALLOWED: dict[type, tuple[type, ...]] = {
-    Stack: (str, Parallel, BatchSplit, Average),
-    Parallel: (str, Stack, BatchSplit, Average),
-    BatchSplit: (str, Stack, BatchSplit, Average),
-    Average: (str, Stack, BatchSplit),
+    Stack: (str, Fuse, Split, Parallel, BatchSplit, Average, MultiTask),
+    Fuse: (str, Stack),
+    Split: (str, Split, Stack, BatchSplit, Average),
+    Parallel: (str, Stack, BatchSplit, Average, _NONE),
+    MultiTask: (str, Stack, Average, Fuse),
+    BatchSplit: (str, Stack, Split, BatchSplit, Average, _NONE),
+    Average: (str, Stack, Split, BatchSplit),
 }
 
 
-_BLOCKS: dict[str, type[Composition]] = {"Stack": Stack, "Parallel": Parallel, "Average": Average, "BatchSplit": BatchSplit}
+BLOCKS: dict[str, type[Composition]] = {cls.__name__: cls for cls in _ALLOWED}
+"""The composition blocks by name."""
 
 
-def _child(child: object, parent: str) -> str | Composition:
+def _child(child: object, parent: str, allows_none: bool) -> str | Composition | None:
+    if child is None and allows_none:
+        return None
     if isinstance(child, str):
         if not child:
             raise ValueError(f"adapter_fused: {parent}() got an empty adapter name")
@@ -187,7 +278,8 @@ def _child(child: object, parent: str) -> str | Composition:
         return converted
     if isinstance(child, (list, tuple)):
         return Stack(*child)
-    raise TypeError(f"adapter_fused: {parent}() takes adapter names and composition blocks, got "
+    none = ", or None for the base model" if allows_none else ""
+    raise TypeError(f"adapter_fused: {parent}() takes adapter names and composition blocks{none}, got "
                     f"{type(child).__name__}")
 
 
@@ -198,7 +290,7 @@ def _from_adapterhub(block: object) -> Composition | None:
     if found is None:
         return None
     kind, children, options = found
-    return _BLOCKS[kind](*children, **options)
+    return BLOCKS[kind](*children, **options)
 
 
 def parse_setup(setup: object) -> str | Composition | None:
@@ -217,8 +309,8 @@ def parse_setup(setup: object) -> str | Composition | None:
     if converted is not None:
         setup = converted
     if not isinstance(setup, Composition):
-        raise TypeError(f"adapter_fused: set_active_adapters expects an adapter name, a composition (Stack, "
-                        f"Parallel, Average, BatchSplit), a list of names or None, got {type(setup).__name__}")
+        raise TypeError(f"adapter_fused: set_active_adapters expects an adapter name, a composition ("
+                        f"{', '.join(BLOCKS)}), a list of names or None, got {type(setup).__name__}")
     _check_nesting(setup, setup, 0)
     parallels = _count(setup, Parallel)
     if parallels > 1:
@@ -231,8 +323,9 @@ def parse_setup(setup: object) -> str | Composition | None:
 def _check_nesting(block: Composition, root: Composition, level: int) -> None:
     for child in block.children:
         if not isinstance(child, _ALLOWED[type(block)]):
+            held = ", ".join("None" if t is _NONE else t.__name__ for t in _ALLOWED[type(block)])
             raise ValueError(f"adapter_fused: composition {root!r}: {type(child).__name__} cannot be nested in "  # noqa: TRY004
-                             f"{type(block).__name__} (it holds {', '.join(t.__name__ for t in _ALLOWED[type(block)])})")
+                             f"{type(block).__name__} (it holds {held})")
         if isinstance(child, Composition):
             if level + 1 > 1 and not isinstance(child, Stack) or isinstance(block, Stack) and level >= 1:
                 raise ValueError(f"adapter_fused: composition {root!r} is nested too deeply: {child!r} at level "
@@ -280,10 +373,19 @@ class SetupAtSite:
         block = layers[self.layer] if self.layer in layers else None  # type: ignore[operator,index]  # noqa: SIM401
         return block[self.site] if block is not None and self.site in block else None  # type: ignore[operator,index]
 
-    def present(self, node: str | Composition) -> bool:
-        """Whether any adapter of ``node`` has a module at this site."""
+    def present(self, node: str | Composition | None) -> bool:
+        """Whether any adapter of ``node`` has a module at this site (None, the base model: False)."""
+        if node is None:
+            return False
         names = [node] if isinstance(node, str) else node.flatten()
         return any(self.module(n) is not None for n in names)
+
+    def fusion(self, node: Fuse) -> nn.Module | None:
+        """The fusion layer ``node`` runs at this site, or None where it has none."""
+        fusions = self.modules[FUSION_KEY] if FUSION_KEY in self.modules else None  # noqa: SIM401 - a ModuleDict
+        block = fusions[node.name] if fusions is not None and node.name in fusions else None  # type: ignore[operator,index]
+        layer = block[self.layer] if block is not None and self.layer in block else None  # type: ignore[operator,index]
+        return layer[self.site] if layer is not None and self.site in layer else None  # type: ignore[operator,index]
 
     def placement(self, name: str) -> Placement:
         return _behaviour(self.configs[name].layout)
@@ -321,6 +423,9 @@ class SetupAtSite:
                 missing = [repr(c) for c, f in zip(node.children, flags) if not f]
                 raise ValueError(f"adapter_fused: {node!r} cannot average {where}: {', '.join(missing)} "
                                  "has no adapter there while the others have")
+        if isinstance(node, Fuse) and self.present(node) and self.fusion(node) is None:
+            raise ValueError(f"adapter_fused: {node!r} has no fusion layer named {node.name!r} {where}; add it with "
+                             f"add_adapter_fusion (or load_adapter_fusion) first")
         if isinstance(node, Stack) and parallel and sum(self.present(c) for c in node.children) > 1:
             raise ValueError(f"adapter_fused: {node!r} stacks several parallel-placement adapters {where}; "
                              "each reads the block input, so only the last one's output would count")

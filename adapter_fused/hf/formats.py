@@ -34,6 +34,11 @@ and the two head layouts this package wrote before: a task head as ``adapter_hea
 prediction head as ``head_config.json`` (format ``adapter_fused_prediction_head`` 1: ``name``,
 ``hidden_size``, ``config``) with ``head_model.safetensors``.
 
+Fusion (``save_adapter_fusion``, ``load_adapter_fusion``), in AdapterHub's files: ``adapter_fusion_config.json``
+(``name``, ``adapter_names``, ``config`` (``fusion.FusionConfig.to_dict()``), ``hidden_size``, ``model_class``,
+``model_type``) and the weights under AdapterHub's names (``<layer path>.<location>.adapter_fusion_layer.<name>.
+{query,key,value}.*``) in ``pytorch_model_adapter_fusion.bin`` or ``model_adapter_fusion.safetensors``.
+
 Checkpoint setup (``write_setup``, ``read_setup``): the adapters' and heads' weights are parameters of
 the model, so transformers' ``save_pretrained`` (and ``Trainer.save_model`` and Trainer's periodic
 checkpoints, which call it) already write them into ``model.safetensors`` under keys such as
@@ -44,15 +49,18 @@ the methods (``methods``) writes beside them in ``adapter_fused_setup.json``:
     {"format": "adapter_fused_setup", "format_version": 1, "model_class",
      "adapters_module": "bert.fused_adapters", "adapters": {name: AdapterConfig.to_dict()},
      "active": name | null | {"list": [...]} | {"block": "module:Class", "children": [...], ...},
-     "heads_module": "heads", "heads": {name: head config}, "active_head": name | null}
+     "heads_module": "heads", "heads": {name: head config}, "active_head": name | null,
+     "fusions": {name: {"adapter_names": [...], "config": FusionConfig.to_dict()}}  (only with fusions)}
 
-``auto.restore_adapters`` reads it back with the weights (``checkpoint_tensors``).
+``auto.restore_adapters`` reads it back with the weights (``checkpoint_tensors``, ``restore_fusions``).
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -66,13 +74,19 @@ from torch import nn
 from .adapterhub.convert import (
     ADAPTERHUB_HEAD_WEIGHTS,
     ADAPTERHUB_WEIGHTS,
+    FUSION_CONFIG,
+    FUSION_WEIGHTS,
     adapterhub_weights_by_layer,
     config_from_adapterhub,
+    fusion_weights_from_adapterhub,
+    fusion_weights_to_adapterhub,
     head_config_from_adapterhub,
     is_adapterhub_config,
     weights_from_adapterhub,
 )
+from .composition import FUSION_KEY, Average, BatchSplit, Composition, Fuse, Split
 from .config import AdapterConfig
+from .fusion import FusionConfig, attach_fusion, build_fusion, get_fusion, list_fusions
 from .layouts import find_architecture, hidden_size
 from .model import (
     active_adapter,
@@ -106,7 +120,9 @@ HEAD_FILES = (HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, LEGACY_HEAD_CONFIG_FILE, LEGA
 SETUP_FILE = "adapter_fused_setup.json"
 SETUP_FORMAT = "adapter_fused_setup"
 SETUP_FORMAT_VERSION = 1
-_BLOCK_OPTIONS = ("batch_sizes", "weights", "normalize_weights")
+_BLOCK_OPTIONS = ("batch_sizes", "weights", "normalize_weights", "splits", "name")
+
+logger = logging.getLogger(__name__)
 
 
 # -- reading and writing files -----------------------------------------------------------------------
@@ -152,7 +168,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 - a bad file
     return data
 
 
@@ -163,7 +179,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a damaged or foreign file
+    except Exception as exc:  # any reader failure is a damaged or foreign file
         raise ValueError(f"{path}: cannot read adapter weights, the file is truncated or not a weights file "
                          f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -262,6 +278,18 @@ def _head_meta(model: nn.Module, head: HeadToSave) -> dict[str, Any]:
     }
 
 
+def _head_files(model: nn.Module, head: HeadToSave) -> list[tuple[str, bytes]]:
+    return [(HEAD_WEIGHTS_FILE, _safetensors(head.tensors)), (HEAD_CONFIG_FILE, _json_bytes(_head_meta(model, head)))]
+
+
+def write_head(model: nn.Module, head: HeadToSave, directory: str | os.PathLike[str]) -> None:
+    """Write ``head`` into ``directory`` (created if missing) as ``head_config.json`` and
+    ``head_model.safetensors``, each replaced atomically (beside a fusion, say)."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    _write_files(target, _head_files(model, head))
+
+
 def read_head(model: nn.Module, directory: str | os.PathLike[str], prediction: bool) -> SavedHead | None:
     """The head saved in adapter ``directory`` for ``model``: with ``prediction``, a prediction head
     (this package's or AdapterHub's), else a task model's own head; None where the directory holds no
@@ -322,7 +350,7 @@ def _read_legacy_task_head(root: Path) -> SavedHead | None:
                          f"format_version {meta.get('format_version')!r})")
     shapes = meta.get("parameters")
     if not isinstance(shapes, dict):
-        raise ValueError(f"{config_path}: expected \"parameters\" to map parameter names to shapes")
+        raise ValueError(f"{config_path}: expected \"parameters\" to map parameter names to shapes")  # noqa: TRY004
     return SavedHead(str(meta.get("name") or root.name), None, config_path, weights_path, shapes)
 
 
@@ -378,8 +406,7 @@ def write_adapter(model: nn.Module, name: str, directory: str | os.PathLike[str]
     target.mkdir(parents=True, exist_ok=True)
     files = [(WEIGHTS_FILE, _safetensors(modules.state_dict()))]
     if head is not None:
-        files.append((HEAD_WEIGHTS_FILE, _safetensors(head.tensors)))
-        files.append((HEAD_CONFIG_FILE, _json_bytes(_head_meta(model, head))))
+        files.extend(_head_files(model, head))
     files.append((CONFIG_FILE, _json_bytes(meta)))  # replaced last
     _write_files(target, files)
     written = {file_name for file_name, _ in files}
@@ -475,7 +502,93 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     return name
 
 
+# -- fusions, in AdapterHub's files ------------------------------------------------------------------
+
+def save_adapter_fusion(model: nn.Module, name: str, directory: str | os.PathLike[str],
+                        use_safetensors: bool = False) -> None:
+    """Write the fusion ``name`` of ``model`` to ``directory`` (created if missing) as AdapterHub writes
+    one: ``adapter_fusion_config.json`` (``name``, ``adapter_names``, ``config``, ``hidden_size``,
+    ``model_class``, ``model_type``) and its weights under AdapterHub's names
+    (``encoder.layer.0.output.adapter_fusion_layer.<name>.query.weight``, ...), in
+    ``pytorch_model_adapter_fusion.bin`` (a torch state dict, as AdapterHub writes by default and reads
+    unless told otherwise), or with ``use_safetensors`` in ``model_adapter_fusion.safetensors``."""
+    block = get_fusion(model, name)
+    tensors = fusion_weights_to_adapterhub(model, {k: v.detach().to("cpu").contiguous()
+                                                   for k, v in block.state_dict().items()}, name)
+    arch, _ = find_architecture(model)
+    meta = {
+        "name": name,
+        "adapter_names": list(block.adapter_names),
+        "config": block.config.to_dict(),
+        "hidden_size": hidden_size(model),
+        "model_class": type(model).__name__,
+        "model_name": "",
+        "model_type": getattr(model.config, "model_type", arch.name),  # type: ignore[union-attr]
+    }
+    if use_safetensors:
+        weights_file, data = FUSION_WEIGHTS[0], _safetensors(tensors)
+    else:
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        weights_file, data = FUSION_WEIGHTS[1], buffer.getvalue()
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    _write_files(target, [(weights_file, data), (FUSION_CONFIG, _json_bytes(meta))])
+    for stale in FUSION_WEIGHTS:
+        if stale != weights_file:
+            (target / stale).unlink(missing_ok=True)
+
+
+def load_adapter_fusion(model: nn.Module, directory: str | os.PathLike[str], load_as: str | None = None) -> str:
+    """Load the fusion saved in ``directory`` (by this package's or AdapterHub's ``save_adapter_fusion``)
+    into ``model``, whose adapters it fuses must be there, under ``load_as`` (default: its saved
+    name); returns that name. A fusion of that name is replaced (with a warning), as in AdapterHub.
+    FileNotFoundError or ValueError naming the file for what does not fit; the model is then
+    left as it was."""
+    root = Path(directory)
+    meta = _read_json(root / FUSION_CONFIG)
+    weights_path = next((root / f for f in FUSION_WEIGHTS if (root / f).is_file()), None)
+    if weights_path is None:
+        raise FileNotFoundError(f"{root}: no fusion weights ({' or '.join(FUSION_WEIGHTS)})")
+    saved = meta.get("name")
+    if not isinstance(saved, str) or not saved:
+        raise ValueError(f"{root / FUSION_CONFIG}: the fusion has no name")
+    if meta.get("hidden_size") not in (None, hidden_size(model)):
+        raise ValueError(f"{root / FUSION_CONFIG}: fusion was saved for hidden size {meta['hidden_size']}, the model "
+                         f"has {hidden_size(model)}")
+    adapter_names = meta.get("adapter_names") or saved.split(",")
+    try:
+        config = FusionConfig.load(meta.get("config"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{root / FUSION_CONFIG}: invalid fusion config ({exc})") from exc
+    tensors = fusion_weights_from_adapterhub(model, _read_weights(weights_path), saved, str(weights_path))
+    block = build_fusion(model, list(adapter_names), config)
+    fill_adapter_modules(block, tensors, weights_path)
+    name = load_as or saved
+    if name in list_fusions(model):
+        logger.warning("adapter_fused: overwriting the existing adapter fusion %r with %s", name, root)
+    attach_fusion(model, name, block)
+    return name
+
+
 # -- the setup file of a checkpoint ------------------------------------------------------------------
+
+def _block_options(setup: Any) -> dict[str, Any]:
+    """The options of a composition block (this package's or AdapterHub's) that rebuild it."""
+    if isinstance(setup, Average):
+        return {"weights": list(setup.weights), "normalize_weights": False}
+    if isinstance(setup, (BatchSplit, Split)):
+        key = "batch_sizes" if isinstance(setup, BatchSplit) else "splits"
+        return {key: list(getattr(setup, key))}
+    if isinstance(setup, Fuse):
+        return {} if setup.fusion_name is None else {"name": setup.fusion_name}
+    if isinstance(setup, Composition):
+        return {}
+    found = {k: vars(setup).get(k) for k in _BLOCK_OPTIONS if vars(setup).get(k) is not None}
+    if vars(setup).get("_name") is not None:  # AdapterHub's Fuse keeps its name there
+        found["name"] = vars(setup)["_name"]
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in found.items()}
+
 
 def _encode(setup: Any) -> Any:
     """A JSON form of an active adapter setup (a name, a list, a composition block, or None)."""
@@ -484,13 +597,10 @@ def _encode(setup: Any) -> Any:
     if isinstance(setup, (list, tuple)):
         return {"list": [_encode(s) for s in setup]}
     children = getattr(setup, "children", None)
-    if isinstance(children, list):
+    if isinstance(children, (list, tuple)):
         cls = type(setup)
-        out: dict[str, Any] = {"block": f"{cls.__module__}:{cls.__qualname__}", "children": [_encode(c) for c in children]}
-        for key in _BLOCK_OPTIONS:
-            value = vars(setup).get(key)
-            if value is not None:
-                out[key] = list(value) if isinstance(value, (list, tuple)) else value
+        out: dict[str, Any] = {"block": f"{cls.__module__}:{cls.__qualname__}", "children": [_encode(c) for c in children],
+                               **_block_options(setup)}
         json.dumps(out)
         return out
     raise ValueError(f"adapter_fused: cannot record the active adapter setup {setup!r} in a checkpoint")
@@ -538,8 +648,30 @@ def write_setup(model: nn.Module, directory: str | os.PathLike[str]) -> None:
         "heads": {name: head.config for name, head in heads.items()} if heads is not None else {},
         "active_head": getattr(model, "active_head", None),
     }
+    recorded = {}
+    for name in list_fusions(model):
+        block = get_fusion(model, name)
+        recorded[name] = {"adapter_names": list(block.adapter_names), "config": block.config.to_dict()}
+    if recorded:
+        meta["fusions"] = recorded
     target.mkdir(parents=True, exist_ok=True)
     _write_files(target, [(SETUP_FILE, _json_bytes(meta))])
+
+
+def restore_fusions(model: nn.Module, meta: dict[str, Any], tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Add the fusions a checkpoint's setup ``meta`` records (``"fusions"``) to ``model``, whose adapters
+    are restored, with their weights from the checkpoint ``tensors``; errors name ``source``."""
+    recorded = meta.get("fusions") or {}
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{source}: expected \"fusions\" to be an object")  # noqa: TRY004
+    for name, data in recorded.items():
+        try:
+            block = build_fusion(model, list(data["adapter_names"]), FusionConfig.load(data["config"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: invalid fusion {name!r} ({exc})") from exc
+        prefix = f"{meta['adapters_module']}.{FUSION_KEY}.{name}."
+        fill_adapter_modules(block, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, source)
+        attach_fusion(model, name, block)
 
 
 def read_setup(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -3,11 +3,11 @@ the head methods) puts on top of its base model, built from a JSON-serialisable 
 (``build_head``).
 
 As in AdapterHub, a head is a stack of ``layers`` blocks: ``layers - 1`` times dropout, a d x d
-linear layer and the activation, then dropout and the output layer (the causal LM head instead
-uses linear, activation and layer norm blocks before a d x vocab output layer, without dropout,
-and is not tied to the input embeddings). Each head computes its outputs (transformers
-``ModelOutput`` classes) from the base model's, with the loss when ``labels`` (``start_positions``
-and ``end_positions`` for question answering) are passed.
+linear layer and the activation, then dropout and the output layer (the language-modelling heads,
+causal, masked and sequence-to-sequence, instead use linear, activation and layer norm blocks before
+an output layer to the vocabulary, without dropout, not tied to the input embeddings). Each head
+computes its outputs (transformers ``ModelOutput`` classes) from the base model's, with the loss when
+``labels`` (``start_positions`` and ``end_positions`` for question answering) are passed.
 
 Classification and multiple-choice heads read the first token in post-LN encoders (BERT, RoBERTa,
 DistilBERT), the last position of ``attention_mask`` (right padding) in decoders, or the pooler
@@ -19,7 +19,7 @@ that ``static_head`` turns into a prediction head with the same weights and logi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,9 @@ class PredictionHead(nn.Sequential):
                 modules.append(nn.Linear(d, self.out_features(model), bias=self.config.get("bias", True)))
         for index, module in enumerate(modules):
             self.add_module(str(index), module)
+
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any], targets: dict[str, Any]) -> None:
+        """Complete the base model's inputs ``kwargs`` before it runs (``targets`` holds the labels)."""
 
     def predict(self, model: nn.Module, outputs: Any, inputs: dict[str, Any], targets: dict[str, Any]) -> Any:
         """The head's ModelOutput for the base model's ``outputs``; ``targets`` holds the labels."""
@@ -223,42 +226,119 @@ class QuestionAnsweringHead(PredictionHead):
                                             **_extras(outputs))
 
 
-class CausalLMHead(PredictionHead):
+class _LanguageModelHead(PredictionHead):
+    """A language-modelling head as AdapterHub builds them: ``layers - 1`` blocks of a linear layer
+    (d -> e, then e -> e), the activation and, with ``layer_norm``, a LayerNorm(e) (eps: the model's
+    ``layer_norm_eps``, else 1e-12), then the output layer e -> vocab; e is ``embedding_size`` where the
+    head has one, else d. No dropout, and the output layer is not tied to the input embeddings.
+    ``layer_norm`` and ``bias`` (of the output layer) default to ``defaults``, AdapterHub's for the head."""
+
+    defaults: ClassVar[dict[str, bool]] = {"layer_norm": True, "bias": True}
+
+    def embedding_size(self, model: nn.Module, d: int) -> int:
+        return d
+
+    def _build(self, model: nn.Module, d: int, layers: int) -> None:
+        vocab = _check_count(getattr(model.config, "vocab_size", None), "the model's vocab_size", self.name)
+        e = self.embedding_size(model, d)
+        eps = getattr(model.config, "layer_norm_eps", None)
+        modules: list[nn.Module] = []
+        for index in range(layers - 1):
+            modules.append(nn.Linear(d if index == 0 else e, e))
+            act = _activation(self.config.get("activation_function"), self.name)
+            if act is not None:
+                modules.append(act)
+            if self.config.get("layer_norm", self.defaults["layer_norm"]):
+                modules.append(nn.LayerNorm(e, eps=float(eps) if isinstance(eps, float) else 1e-12))
+        modules.append(nn.Linear(e, vocab, bias=self.config.get("bias", self.defaults["bias"])))
+        for index, module in enumerate(modules):
+            self.add_module(str(index), module)
+
+    def token_loss(self, logits: torch.Tensor, labels: Any, shift: bool) -> torch.Tensor | None:
+        """Cross entropy of the logits (batch, length, vocab) against ``labels`` (-100 ignored), each
+        position against the next label with ``shift``; None without labels."""
+        if labels is None:
+            return None
+        labels = labels.to(logits.device)
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class CausalLMHead(_LanguageModelHead):
     """Causal language modelling: logits (batch, length, vocab); loss cross entropy of each position
     against the next token of ``labels`` (-100 ignored)."""
 
     head_type = "causal_lm"
 
-    def _build(self, model: nn.Module, d: int, layers: int) -> None:
-        vocab = _check_count(getattr(model.config, "vocab_size", None), "the model's vocab_size", self.name)
-        modules: list[nn.Module] = []
-        for _ in range(layers - 1):
-            modules.append(nn.Linear(d, d))
-            act = _activation(self.config.get("activation_function"), self.name)
-            if act is not None:
-                modules.append(act)
-            if self.config.get("layer_norm", True):
-                modules.append(nn.LayerNorm(d, eps=1e-12))  # as AdapterHub's LM heads
-        modules.append(nn.Linear(d, vocab, bias=self.config.get("bias", True)))
-        for index, module in enumerate(modules):
-            self.add_module(str(index), module)
-
     def predict(self, model: nn.Module, outputs: Any, inputs: dict[str, Any], targets: dict[str, Any]) -> Any:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         logits = self(outputs.last_hidden_state)
+        return CausalLMOutputWithPast(loss=self.token_loss(logits, targets.get("labels"), shift=True), logits=logits,
+                                      past_key_values=getattr(outputs, "past_key_values", None), **_extras(outputs))
+
+
+class MaskedLMHead(_LanguageModelHead):
+    """Masked language modelling (AdapterHub's ``BertStyleMaskedLMHead``): logits (batch, length,
+    vocab); loss cross entropy of each position against its label (-100 ignored, no shift). Its
+    width e is ``embedding_size`` (default: the model's ``embedding_size``, else d)."""
+
+    head_type = "masked_lm"
+
+    def embedding_size(self, model: nn.Module, d: int) -> int:
+        given = self.config.get("embedding_size") or getattr(model.config, "embedding_size", None) or d
+        return _check_count(given, "embedding_size", self.name)
+
+    def predict(self, model: nn.Module, outputs: Any, inputs: dict[str, Any], targets: dict[str, Any]) -> Any:
+        from transformers.modeling_outputs import MaskedLMOutput
+
+        logits = self(outputs.last_hidden_state)
+        return MaskedLMOutput(loss=self.token_loss(logits, targets.get("labels"), shift=False), logits=logits,
+                              **_extras(outputs))
+
+
+class Seq2SeqLMHead(_LanguageModelHead):
+    """Sequence-to-sequence language modelling on an encoder-decoder model (BART, T5...): logits
+    (batch, target length, vocab) from the decoder's output; loss cross entropy of each position
+    against its label (-100 ignored, no shift: the decoder input is the labels shifted right, made
+    from ``labels`` when no ``decoder_input_ids`` are given). On T5 models with tied embeddings the
+    decoder output is scaled by d ** -0.5 first, as T5 and AdapterHub do."""
+
+    head_type = "seq2seq_lm"
+    defaults: ClassVar[dict[str, bool]] = {"layer_norm": False, "bias": False}
+
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any], targets: dict[str, Any]) -> None:
         labels = targets.get("labels")
-        loss = None
-        if labels is not None:
-            shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(shifted, labels.to(logits.device)[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=getattr(outputs, "past_key_values", None),
-                                      **_extras(outputs))
+        if labels is None or kwargs.get("decoder_input_ids") is not None or kwargs.get("decoder_inputs_embeds") is not None:
+            return
+        config = model.config
+        start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+        if start is None or pad is None:
+            raise ValueError(f"adapter_fused: head {self.name!r} makes the decoder inputs from labels with the model's "
+                             f"decoder_start_token_id and pad_token_id, which its config lacks; pass decoder_input_ids")
+        shifted = labels.new_full(labels.shape, start)
+        shifted[..., 1:] = labels[..., :-1]
+        kwargs["decoder_input_ids"] = shifted.masked_fill(shifted == -100, pad)
+
+    def predict(self, model: nn.Module, outputs: Any, inputs: dict[str, Any], targets: dict[str, Any]) -> Any:
+        from transformers.modeling_outputs import Seq2SeqLMOutput
+
+        hidden = outputs.last_hidden_state
+        config = model.config
+        if getattr(config, "model_type", None) in ("t5", "mt5") and getattr(config, "tie_word_embeddings", False):
+            hidden = hidden * float(getattr(config, "d_model")) ** -0.5  # noqa: B009 - a config attribute
+        logits = self(hidden)
+        extras = {key: getattr(outputs, key, None) for key in (
+            "past_key_values", "decoder_hidden_states", "decoder_attentions", "cross_attentions",
+            "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions")}
+        return Seq2SeqLMOutput(loss=self.token_loss(logits, targets.get("labels"), shift=False), logits=logits,
+                               **extras)
 
 
 HEAD_TYPES: dict[str, type[PredictionHead]] = {
     cls.head_type: cls for cls in (ClassificationHead, MultipleChoiceHead, TaggingHead, QuestionAnsweringHead,
-                                   CausalLMHead)
+                                   CausalLMHead, MaskedLMHead, Seq2SeqLMHead)
 }
 
 

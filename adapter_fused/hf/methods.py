@@ -19,38 +19,47 @@ replicas keep it. Each method delegates to the free functions of ``adapter_fused
 are passed through to them unchanged.
 
 ``save_pretrained`` (and so ``Trainer.save_model`` and Trainer's checkpoints) of an init-ed model
-also records the adapters' configs and the active setup (see ``formats``).
+also records the adapters' configs and the active setup (see ``formats``). AdapterFusion has
+AdapterHub's methods (``add_adapter_fusion``, ``train_adapter_fusion``, ``save_adapter_fusion``,
+``load_adapter_fusion``, ``delete_adapter_fusion``, ``get_fusion_regularization_loss``; see ``fusion``). A
+call takes AdapterHub's ``task_ids=`` for a ``MultiTask`` setup, and ``generate()`` (of models that
+generate) runs a ``Parallel`` setup on its inputs repeated once, returning n*B sequences.
 
 ``with_flexible_heads`` gives a base model both: its heads live in ``model.heads`` (an ``nn.ModuleDict``,
 state-dict keys ``heads.<name>.<index>.*``, see ``heads``). The active head is the one named like the
 last adapter of the active setup when such a head exists (``set_active_adapters``, ``train_adapter``),
 else the head last added or set via ``active_head``; ``forward(..., head="name")`` picks one for a
 call. The loss is computed when ``labels`` (``start_positions`` and ``end_positions`` for question
-answering) are passed, so ``transformers.Trainer`` can train the model.
+answering) are passed, so ``transformers.Trainer`` can train the model; a sequence-to-sequence head
+makes the decoder inputs from the labels when none are given.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from . import formats
+from . import fusion as _fusion
 from . import model as _model
+from .compose import given_task_ids
+from .composition import Composition, Fuse
 from .config import resolve_config
 from .formats import HeadToSave
 from .heads import (
     CausalLMHead,
     ClassificationHead,
+    MaskedLMHead,
     MultipleChoiceHead,
     PredictionHead,
     QuestionAnsweringHead,
+    Seq2SeqLMHead,
     TaggingHead,
     build_head,
     head_name_for,
@@ -58,6 +67,7 @@ from .heads import (
 )
 from .layouts import find_architecture
 from .multitask import per_sample_adapters
+from .sites import BATCH_FIRST, replicated_for_generation
 
 logger = logging.getLogger(__name__)
 
@@ -105,25 +115,9 @@ def subclass_for(base: type, mixin: type) -> type:
             "_keys_to_ignore_on_load_unexpected": [*ignore, *IGNORE_ON_LOAD],
         }
         cls = type(base.__name__, (mixin, base), namespace)
-        if callable(getattr(base, "generate", None)):
-            cls.generate = _with_adapter_names(base.generate)  # type: ignore[attr-defined]
         mixin._prepare_subclass(cls)
         _SUBCLASSES[key] = cls
     return cls
-
-
-def _with_adapter_names(generate: Callable[..., Any]) -> Callable[..., Any]:
-    """transformers' ``generate``, also taking ``adapter_names=[...]``: one name per prompt (None or
-    ``"__base__"``: the base model), each prompt's sequences (beams, samples) generated with its adapter,
-    as ``per_sample_adapters`` runs them."""
-    @functools.wraps(generate)
-    def wrapper(self: nn.Module, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is None:
-            return generate(self, *args, **kwargs)
-        with per_sample_adapters(self, adapter_names):
-            return generate(self, *args, **kwargs)
-
-    return wrapper
 
 
 class AdapterMethodsMixin:
@@ -134,11 +128,22 @@ class AdapterMethodsMixin:
 
     @classmethod
     def _prepare_subclass(cls, subclass: type) -> None:
-        """Complete a subclass made by ``subclass_for`` (also when one is rebuilt by unpickling)."""
+        """Complete a subclass made by ``subclass_for`` (also when one is rebuilt by unpickling): a
+        model class that generates gets ``generate`` running Parallel compositions."""
+        if callable(getattr(subclass._fused_base_class, "generate", None)):  # type: ignore[attr-defined]
+            subclass.generate = _generate  # type: ignore[attr-defined]
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         state = self.__getstate__()  # type: ignore[misc]
         return _rebuild, (type(self)._fused_mixin, type(self)._fused_base_class), state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model; ``task_ids=`` (AdapterHub's keyword: a (batch,) tensor of child positions or
+        a list of adapter names) gives an active ``MultiTask`` the task of each sample."""
+        if "task_ids" not in kwargs:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        with given_task_ids(kwargs.pop("task_ids")):
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -240,6 +245,61 @@ class AdapterMethodsMixin:
         lines.append("=" * len(header))
         return "\n".join(lines)
 
+    # -- adapter fusion (see ``fusion``) ------------------------------------------------------------
+
+    def add_adapter_fusion(self, adapter_names: Any, config: Any = None, name: str | None = None,
+                           overwrite_ok: bool = False, set_active: bool = False) -> None:
+        """Add the fusion of ``adapter_names`` (a Fuse block, a list of adapter names or a comma-separated
+        string) with ``config`` (``"dynamic"`` by default, ``"static"``, a dict or a ``FusionConfig``),
+        named ``name`` (default: as its Fuse block is); ``set_active`` activates it."""
+        added = _fusion.add_adapter_fusion(self, adapter_names, config, name, overwrite_ok)  # type: ignore[arg-type]
+        if set_active:
+            self.set_active_adapters(_fuse_block(self, added))  # type: ignore[arg-type]
+
+    def delete_adapter_fusion(self, adapter_names: Any) -> None:
+        """Remove a fusion (an unknown one only logs a warning, as in AdapterHub)."""
+        if _fusion.fusion_name(adapter_names) not in _fusion.list_fusions(self):  # type: ignore[arg-type]
+            logger.warning("adapter_fused: no adapter fusion named %r to delete", _fusion.fusion_name(adapter_names))
+            return
+        _fusion.delete_adapter_fusion(self, adapter_names)  # type: ignore[arg-type]
+
+    def train_adapter_fusion(self, adapter_setup: Any, unfreeze_adapters: bool = False) -> None:
+        """Train the fusions of the Fuse blocks in ``adapter_setup`` (the adapters too with
+        ``unfreeze_adapters``); everything else frozen, the setup active, training mode."""
+        _fusion.train_adapter_fusion(self, adapter_setup, unfreeze_adapters, train_head=True)  # type: ignore[arg-type]
+        self._after_activation(adapter_setup)
+        self._after_train(True)
+
+    def get_fusion_regularization_loss(self) -> torch.Tensor | None:
+        """AdapterHub's regularization of the fusions' value matrices being trained (see ``fusion``)."""
+        return _fusion.fusion_regularization_loss(self)  # type: ignore[arg-type]
+
+    def save_adapter_fusion(self, save_directory: str | os.PathLike[str], adapter_names: Any,
+                            with_head: bool | str = False, use_safetensors: bool = False) -> None:
+        """Save a fusion in AdapterHub's files (``adapter_fusion_config.json`` and its weights, a torch
+        state dict unless ``use_safetensors``); with ``with_head`` also the head named like the fusion
+        (or ``with_head`` itself, a head name)."""
+        name = _fusion.fusion_name(adapter_names)
+        formats.save_adapter_fusion(self, name, save_directory, use_safetensors)  # type: ignore[arg-type]
+        if with_head:
+            head = self._head_to_save(with_head if isinstance(with_head, str) else name)
+            if head is None:
+                raise ValueError(f"adapter_fused: no head named {with_head if isinstance(with_head, str) else name!r} "
+                                 f"to save with the fusion")
+            formats.write_head(self, head, save_directory)  # type: ignore[arg-type]
+
+    def load_adapter_fusion(self, adapter_fusion_name_or_path: str | os.PathLike[str], load_as: str | None = None,
+                            set_active: bool = False, with_head: bool = True) -> str:
+        """Load a fusion saved by ``save_adapter_fusion`` or AdapterHub (its adapters must be loaded);
+        returns its name. With ``with_head``, a head saved beside it is loaded too."""
+        head = self._read_head(adapter_fusion_name_or_path) if with_head else None
+        name = formats.load_adapter_fusion(self, adapter_fusion_name_or_path, load_as)  # type: ignore[arg-type]
+        if head is not None:
+            self._install_head(name, head)
+        if set_active:
+            self.set_active_adapters(_fuse_block(self, name))  # type: ignore[arg-type]
+        return name
+
     # -- saving and loading ---------------------------------------------------------------------
 
     def save_adapter(self, save_directory: str | os.PathLike[str], adapter_name: str, with_head: bool = True) -> None:
@@ -314,6 +374,38 @@ class AdapterMethodsMixin:
         """Install what ``_read_head`` returned as the head of adapter ``name``."""
 
 
+def _fuse_block(model: nn.Module, name: str) -> Fuse:
+    """The Fuse block that runs the fusion ``name`` of ``model``."""
+    adapters = _fusion.get_fusion(model, name).adapter_names
+    return Fuse(*adapters, name=None if name == ",".join(adapters) else name)
+
+
+def _repeated(value: Any, n: int) -> Any:
+    return value.repeat(n, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) and value.dim() else value
+
+
+def _generate(self: nn.Module, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+    """transformers' ``generate``; while a Parallel composition of n children is active, its
+    batch-first inputs are repeated once (copy-major, as AdapterHub does) and generation runs on the
+    n*B rows, so it returns n*B sequences, copy i (rows i*B to (i+1)*B) from child i.
+
+    ``adapter_names=[...]``: one name per prompt (None or ``"__base__"``: the base model), each prompt's
+    sequences (beams, samples) generated with its adapter, as ``per_sample_adapters`` runs them."""
+    base_generate = type(self)._fused_base_class.generate  # type: ignore[attr-defined]
+    if adapter_names is not None:
+        with per_sample_adapters(self, adapter_names):
+            return base_generate(self, *args, **kwargs)
+    state = _model.model_state(self)
+    active = state.active if state is not None else None
+    n = active.parallel_channels if isinstance(active, Composition) else 1
+    if n == 1 or state.call.batch is not None:  # type: ignore[union-attr]
+        return base_generate(self, *args, **kwargs)
+    args = tuple(_repeated(value, n) if i == 0 else value for i, value in enumerate(args))
+    kwargs = {k: _repeated(v, n) if k == "inputs" or k in BATCH_FIRST else v for k, v in kwargs.items()}
+    with replicated_for_generation(state):
+        return base_generate(self, *args, **kwargs)
+
+
 def _adapter_parameter_ids(model: Any) -> set[int]:
     state = _model.model_state(model)
     return {id(p) for p in state.modules.parameters()} if state is not None else set()
@@ -366,6 +458,8 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
     def _prepare_subclass(cls, subclass: type) -> None:
         """Give the subclass a ``forward`` that runs the heads, with the base forward's parameters
         plus the label inputs in its signature (read by transformers' Trainer)."""
+        super()._prepare_subclass(subclass)
+
         def forward(self: FlexibleHeadsMixin, *args: Any, **kwargs: Any) -> Any:
             return self._heads_forward(*args, **kwargs)
 
@@ -444,6 +538,20 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
         self._add(CausalLMHead, head_name, overwrite_ok, activation_function=activation_function, layers=layers,
                   layer_norm=True, bias=True)
 
+    def add_masked_lm_head(self, head_name: str, activation_function: str | None = "gelu", layers: int = 2,
+                           overwrite_ok: bool = False) -> None:
+        """Add a masked language modelling head (logits (batch, length, vocab), loss against ``labels``
+        at each position, -100 ignored) and make it active."""
+        self._add(MaskedLMHead, head_name, overwrite_ok, activation_function=activation_function, layers=layers,
+                  layer_norm=True, bias=True)
+
+    def add_seq2seq_lm_head(self, head_name: str, layers: int = 1, overwrite_ok: bool = False) -> None:
+        """Add a sequence-to-sequence language modelling head on an encoder-decoder model (logits
+        (batch, target length, vocab) from the decoder; with ``labels`` and no ``decoder_input_ids``
+        the decoder reads the labels shifted right) and make it active."""
+        self._add(Seq2SeqLMHead, head_name, overwrite_ok, activation_function=None, layers=layers, layer_norm=False,
+                  bias=False)
+
     def delete_head(self, head_name: str) -> None:
         """Remove head ``head_name`` (an unknown name only logs a warning, as in AdapterHub)."""
         if head_name not in self.heads:
@@ -457,8 +565,11 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
 
     def _heads_forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward, then the active head (or ``head=``) with its loss."""
+        if "task_ids" in kwargs:
+            with given_task_ids(kwargs.pop("task_ids")):
+                return self._heads_forward(*args, **kwargs)
         head_name = kwargs.pop("head", None)
-        targets = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
+        targets: dict[str, Any] = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
         cls = type(self)
         base_forward = cls._fused_base_class.forward
         positional = cls._fused_positional  # type: ignore[attr-defined]
@@ -501,6 +612,7 @@ class FlexibleHeadsMixin(AdapterMethodsMixin):
                 embeds = kwargs["inputs_embeds"]
                 kwargs["inputs_embeds"] = embeds.reshape(-1, *embeds.shape[-2:])
             inputs["attention_mask"] = kwargs.get("attention_mask")
+        head.prepare(self, kwargs, targets)  # type: ignore[arg-type]
         outputs = base_forward(self, **kwargs)
         result = head.predict(self, outputs, inputs, targets)  # type: ignore[arg-type]
         return result if return_dict else result.to_tuple()
@@ -555,7 +667,7 @@ def _forward_signature(base: type) -> inspect.Signature:
     keyword = [p for p in params if p.kind == kinds.KEYWORD_ONLY]
     names = {p.name for p in params}
     extra = [kinds(n, kinds.KEYWORD_ONLY, default=None)
-             for n in ("labels", "start_positions", "end_positions", "head") if n not in names]
+             for n in ("labels", "start_positions", "end_positions", "head", "task_ids") if n not in names]
     var = [p for p in params if p.kind == kinds.VAR_KEYWORD]
     return inspect.Signature([*plain, *keyword, *extra, *var])
 

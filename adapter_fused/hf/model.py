@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import Composition, active_names, check_setup, parse_setup
+from .composition import FUSION_KEY, Composition, active_names, check_setup, parse_setup
 from .config import SITES, AdapterConfig, resolve_config
 from .layouts import (
     ModelLayer,
@@ -81,6 +81,8 @@ def check_name(name: object) -> str:
     if not isinstance(name, str) or not name or "." in name or name != name.strip():
         raise ValueError(f"adapter_fused: adapter name must be a non-empty string without dots or surrounding "
                          f"spaces, got {name!r}")
+    if name == FUSION_KEY:
+        raise ValueError(f"adapter_fused: the name {name!r} is reserved for the model's adapter fusions")
     return name
 
 

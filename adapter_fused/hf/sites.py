@@ -1,14 +1,16 @@
 """What runs on every forward pass: the hooks on a model's modules, what one call carries from hook to
-hook, and what a site computes (``site_forward``), for one adapter or for a composition
-(``CompositionSite``).
+hook, and what a site computes (``site_forward``), for one adapter or for a composition (made by
+``compose.composition_site``).
 
 ``ModelState`` (one per model, kept by ``model``) registers forward hooks on the existing modules of
 every layer (see ``layouts``): at each site (``Site``) a pre-hook on the residual module captures the
 block residual ``x`` and a hook on the output module rewrites the sub-block output ``h``. With no
 active adapter the hooks return nothing, so the model computes exactly what it computed before. Hooks
 registered where a plan reads them: on a site's layer norm, to return an output computed at the
-site in its place; registered once a model first needs them: on the base model, to replicate the batch for ``Parallel``
-(``install_replication``); on the embeddings, for the invertible adapter (``hook_invertible``).
+site in its place. Hooks registered once a model first needs them: on the base model, to replicate the
+batch for ``Parallel`` (``install_replication``, which also continues a filled key/value cache and leaves
+alone the inputs of a ``generate()`` that replicated them, see ``replicated_for_generation``); on the
+embeddings, for the invertible adapter (``hook_invertible``).
 
 One model may be called from many threads at once: what a call needs between hooks (the captured
 block residual, the ``per_sample_adapters`` batch, the adapters of the module being run) is kept
@@ -23,6 +25,7 @@ attributes and this module's globals, not through other modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import threading
@@ -30,13 +33,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..grouped import fused_adapter_grouped
-from ..layer import FusedAdapter
-from ..ops import fused_adapter
-from .composition import Average, BatchSplit, Composition, Parallel, SetupAtSite, Stack
+from .compose import CallStack, composition_site
+from .composition import Composition
 from .config import AdapterConfig, Placement
 from .layouts import Architecture, SiteSpec, call_argument, embedding_module, get_submodule, resolve_layers
 
@@ -521,188 +521,6 @@ RAW = Placement(attention=True, ffn=True, parallel=True)
 ``site(x, residual=h)`` with the block residual x and the sub-block output h, untouched."""
 
 
-class CompositionSite(SetupAtSite):
-    """A composition at one site of one layer, called as ``site(x, residual=h)`` -> h' (see ``RAW``);
-    reads the adapters of ``modules`` (``{name: {layer: {site: module}}}``) at call time. What it
-    checks before it runs is ``composition.SetupAtSite``'s."""
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        h = residual if residual is not None else x
-        names = [n for n in self.setup.flatten() if self.module(n) is not None]
-        if self.configs[names[0]].layout.parallel:
-            return self._parallel(self.setup, x, h)
-        return self._sequential(self.setup, h, x)
-
-    # -- sequential placements: (h, x) -> h', following AdapterHub's pre-forward / forward steps --
-
-    def _pre(self, placement: Placement, hidden: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter input z and residual r for ``hidden`` under ``placement``."""
-        before = placement.residual_before_ln
-        z = residual = hidden
-        if placement.original_ln_before:
-            total = hidden + x
-            z = self.norm(total) if self.norm is not None else total
-            residual = hidden if before is True else (z if before is False else total)
-        return z, residual
-
-    def _run(self, name: str, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        module = self.module(name)
-        assert module is not None
-        return module(z) if residual is z else module(z, residual=residual)
-
-    def _common(self, node: Composition) -> Placement:
-        return self.placement(next(n for n in node.flatten() if self.module(n) is not None))
-
-    def _sequential(self, node: Composition, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(node, Stack):
-            for child in node.children:
-                if isinstance(child, str):
-                    if self.module(child) is not None:
-                        hidden = self._run(child, *self._pre(self.placement(child), hidden, x))
-                elif self.present(child):
-                    hidden = self._sequential(child, hidden, x)
-            return hidden
-        if not self.present(node):
-            return hidden
-        z, residual = self._pre(self._common(node), hidden, x)
-        if isinstance(node, Average):
-            n = len(node.children)
-            fused = self._fusable(node)
-            if fused is not None:
-                c = sum(node.weights) / n
-                r = residual if c == 1.0 else residual * c
-                return _averaged(fused, [w / n for w in node.weights], z, None if r is z else r)
-            out = None
-            for child, w in zip(node.children, node.weights):
-                y = self._run(child, z, residual) if isinstance(child, str) else self._sequential(child, z, x)
-                out = y * (w / n) if out is None else out + y * (w / n)
-            assert out is not None
-            return out
-        sizes = _row_sizes(node, hidden.shape[0])
-        fused = self._fusable(node)
-        if fused is not None and (residual is hidden or all(m is not None for _, m in fused)):
-            return _grouped(fused, sizes, z, None if residual is z else residual)
-        pieces, start = [], 0
-        for child, size in zip(node.children, sizes):
-            rows = slice(start, start + size)
-            start += size
-            if not self.present(child):
-                pieces.append(hidden[rows])
-            elif isinstance(child, str):
-                pieces.append(self._run(child, z[rows], residual[rows]))
-            else:
-                pieces.append(self._sequential(child, z[rows], x[rows]))
-        return torch.cat(pieces, dim=0)
-
-    # -- parallel placement: h' = h + the composed adapter outputs on x --
-
-    def _parallel(self, node: str | Composition, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """``base`` plus what ``node`` adds at this site, reading ``x``."""
-        if isinstance(node, str):
-            return self._run(node, x, base) if self.module(node) is not None else base
-        if isinstance(node, Stack):
-            child = next((c for c in node.children if self.present(c)), None)
-            return base if child is None else self._parallel(child, x, base)
-        if not self.present(node):
-            return base
-        fused = self._fusable(node)
-        if isinstance(node, Average):
-            n = len(node.children)
-            if fused is not None:
-                return _averaged(fused, [w / n for w in node.weights], x, base)
-            out = base * (1.0 - sum(node.weights) / n)
-            for child, w in zip(node.children, node.weights):
-                out = out + self._parallel(child, x, base) * (w / n)
-            return out
-        sizes = _row_sizes(node, x.shape[0])
-        if fused is not None:
-            return _grouped(fused, sizes, x, base)
-        pieces, start = [], 0
-        for child, size in zip(node.children, sizes):
-            rows = slice(start, start + size)
-            start += size
-            pieces.append(self._parallel(child, x[rows], base[rows]))
-        return torch.cat(pieces, dim=0)
-
-    def _fusable(self, node: Composition) -> list[tuple[str, FusedAdapter | None]] | None:
-        """Per child, its name and module here (None where absent) when every child is an adapter
-        name and those present are plain FusedAdapters sharing an activation and width d (one
-        launch runs them all); else None."""
-        if not all(isinstance(c, str) for c in node.children):
-            return None
-        found: list[tuple[str, FusedAdapter | None]] = []
-        for name in node.children:
-            module = self.module(name)  # type: ignore[arg-type]
-            if module is not None and type(module) is not FusedAdapter:
-                return None
-            found.append((name, module))  # type: ignore[arg-type]
-        present = [m for _, m in found if m is not None]
-        if len({m.activation for m in present}) != 1 or len({m.d_model for m in present}) != 1:
-            return None
-        return found
-
-
-def _row_sizes(node: Composition, batch: int) -> list[int]:
-    if isinstance(node, Parallel):
-        n = len(node.children)
-        if batch % n:
-            raise ValueError(f"adapter_fused: {node!r} needs a batch of {n} equal copies, but the hidden states at "
-                             f"this site have {batch} rows (call the model itself, whose inputs are replicated)")
-        return [batch // n] * n
-    assert isinstance(node, BatchSplit)
-    if sum(node.batch_sizes) != batch:
-        raise ValueError(f"adapter_fused: {node!r} splits {sum(node.batch_sizes)} rows but the batch has {batch}")
-    return list(node.batch_sizes)
-
-
-def _params(module: FusedAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return module.down.weight, module.down.bias, module.up.weight, module.up.bias
-
-
-def _averaged(adapters: list[tuple[str, FusedAdapter | None]], coefs: list[float], z: torch.Tensor,
-              residual: torch.Tensor | None) -> torch.Tensor:
-    """``residual + sum_i coef_i s_i f_i(z)`` as one adapter of the summed width (one launch):
-    W_down stacked by rows, W_up' = [c_1 s_1 W_up_1, ...] by columns, b_up' = sum_i c_i s_i b_up_i.
-    Built from the parameters on every call, so gradients reach each adapter's own parameters."""
-    downs, down_biases, ups, up_bias = [], [], [], None
-    for (_, module), coef in zip(adapters, coefs):
-        assert module is not None
-        dw, db, uw, ub = _params(module)
-        k = coef * module.scale
-        downs.append(dw)
-        down_biases.append(db)
-        ups.append(uw * k)
-        up_bias = ub * k if up_bias is None else up_bias + ub * k
-    activation = adapters[0][1].activation  # type: ignore[union-attr]
-    return fused_adapter(z, torch.cat(downs), torch.cat(down_biases), torch.cat(ups, dim=1), up_bias, activation,
-                         1.0, residual=residual)
-
-
-def _grouped(adapters: list[tuple[str, FusedAdapter | None]], sizes: list[int], z: torch.Tensor,
-             residual: torch.Tensor | None) -> torch.Tensor:
-    """Rows of ``z`` through the children (consecutive slices of ``sizes`` rows) in one grouped
-    launch; each adapter's scale folded into its up-projection, narrower adapters padded with zero
-    rows and columns (which add nothing), rows of absent children left as their residual."""
-    bank: dict[str, FusedAdapter] = {}
-    for name, module in adapters:
-        if module is not None:
-            bank.setdefault(name, module)
-    names = list(bank)
-    width = max(m.bottleneck for m in bank.values())
-    stacks: list[list[torch.Tensor]] = [[], [], [], []]
-    for module in bank.values():
-        dw, db, uw, ub = _params(module)
-        pad, s = width - module.bottleneck, module.scale
-        for bucket, tensor in zip(stacks, (F.pad(dw, (0, 0, 0, pad)), F.pad(db, (0, pad)), F.pad(uw * s, (0, pad)),
-                                           ub * s)):
-            bucket.append(tensor)
-    index = [names.index(name) if module is not None else -1
-             for (name, module), size in zip(adapters, sizes) for _ in range(size)]
-    rows = torch.tensor(index, dtype=torch.long, device=z.device)
-    return fused_adapter_grouped(z, rows, *(torch.stack(b) for b in stacks), next(iter(bank.values())).activation,
-                                 1.0, check_index=False, residual=residual)
-
-
 # -- Parallel: the batch replicated at the base model's input --
 
 BATCH_FIRST = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids",
@@ -713,10 +531,53 @@ _LEADS = ("input_ids", "inputs_embeds", "input_features", "pixel_values", "decod
 """The inputs whose first dimension gives the batch size, in the order they are looked for."""
 
 
+_GENERATION = CallStack()
+"""The models whose ``generate()`` runs in this thread on inputs already replicated for Parallel."""
+
+
+def replicated_for_generation(state: Any) -> contextlib.AbstractContextManager[None]:
+    """Within the block, ``ReplicateInputs`` of ``state`` leaves the inputs of this thread's calls
+    as they are: a ``generate()`` that repeated its inputs once runs on the n*B rows throughout."""
+    return _GENERATION.pushed(state)
+
+
+def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
+    """The first non-empty tensor held by a key/value cache (transformers' cache classes or nested tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dim() >= 1 and value.numel() else None
+    if depth > 4:
+        return None
+    items = value if isinstance(value, (tuple, list)) else [
+        getattr(value, name, None) for name in ("self_attention_cache", "layers", "keys", "key_cache")]
+    for item in items:
+        found = _first_tensor(item, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def cache_rows(cache: Any) -> int | None:
+    """The batch rows a filled key/value cache holds; None without a cache or for an empty one."""
+    if cache is None:
+        return None
+    if hasattr(cache, "get_seq_length"):
+        if cache.get_seq_length() == 0:
+            return None
+    elif not cache:
+        return None
+    tensor = _first_tensor(cache)
+    return None if tensor is None else int(tensor.shape[0])
+
+
 class ReplicateInputs:
     """Forward pre-hook (with kwargs) of the base model: while a composition with a Parallel block
     of n children is active, repeat the batch-first inputs n times (copy-major, as AdapterHub
-    repeats the hidden states), so every layer sees the n*B rows the Parallel block splits."""
+    repeats the hidden states), so every layer sees the n*B rows the Parallel block splits.
+
+    With a filled key/value cache (which then holds the n*B rows of the first call) the inputs
+    continue it: inputs of B rows are repeated, inputs of n*B rows (tokens picked from the n*B
+    rows of logits) are left as they are. Inside ``generate()`` of a model with the methods (see
+    ``replicated_for_generation``) nothing is repeated: its inputs were repeated once."""
 
     def __init__(self, state: Any) -> None:
         self.state = state
@@ -733,17 +594,27 @@ class ReplicateInputs:
         names = list(inspect.signature(module.forward).parameters)
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        cache = bound.get("past_key_values")
-        if cache is not None and (cache.get_seq_length() > 0 if hasattr(cache, "get_seq_length") else len(cache) > 0):
-            raise ValueError(f"adapter_fused: {active!r} replicates the batch at the model's input and cannot "
-                             "continue from a filled key/value cache; run it without one")
         lead = next((bound[k] for k in _LEADS if isinstance(bound.get(k), torch.Tensor)), None)
         if lead is None:
             raise ValueError(f"adapter_fused: {active!r} needs one of {', '.join(_LEADS)} to replicate the batch")
         batch = lead.shape[0]
+        if any(s is state for s in _GENERATION.items):
+            if batch % n:
+                raise ValueError(f"adapter_fused: {active!r} needs {n} copies of the batch, got {batch} rows")
+            return None
+        cache = bound.get("cache")  # transformers 5.2x; "past_key_values" before (and still accepted)
+        rows = cache_rows(cache if cache is not None else bound.get("past_key_values"))
+        if rows is not None and (rows % n or batch not in (rows, rows // n)):
+            raise ValueError(f"adapter_fused: {active!r}: the key/value cache holds {rows} rows, which is neither the "
+                             f"{batch} rows of the inputs nor {n} copies of them")
+        small = batch if rows is None else rows // n
 
         def repeat(name: str, value: Any) -> Any:
-            if name in BATCH_FIRST and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            if name == "encoder_outputs" and isinstance(value, dict):  # a ModelOutput
+                return type(value)(**{str(k): repeat("encoder_hidden_states", v) for k, v in value.items()})
+            if name == "encoder_outputs" and isinstance(value, tuple):
+                return type(value)(repeat("encoder_hidden_states", v) for v in value)
+            if name in BATCH_FIRST and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == small:
                 return value.repeat(n, *([1] * (value.dim() - 1)))
             return value
 
@@ -758,14 +629,6 @@ def install_replication(state: Any) -> None:
         return
     state.handles.append(state.base.register_forward_pre_hook(ReplicateInputs(state), with_kwargs=True))
     state.replicates_inputs = True
-
-
-def composition_site(setup: Composition, modules: nn.ModuleDict, configs: dict[str, AdapterConfig], layer: str,
-                     site: str, norm: nn.Module | None) -> CompositionSite | None:
-    """What runs ``setup`` at one site (called with the ``RAW`` placement), or None where none of
-    its adapters has a module there."""
-    found = CompositionSite(setup, modules, configs, layer, site, norm)
-    return found if found.check() else None
 
 
 # -- the invertible adapter: on the embeddings' output and the output embeddings' input --

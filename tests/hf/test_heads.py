@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import HIDDEN, LAYERS, VOCAB, make_inputs, randomize
+from adapter_fused.hf import add_adapter, load_adapter, save_adapter, set_active_adapters, train_adapter
+from adapter_fused.hf.model import head_parameters
 
-from adapter_fused.hf import add_adapter, load_adapter, save_adapter, set_active_adapters, train_adapter  # noqa: E402
-from adapter_fused.hf.model import head_parameters  # noqa: E402
+from .models import HIDDEN, LAYERS, VOCAB, make_inputs, randomize
 
 transformers = pytest.importorskip("transformers")
 LABELS = 3

@@ -16,6 +16,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,8 +137,10 @@ def _hub() -> types.SimpleNamespace:
 def _reads_up(layer: nn.Module | None) -> bool:
     """Whether AdapterHub's composition of the active setup at ``layer`` reads the adapters' up
     outputs (the third item an adapter returns): a Fuse combines them, and Parallel, BatchSplit and
-    MultiTask concatenate them, which needs all or none of the adapters there to return one. A
-    single adapter or a Stack of adapters (the usual setups) reads none."""
+    MultiTask concatenate them, which needs all or none of the adapters there to return one (so all
+    do where one of them always does: an adapter left unconverted, a gated one, or one with a layer
+    norm after the bottleneck taken before the residual). A single adapter or a Stack of adapters
+    (the usual setups) reads none."""
     if layer is None:
         return False
     hub = _hub()
@@ -157,8 +160,18 @@ def _reads_up(layer: nn.Module | None) -> bool:
         return True
     if not any(isinstance(block, hub.concatenating) for block in found):
         return False
-    present = layer.adapters  # type: ignore[union-attr]
-    return any(name in present and _ACTIVATION not in present[name].__dict__ for name in setup.flatten())
+    present: Any = layer.adapters
+    return any(name in present and not _one_pass(present[name]) for name in setup.flatten())
+
+
+def _one_pass(adapter: nn.Module) -> bool:
+    """Whether ``adapter`` is converted and computes its output in one kernel pass, returning no up
+    projection unless asked to; adapters left unconverted, gated ones and those with a layer norm
+    after the bottleneck taken before the residual always return it."""
+    if _ACTIVATION not in adapter.__dict__:
+        return False
+    return bool(not adapter.use_gating and (adapter.__dict__[_PARALLEL] or not adapter.add_layer_norm_after
+                                            or adapter.adapter_residual_before_ln))
 
 
 def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: torch.Tensor | None,
@@ -174,17 +187,16 @@ def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: tor
     ``g * s * f(z)``, normed with ``ln_after``. Without a gate or a layer norm after, or with the
     latter applied to the kernel's sum, the kernel computes the output in one pass and ``up`` is None
     unless AdapterHub reads it (gating scores requested: it records the last item for adapters without
-    a gate; a Fuse; Parallel/BatchSplit/MultiTask beside adapters left unconverted). Otherwise ``up`` is
-    ``s * f(z)`` from the kernel and the output is formed from it. The gate comes last when
-    ``output_gating``. The bottleneck activation (second item) is never read by AdapterHub's
-    compositions and is None. Everything is read from ``self`` at call time, so a deep copy computes
+    a gate; a Fuse; Parallel/BatchSplit/MultiTask beside an adapter that returns one, see
+    ``_reads_up``). Otherwise ``up`` is ``s * f(z)`` from the kernel and the output is formed from it.
+    The gate comes last when ``output_gating``. The bottleneck activation (second item) is never read
+    by AdapterHub's compositions and is None. Everything is read from ``self`` at call time, so a deep copy computes
     with its own weights and dtype.
     """
     parallel, ln_after, gating = self.__dict__[_PARALLEL], self.add_layer_norm_after, self.use_gating
     z = self._modules["adapter_down"]._modules["0"](x) if self.add_layer_norm_before else x  # type: ignore[misc]
     residual = x if residual_input is None else residual_input
-    one_pass = not gating and (parallel or not ln_after or self.adapter_residual_before_ln)
-    if one_pass and not output_gating and not _reads_up(self.__dict__.get(_LAYER)):
+    if _one_pass(self) and not output_gating and not _reads_up(self.__dict__.get(_LAYER)):
         *parameters, scale = _parameters(self)
         if parallel:
             kernel_residual: torch.Tensor | None = z.new_zeros(()).expand_as(z)

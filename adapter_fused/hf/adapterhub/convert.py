@@ -169,6 +169,34 @@ def weights_from_adapterhub(state: Mapping[str, torch.Tensor], source: str) -> t
     return names.pop(), out
 
 
+def _hub_sites(model: nn.Module) -> tuple[dict[str, tuple[int, str]], dict[tuple[int, str], str]] | None:
+    """Where AdapterHub keeps each site's modules in ``model``: ``{name: (layer number, site)}`` for every
+    name it may use (relative to the base model, e.g. ``encoder.layer.0.output``), and ``{(layer
+    number, site): the name it writes}``; None for models whose sites do not say (structural or
+    registered layouts)."""
+    arch, layers = model_layers(model)
+    table: dict[str, tuple[int, str]] = {}
+    written: dict[tuple[int, str], str] = {}
+    for layer in layers:
+        for name, spec in layer.sites.items():
+            location = spec.hub_location
+            if location is None:
+                return None
+            table[f"{layer.path}.{location}"] = (layer.index, name)
+            written[(layer.index, name)] = f"{layer.path}.{location}"
+            if arch.hub_layers is not None:
+                position = layer.path.rsplit(".", 1)[-1]
+                table[f"{arch.hub_layers}.{position}.{location}"] = (layer.index, name)
+                written[(layer.index, name)] = f"{arch.hub_layers}.{position}.{location}"
+    return table, written
+
+
+def _hub_site(table: dict[str, tuple[int, str]], head: str) -> tuple[int, str] | None:
+    """The (layer number, site) of an AdapterHub module name (a key of ``table`` or ending in one)."""
+    matches = [k for k in table if head == k or head.endswith("." + k)]
+    return table[max(matches, key=len)] if matches else None
+
+
 def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], source: str) -> dict[str, Any]:
     """AdapterHub weight names (``<layer path>.<location>.adapters.<name>.<projection>``) renamed to
     ``<layer number>.attention.adapters...`` or ``<layer number>.output.adapters...`` by matching each
@@ -177,31 +205,73 @@ def adapterhub_weights_by_layer(model: nn.Module, weights: dict[str, Any], sourc
     after cross-attention). Models whose sites do not say where AdapterHub keeps them (structural or
     registered layouts) get ``weights`` unchanged. ValueError naming ``source`` for adapter weights at a
     location no site of this model has."""
-    arch, layers = model_layers(model)
-    table: dict[str, tuple[int, str]] = {}
+    sites = _hub_sites(model)
+    if sites is None:
+        return weights
     locations = {"attention": "attention", "cross": "cross", "ffn": "output"}
-    for layer in layers:
-        for name, spec in layer.sites.items():
-            location = spec.hub_location
-            if location is None:
-                return weights
-            table[f"{layer.path}.{location}"] = (layer.index, locations[name])
-            if arch.hub_layers is not None:
-                position = layer.path.rsplit(".", 1)[-1]
-                table[f"{arch.hub_layers}.{position}.{location}"] = table[f"{layer.path}.{location}"]
     out: dict[str, Any] = {}
     for key, value in weights.items():
         head, sep, tail = key.partition(".adapters.")
-        matches = [k for k in table if head == k or head.endswith("." + k)] if sep else []
         if not sep:
             out[key] = value  # not an adapter weight: weights_from_adapterhub names it
             continue
-        if not matches:
+        where = _hub_site(sites[0], head)
+        if where is None:
             raise ValueError(f"{source}: {key} is not at an adapter site of this model (its sites hold adapters "
                              f"after self-attention, after cross-attention in decoder layers and after the "
                              f"feed-forward block)")
-        index, site = table[max(matches, key=len)]
-        out[f"{index}.{site}.adapters.{tail}"] = value
+        out[f"{where[0]}.{locations[where[1]]}.adapters.{tail}"] = value
+    return out
+
+
+FUSION_CONFIG = "adapter_fusion_config.json"
+FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
+"""AdapterHub's files of a saved fusion: its config, and its weights (safetensors or a torch pickle)."""
+_FUSION_PARAMETER = re.compile(r"^(query|key|value|dense)\.(weight|bias)$")
+
+
+def fusion_weights_from_adapterhub(model: nn.Module, state: Mapping[str, torch.Tensor], name: str,
+                                   source: str) -> dict[str, torch.Tensor]:
+    """AdapterHub's weights of fusion ``name`` (``<layer path>.<location>.adapter_fusion_layer.<name>.query.weight``,
+    ...) as ``{"<layer number>.<site>.query.weight": tensor, ...}``. For a model whose sites do not
+    say where AdapterHub keeps them, names ``...<layer number>.<location>.adapter_fusion_layer...``
+    are read (the location naming the site, as this package writes it there). ValueError naming
+    ``source`` for other tensors or tensors at no site."""
+    sites = _hub_sites(model)
+    marker = f".adapter_fusion_layer.{name}."
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, tensor in state.items():
+        head, sep, parameter = key.partition(marker)
+        where = None
+        if sep and _FUSION_PARAMETER.match(parameter):
+            if sites is not None:
+                where = _hub_site(sites[0], head)
+            else:
+                match = re.match(r"^(?:.*\.)?(\d+)\.([^.]+)$", head)
+                site = _site_of(match.group(2)) if match is not None else None
+                where = (int(match.group(1)), site) if match is not None and site is not None else None
+        if where is None:
+            unexpected.append(key)
+            continue
+        out[f"{where[0]}.{where[1]}.{parameter}"] = tensor
+    if unexpected:
+        shown = ", ".join(unexpected[:4]) + (" ..." if len(unexpected) > 4 else "")
+        raise ValueError(f"{source}: tensors that are not weights of the fusion {name!r} at a site of this model: "
+                         f"{shown}")
+    return out
+
+
+def fusion_weights_to_adapterhub(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                                 name: str) -> dict[str, torch.Tensor]:
+    """``{"<layer number>.<site>.query.weight": tensor, ...}`` of fusion ``name`` under AdapterHub's
+    names (the inverse of ``fusion_weights_from_adapterhub``)."""
+    sites = _hub_sites(model)
+    out = {}
+    for key, tensor in tensors.items():
+        layer, site, parameter = key.split(".", 2)
+        prefix = sites[1][(int(layer), site)] if sites is not None else f"{layer}.{site}"
+        out[f"{prefix}.adapter_fusion_layer.{name}.{parameter}"] = tensor
     return out
 
 
@@ -214,7 +284,12 @@ _ADAPTERHUB_HEAD_OPTIONS: dict[str, set[str]] = {
     "multiple_choice": {"num_choices", "layers", "activation_function", "use_pooler", "bias", "dropout_prob"},
     "causal_lm": {"layers", "activation_function", "layer_norm", "bias", "dropout_prob", "shift_labels",
                   "vocab_size", "embedding_size"},
+    "masked_lm": {"layers", "activation_function", "layer_norm", "bias", "shift_labels", "vocab_size",
+                  "embedding_size"},
+    "seq2seq_lm": {"layers", "activation_function", "layer_norm", "bias", "shift_labels", "vocab_size"},
 }
+_SHIFTED = {"causal_lm": True, "masked_lm": False, "seq2seq_lm": False}
+"""The ``shift_labels`` each language-modelling head computes its loss with (AdapterHub's defaults)."""
 
 
 def head_config_from_adapterhub(config: dict[str, Any], model: nn.Module, source: str) -> dict[str, Any]:
@@ -228,17 +303,22 @@ def head_config_from_adapterhub(config: dict[str, Any], model: nn.Module, source
     unknown = sorted(set(config) - allowed - {"head_type", "label2id"})
     if unknown:
         raise ValueError(f"{source}: AdapterHub head options not supported: {', '.join(unknown)}")
-    out = {k: v for k, v in config.items() if k in allowed and k not in ("shift_labels", "vocab_size",
-                                                                         "embedding_size")}
+    kept = ("embedding_size",) if head_type == "masked_lm" else ()
+    out = {k: v for k, v in config.items()
+           if k in allowed and k not in ("shift_labels", "vocab_size", "embedding_size") or k in kept}
     if head_type == "multilabel_classification":
         out["head_type"], out["multilabel"] = "classification", True
     else:
         out["head_type"] = head_type
-    if head_type == "causal_lm":
-        if config.get("shift_labels", True) is not True:
-            raise ValueError(f"{source}: causal LM head with shift_labels={config['shift_labels']!r} is not supported")
-        for key, expected in (("vocab_size", getattr(model.config, "vocab_size", None)),
-                              ("embedding_size", hidden_size(model))):
+    if head_type in _SHIFTED:
+        shifted = _SHIFTED[head_type]
+        if config.get("shift_labels", shifted) is not shifted:
+            raise ValueError(f"{source}: {head_type} head with shift_labels={config['shift_labels']!r} is not "
+                             f"supported")
+        sizes = [("vocab_size", getattr(model.config, "vocab_size", None))]
+        if head_type == "causal_lm":
+            sizes.append(("embedding_size", hidden_size(model)))
+        for key, expected in sizes:
             if config.get(key) not in (None, expected):
                 raise ValueError(f"{source}: head {key} {config[key]} does not match the model's {expected}")
     label2id = config.get("label2id")
@@ -249,18 +329,22 @@ def head_config_from_adapterhub(config: dict[str, Any], model: nn.Module, source
 
 def block_from_adapterhub(block: object) -> tuple[str, list[Any], dict[str, Any]] | None:
     """``(kind, children, options)`` of the block of this package equal to an ``adapters.composition``
-    block (``kind`` one of ``"Stack"``, ``"Parallel"``, ``"Average"``, ``"BatchSplit"``, called as
-    ``Kind(*children, **options)``); None for anything else; ValueError for the AdapterHub blocks the
-    fused adapters do not offer."""
+    block (``kind`` one of ``"Stack"``, ``"Parallel"``, ``"Average"``, ``"BatchSplit"``, ``"Split"``,
+    ``"MultiTask"``, ``"Fuse"``, called as ``Kind(*children, **options)``); None for anything else;
+    ValueError for other AdapterHub blocks."""
     if not type(block).__module__.startswith("adapters.") or not isinstance(getattr(block, "children", None), list):
         return None
     kind = type(block).__name__
     children = block.children  # type: ignore[attr-defined]
-    if kind in ("Stack", "Parallel"):
+    if kind in ("Stack", "Parallel", "MultiTask"):
         return kind, children, {}
     if kind == "Average":  # AdapterHub normalized the weights when the block was made
         return kind, children, {"weights": list(block.weights), "normalize_weights": False}  # type: ignore[attr-defined]
     if kind == "BatchSplit":
         return kind, children, {"batch_sizes": list(block.batch_sizes)}  # type: ignore[attr-defined]
+    if kind == "Split":
+        return kind, children, {"splits": list(block.splits)}  # type: ignore[attr-defined]
+    if kind == "Fuse":
+        return kind, children, {"name": getattr(block, "_name", None)}
     raise ValueError(f"adapter_fused: the composition {block!r} is not supported: {kind} blocks do not run on the "
-                     f"fused adapters (supported: Stack, Parallel, Average, BatchSplit)")
+                     f"fused adapters (supported: Stack, Parallel, Average, BatchSplit, Split, MultiTask, Fuse)")

@@ -151,6 +151,29 @@ def test_concatenating_compositions_mixing_converted_and_unconverted(block: str,
         assert_same(model, fast)
 
 
+@pytest.mark.parametrize("block", ["parallel", "batch_split", "multi_task"])
+@pytest.mark.parametrize("order", ["two_pass_first", "one_pass_first"])
+def test_concatenating_compositions_mixing_one_pass_and_two_pass_adapters(block: str, order: str,
+                                                                          launches) -> None:  # type: ignore[no-untyped-def]
+    """A converted adapter with a gate (or a layer norm after the bottleneck taken before the residual)
+    always returns its up-projection; beside it in Parallel, BatchSplit or MultiTask, the one-pass
+    converted adapters return theirs too, or AdapterHub's pad_and_concat would meet a None."""
+    model = hub_model({"gate": gated(), "norm": adapters.SeqBnConfig(ln_after=True), "plain": "seq_bn",
+                       "learned": adapters.SeqBnConfig(scaling="learned")})
+    pairs = [("gate", "plain"), ("norm", "learned"), ("gate", "learned")]
+    fast, report = accelerated(model)
+    assert report.skipped == () and len(report.converted) == 8
+    for two_pass, one_pass in pairs:
+        names = (two_pass, one_pass) if order == "two_pass_first" else (one_pass, two_pass)
+        setup = {"parallel": composition.Parallel(*names),
+                 "batch_split": composition.BatchSplit(*names, batch_sizes=[1, 1]),
+                 "multi_task": composition.MultiTask(*names)}[block]
+        activate(setup, model, fast)
+        launches.clear()
+        assert_same(model, fast, **({"task_ids": torch.tensor([1, 0])} if block == "multi_task" else {}))
+        assert launches
+
+
 @pytest.mark.parametrize("second", ["seq_bn", "gated", "dropped"])
 def test_fuse_with_converted_adapters(second: str, launches) -> None:  # type: ignore[no-untyped-def]
     """Fuse reads each adapter's scaled up-projection; converted adapters give it from the kernel,
