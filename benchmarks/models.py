@@ -294,8 +294,11 @@ def bench_decode(spec: ModelSpec, device: torch.device, settings: TimingSettings
                 position = torch.tensor([spec.seq], device=device)
 
                 def step(model: nn.Module = model, token: torch.Tensor = token, cache: Any = cache) -> Any:
-                    # past_key_values (deprecated in transformers 5.25 for cache=, which ignores cache_position
-                    # and moves on at every call): the step writes the same position every time
+                    # the step writes the same position every time: transformers >= 5.25 keeps a per-layer
+                    # write counter that ignores cache_position, so it is wound back first
+                    for layer in getattr(cache, "layers", ()):
+                        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                            layer.cumulative_length.fill_(spec.seq)
                     return model(input_ids=token, cache_position=position, use_cache=True,
                                  past_key_values=cache).logits
 
@@ -312,9 +315,9 @@ def bench_decode(spec: ModelSpec, device: torch.device, settings: TimingSettings
                 timing = None
         if reason is not None:
             skips.append(Skip(provider, "decode", spec.name, reason))
-        record = _model_record(replace(spec, batch=rows), "decode", provider, str(dtype).removeprefix("torch."),
+        record = _model_record(replace(spec, batch=rows, seq=1), "decode", provider, str(dtype).removeprefix("torch."),
                                0 if provider.startswith("base") else 2, timing, None, None, reason)
-        records.append({**record, "seq": 1, "cache_tokens": spec.seq, "compile_backend": backend})
+        records.append({**record, "cache_tokens": spec.seq, "compile_backend": backend})
     set_active_adapters(model, None)
     del model
     if device.type == "cuda":

@@ -15,10 +15,18 @@ entered every step; two adapters, one per row (``["a", "b"]``, batch 2, against 
 adapter at batch 2); an added adapter that is not active (the hooks alone); and, when ``adapters`` is
 installed, AdapterHub's ``double_seq_bn`` and the same accelerated by ``adapter_fused.accelerate``.
 
-Each repetition runs one step of every variant in turn (round-robin) and times it in CPU thread time
-(``time.thread_time_ns``); a variant's figure is the median over the repetitions, after three untimed
-rounds; denormals are flushed to zero (a stubbed launch leaves its output uninitialized). µs per site =
-(variant − base at the same batch) / the variant's adapter sites. Each workload and path runs in a fresh
+Each variant runs on ``COPIES`` models of its own, built in turns (one model is built and left out
+first: identical models differ in speed by a few per cent, the first ones built most). Each repetition
+runs every model, in an order shuffled per repetition, timed in CPU thread time (``time.thread_time_ns``)
+on the second of two runs in a row (the first warms the caches the previous model left cold), after three
+untimed rounds, with Python's garbage collector off (as ``timeit`` does; it collects between runs);
+denormals are flushed to zero (a stubbed launch
+leaves its output uninitialized). A variant that can be switched off on its own model (ours, activated
+or not; the eager adapter, swapped in and out; an added adapter, deleted; a block, entered or not, the
+hooks it leaves cleared) is timed off and then on in each repetition, and µs per site = median(on − off) / its adapter sites, free of the
+speed of one model against another. AdapterHub's variants cannot be switched off (``adapters.init``
+stays): theirs is (median − the base model's median at the same batch) / sites. µs per step is the
+median over a variant's models and repetitions. Each workload and path runs in a fresh
 process without ``TRITON_INTERPRET``; paths: ``plain`` (CPU tensors, the kernels unavailable: our op runs
 its plain PyTorch reference) and ``gpu`` (``host_cost.gpu_launch_path``: the kernels reported available,
 Triton's launch a stub that only allocates the output; ``launches_per_step`` counts what reached it).
@@ -27,11 +35,13 @@ Triton's launch a stub that only allocates the output; ``launches_per_step`` cou
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import inspect
 import json
 import logging
 import os
+import random
 import statistics
 import sys
 import time
@@ -52,8 +62,12 @@ PATHS = {"plain": "CPU tensors, plain PyTorch (no interpreter: our op runs its P
 HIDDEN, HEADS, VOCAB, CACHE, BERT_TOKENS = 64, 4, 1024, 32, 8
 LAYERS = {"gpt2-decode": 24, "bert-forward": 12}
 WARMUP = 3
+COPIES = 3
+"""Models per variant: the speed of one model instance differs from another's by a few per cent."""
 SHORT = {"houlsby": "ours (houlsby) alone", "adapterhub": "AdapterHub alone"}
-Setup = Callable[[Any], tuple[int, AbstractContextManager[Any] | None]]  # model -> (sites, block held across steps)
+Toggle = Callable[[bool], None]
+"""Switches a variant on or off on its model (off: the model computes as the base model)."""
+Setup = Callable[[Any], tuple[int, Toggle | None]]  # model -> (sites, toggle; None: no off state)
 
 
 @dataclass(frozen=True)
@@ -83,19 +97,44 @@ class Residual(nn.Module):
 
 
 def _ours(name_configs: tuple[tuple[str, str], ...], active: bool = True,
-          held: Callable[[Any], AbstractContextManager[Any]] | None = None) -> Setup:
-    """Add each (name, placement) with the public API; activate the first, or hold ``held(model)``."""
-    def setup(model: Any) -> tuple[int, AbstractContextManager[Any] | None]:
-        from adapter_fused import adapter_summary, add_adapter, set_active_adapters
+          held: Callable[[Any], AbstractContextManager[Any]] | None = None, idle: bool = False) -> Setup:
+    """Add each (name, placement) with the public API; on: the first active, or ``held(model)`` entered
+    (off: none active, the block left); ``active=False``: none active (off clears the hooks a block
+    entered per step leaves); ``idle``: on only adds the adapters, off deletes them."""
+    def setup(model: Any) -> tuple[int, Toggle]:
+        from adapter_fused import adapter_summary, add_adapter, delete_adapter, set_active_adapters
 
-        for name, placement in name_configs:
-            add_adapter(model, name, placement)
+        def add() -> None:
+            for name, placement in name_configs:
+                add_adapter(model, name, placement)
+
+        add()
         first = name_configs[0][0]
-        if active and held is None:
-            set_active_adapters(model, first)
         info = next(a for a in adapter_summary(model).adapters if a.name == first)
         per_site = 2 * HIDDEN * info.bottleneck + info.bottleneck + HIDDEN
-        return info.parameters // per_site, held(model) if held else None
+        blocks = ExitStack()
+
+        def toggle(on: bool) -> None:
+            if held is not None:
+                blocks.close()
+                if on:
+                    blocks.enter_context(held(model))
+                else:  # a block's hooks outlive it: setting the active adapters clears them
+                    set_active_adapters(model, None)
+            elif not idle:
+                set_active_adapters(model, first if on else None)
+            elif on != bool(getattr(model.base_model, "fused_adapters", None)):
+                if on:
+                    add()
+                else:
+                    for name, _ in name_configs:
+                        delete_adapter(model, name)
+
+        def clear(on: bool) -> None:  # a block entered per step: off clears the hooks a block leaves
+            if not on:
+                set_active_adapters(model, None)
+
+        return info.parameters // per_site, toggle if active or idle or held is not None else clear
     return setup
 
 
@@ -108,16 +147,24 @@ def _per_sample(names: list[str]) -> Callable[[Any], AbstractContextManager[Any]
 
 
 def _eager(workload: str) -> Setup:
-    def setup(model: Any) -> tuple[int, None]:
+    def setup(model: Any) -> tuple[int, Toggle]:
         from .models import bert_adapter_paths, gpt2_adapter_paths, insert_adapters
 
         layers = model.config.num_hidden_layers
         paths = gpt2_adapter_paths(layers, "transformer.") if workload == "gpt2-decode" else bert_adapter_paths(layers,
                                                                                                                "")
+        plain = {path: model.get_submodule(path) for path in paths}
         r = HIDDEN // 16
         insert_adapters(model, paths, lambda: Residual(nn.Sequential(nn.Linear(HIDDEN, r), nn.SiLU(),
                                                                      nn.Linear(r, HIDDEN))), wrap=nn.Sequential)
-        return len(paths), None
+        adapted = {path: model.get_submodule(path) for path in paths}
+
+        def toggle(on: bool) -> None:
+            for path in paths:
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child, (adapted if on else plain)[path])
+
+        return len(paths), toggle
     return setup
 
 
@@ -135,7 +182,7 @@ def _adapterhub(accelerated: bool) -> Setup:
             accelerate(model)
         (info,) = [row for row in model.adapter_summary(as_dict=True) if row["name"] == "a"]
         r = HIDDEN // 16
-        return info["#param"] // (2 * HIDDEN * r + r + HIDDEN), None
+        return info["#param"] // (2 * HIDDEN * r + r + HIDDEN), None  # no off state: AdapterHub's init stays
     return setup
 
 
@@ -153,8 +200,8 @@ def variants(workload: str, adapterhub: bool) -> list[Variant]:
                 _ours(houlsby, held=_per_sample(["a"])), compare="houlsby"),
         Variant("per_sample_entered", 'the same, block entered every step', _ours(houlsby, active=False),
                 per_step=_per_sample(["a"]), compare="houlsby"),
-        Variant("idle", "ours, adapter added but not active (the hooks alone)", _ours(houlsby, active=False),
-                eager=None),
+        Variant("idle", "ours, adapter added but not active (the hooks alone)",
+                _ours(houlsby, active=False, idle=True), eager=None),
         Variant("base_2", "base model, batch 2", lambda model: (0, None), batch=2, eager=None),
         Variant("eager_2", "hand-written eager adapter, batch 2", _eager(workload), batch=2, eager=None),
         Variant("per_sample_2", 'ours in per_sample_adapters(model, ["a", "b"]), one per row, batch 2, held',
@@ -196,7 +243,7 @@ def _runner(workload: str, model: Any, batch: int) -> tuple[Callable[[], Any], C
 
 
 def _measure_here(workload: str, path: str, repeats: int, layers: int | None = None) -> dict[str, Any]:
-    """Build every variant of ``workload`` on ``path`` and time them round-robin (run in a fresh process)."""
+    """Build every variant of ``workload`` on ``path`` and time them interleaved (run in a fresh process)."""
     import importlib.util
 
     from .host_cost import gpu_launch_path
@@ -207,41 +254,55 @@ def _measure_here(workload: str, path: str, repeats: int, layers: int | None = N
     hub = importlib.util.find_spec("adapters") is not None
     chosen = variants(workload, hub)
     times: dict[str, list[int]] = {v.key: [] for v in chosen}
+    differences: dict[str, list[int]] = {v.key: [] for v in chosen}
     sites: dict[str, int] = {}
     launches: dict[str, int] = {}
     with ExitStack() as stack:
         stub = stack.enter_context(gpu_launch_path()) if path == "gpu" else None
         stack.enter_context(torch.no_grad())
-        steps = []
-        for v in chosen:
+        _build(workload, layers)  # the first model built runs slower than later ones: it is not measured
+        runs = []
+        for v in [v for _ in range(COPIES) for v in chosen]:  # each variant on several models, built in turns
             model = _build(workload, layers)
-            sites[v.key], held = v.setup(model)
-            if held is not None:
-                stack.enter_context(held)
+            sites[v.key], toggle = v.setup(model)
             step, reset = _runner(workload, model, v.batch)
-            if v.per_step is not None:
-                step = partial(_in_block, v.per_step, model, step)
-            steps.append((v.key, step, reset))
+            runs.append((v, toggle, step, partial(_in_block, v.per_step, model, step) if v.per_step else step, reset))
+        order = random.Random(0)
+        stack.callback(gc.enable)
+        gc.disable()
         for rep in range(WARMUP + repeats):
-            for key, step, reset in steps:
+            order.shuffle(runs)  # no variant always follows the same one
+            for v, toggle, plain, step, reset in runs:
+                # The same model off, then on, each timed on its second run (the first warms the caches the
+                # previous model's run left cold): their difference is the variant's.
+                if toggle is not None:
+                    toggle(False)
+                    gc.collect()  # what a switch freed is not collected inside a timed run (timing runs with gc off)
+                    _timed(plain, reset)
+                    off = _timed(plain, reset)
+                    toggle(True)
+                    gc.collect()
+                _timed(step, reset)
                 before = len(stub.launches) if stub else 0
-                start = time.thread_time_ns()
-                step()
-                elapsed = time.thread_time_ns() - start
-                launches[key] = (len(stub.launches) if stub else 0) - before
-                reset()
+                elapsed = _timed(step, reset)
+                launches[v.key] = (len(stub.launches) if stub else 0) - before
                 if rep >= WARMUP:
-                    times[key].append(elapsed)
+                    times[v.key].append(elapsed)
+                    if toggle is not None:
+                        differences[v.key].append(elapsed - off)
             if rep >= WARMUP and ((rep - WARMUP + 1) % 10 == 0 or rep == WARMUP + repeats - 1):
                 print(f"sites: {workload}, {path} path: {rep - WARMUP + 1}/{repeats} repetitions", file=sys.stderr,
                       flush=True)
     step_us = {key: statistics.median(values) / 1e3 for key, values in times.items()}
     rows: list[dict[str, Any]] = []
     for v in chosen:
-        base = step_us["base_2" if v.batch == 2 else "base"]
-        per_site = (step_us[v.key] - base) / sites[v.key] if sites[v.key] else None
+        if differences[v.key]:  # paired on the same models
+            over = statistics.median(differences[v.key]) / 1e3
+        else:  # against the base model's own models
+            over = step_us[v.key] - step_us["base_2" if v.batch == 2 else "base"]
+        per_site = over / sites[v.key] if sites[v.key] else None
         rows.append({"key": v.key, "label": v.label, "batch": v.batch, "sites": sites[v.key],
-                     "step_us": step_us[v.key], "per_site_us": per_site,
+                     "step_us": step_us[v.key], "per_site_us": per_site, "paired": bool(differences[v.key]),
                      "launches_per_step": launches[v.key], "eager": v.eager, "compare": v.compare})
     by_key = {row["key"]: row for row in rows}
     for row in rows:
@@ -249,6 +310,15 @@ def _measure_here(workload: str, path: str, repeats: int, layers: int | None = N
             theirs = by_key[other]["per_site_us"] if other else None
             row[field] = row["per_site_us"] / theirs if theirs and row["per_site_us"] is not None else None
     return {"workload": workload, "path": path, "layers": layers, "repeats": repeats, "rows": rows}
+
+
+def _timed(step: Callable[[], Any], reset: Callable[[], Any]) -> int:
+    """CPU thread time of ``step()`` in ns (``reset()`` after it, untimed)."""
+    start = time.thread_time_ns()
+    step()
+    elapsed = time.thread_time_ns() - start
+    reset()
+    return elapsed
 
 
 def _in_block(block: Callable[[Any], AbstractContextManager[Any]], model: Any, step: Callable[[], Any]) -> Any:

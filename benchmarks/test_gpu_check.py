@@ -108,7 +108,8 @@ def test_dry_run_results_file(dry_run: Path) -> None:
     assert all(tuple(record) == harness.RECORD_KEYS for record in result["records"])
     seen = {(m["model"], m["provider"]) for m in result["models"] if m["ms_median"]}
     assert seen == {(models.GPT2_SMOKE.name, p) for p in models.GPT2_PROVIDERS} | {
-        (models.BERT_SMOKE.name, p) for p in cli.HEADLINE_BERT_PROVIDERS}
+        (models.BERT_SMOKE.name, p) for p in cli.HEADLINE_BERT_PROVIDERS} | {
+        (models.DECODER_SMOKE.name, p) for p in models.DECODE_PROVIDERS}
     ratios = {(g["op"], g["provider"]): g["ratio_to_single"] for g in result["grouped"]}
     assert ratios[("forward", "grouped")] and ratios[("forward_backward", "grouped")]
     assert result["host_cost"]["bound"] is True and result["train"] is None

@@ -149,7 +149,8 @@ def test_smoke_models(tmp_path: Path) -> None:
     assert result["records"] == [] and result["grouped"] == [] and result["host_cost"] is None
     seen = {(m["model"], m["provider"]) for m in result["models"]}
     assert seen == {(models.BERT_SMOKE.name, p) for p in models.BERT_PROVIDERS} | {
-        (models.GPT2_SMOKE.name, p) for p in models.GPT2_PROVIDERS}
+        (models.GPT2_SMOKE.name, p) for p in models.GPT2_PROVIDERS} | {
+        (models.DECODER_SMOKE.name, p) for p in models.DECODE_PROVIDERS}
     for m in result["models"]:
         if m["provider"] == "adapterhub" and harness.adapterhub_available():
             assert m["skipped"] == harness.adapterhub_available() and m["ms_median"] is None

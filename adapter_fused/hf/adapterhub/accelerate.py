@@ -15,6 +15,7 @@ import functools
 import math
 import types
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ...activations import ACTIVATIONS, canonical_activation
-from ...ops import fused_adapter
+from ...ops import CheckedParameters, Params, check_module_parameters, fused_adapter, module_forward
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: tor
             kernel_residual: torch.Tensor | None = z.new_zeros(()).expand_as(z)
         else:
             kernel_residual = None if residual is z else residual
-        out = fused_adapter(z, *parameters, self.__dict__[_ACTIVATION], scale, residual=kernel_residual)
+        out = _checked_once(self, z, tuple(parameters), scale, kernel_residual)  # type: ignore[arg-type]
         return (self.adapter_norm_after(out) if ln_after else out), None, None
     up = _adapter_term(self, z)
     out, gate = up, None
@@ -216,6 +217,29 @@ def _fused_adapter_forward(self: nn.Module, x: torch.Tensor, residual_input: tor
     else:
         out = (self.adapter_norm_after(out) if ln_after else out) + residual
     return (out, None, up, gate) if gate is not None and output_gating else (out, None, up)
+
+
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, CheckedParameters | None] = weakref.WeakKeyDictionary()
+"""A converted adapter's parameters as checked once (see ``ops.CheckedParameters``): kept beside the
+adapter, not in it, so copies and pickles of the model check their own."""
+
+
+def _checked_once(adapter: nn.Module, z: torch.Tensor, parameters: Params, scale: float,
+                  residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + scale * f(z)`` (z itself without a residual) by the fused op, with the adapter's
+    parameters checked once and again only when one is replaced, moved or changed other than in value
+    (a learned scale, folded into new tensors on every call, is checked on every call)."""
+    activation = adapter.__dict__[_ACTIVATION]
+    if not torch.compiler.is_compiling():
+        state = _CHECKED.get(adapter)
+        if state is None or not state.current(parameters):
+            state = check_module_parameters(parameters, tuple(tuple(p.shape) for p in parameters))  # type: ignore[union-attr]
+            _CHECKED[adapter] = state
+        if state is not None and state.usable:
+            out = module_forward(state, z, parameters, activation, scale, residual)
+            if out is not None:
+                return out
+    return fused_adapter(z, *parameters, activation, scale, residual=residual)
 
 
 def _sole_parallel_adapter(layer: nn.Module) -> nn.Module | None:
@@ -259,7 +283,7 @@ def _fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, residual_
     assert residual_input is not None
     *parameters, scale = _parameters(adapter)
     z = adapter.adapter_down[0](residual_input) if adapter.add_layer_norm_before else residual_input
-    output = fused_adapter(z, *parameters, adapter.__dict__[_ACTIVATION], scale, residual=hidden_states)
+    output = _checked_once(adapter, z, tuple(parameters), scale, hidden_states)  # type: ignore[arg-type]
     if adapter.original_ln_after:
         output = layer_norm(output + residual_input) if layer_norm else output + residual_input
     return output
