@@ -19,7 +19,8 @@ Each variant runs on ``COPIES`` models of its own, built in turns (one model is 
 first: identical models differ in speed by a few per cent, the first ones built most). Each repetition
 runs every model, in an order shuffled per repetition, timed in CPU thread time (``time.thread_time_ns``)
 on the second of two runs in a row (the first warms the caches the previous model left cold), after three
-untimed rounds, with Python's garbage collector off (as ``timeit`` does; it collects between runs);
+untimed rounds, with Python's garbage collector off (as ``timeit`` does; it collects between runs, over
+what the runs created: the models built before are frozen out of its scans);
 denormals are flushed to zero (a stubbed launch
 leaves its output uninitialized). A variant that can be switched off on its own model (ours, activated
 or not; the eager adapter, swapped in and out; an added adapter, deleted; a block, entered or not, the
@@ -269,7 +270,10 @@ def _measure_here(workload: str, path: str, repeats: int, layers: int | None = N
             runs.append((v, toggle, step, partial(_in_block, v.per_step, model, step) if v.per_step else step, reset))
         order = random.Random(0)
         stack.callback(gc.enable)
+        stack.callback(gc.unfreeze)
         gc.disable()
+        gc.collect()
+        gc.freeze()  # what exists now is never garbage: the collections below scan only what the runs create
         for rep in range(WARMUP + repeats):
             order.shuffle(runs)  # no variant always follows the same one
             for v, toggle, plain, step, reset in runs:

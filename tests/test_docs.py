@@ -93,3 +93,12 @@ def test_code_blocks_run(requires: tuple[str, ...], blocks: list[str], hub_dir: 
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_api_reference_lists_every_public_name() -> None:
+    """docs/api.md documents every name of ``adapter_fused.__all__`` and nothing outside it."""
+    import adapter_fused
+
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\.\. auto(?:class|function|data):: adapter_fused\.(\w+)", text, re.M))
+    assert documented == set(adapter_fused.__all__)

@@ -88,7 +88,7 @@ def _recognized() -> str:
            f"recognized by structure (adapter_fused.hf.layouts.structure.STRUCTURAL_LAYOUTS)"
 
 
-_REGISTER_HINT = "describe its layers with adapter_fused.register_model_layout (see README, 'Other models')"
+_REGISTER_HINT = "describe its layers with adapter_fused.register_model_layout (see docs/models.md, 'Other models')"
 
 
 def _registered(model: nn.Module, base: nn.Module, model_type: object) -> Architecture | None:
