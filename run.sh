@@ -39,9 +39,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "run.sh: setting up $venv ($torch, adapter-fused$extras)" >&2
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     # shellcheck disable=SC2086  # split on purpose: the torch choice may carry pip options
-    # --no-compile: Python compiles what is imported on first use, not all of torch at install
-    "$venv/bin/python" -m pip install --quiet --no-compile $torch
-    "$venv/bin/python" -m pip install --quiet --no-compile -e ".$extras"
+    "$venv/bin/python" -m pip install --quiet $torch
+    "$venv/bin/python" -m pip install --quiet -e ".$extras"
     echo "$want" >"$stamp"
 fi
 
@@ -53,7 +52,6 @@ case $command in
         # pyproject.toml's testpaths: tests/ when no path is given
         if [ $# -eq 0 ] && python -c "import xdist" 2>/dev/null; then
             set -- -n auto --dist loadfile
-            export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a worker per core, a thread per worker
         fi
         exec python -m pytest "$@" ;;
 esac
