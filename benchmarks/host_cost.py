@@ -245,7 +245,8 @@ def launch_overhead(device: Any, d: int, r: int, dtype: str, iters: int, repeats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the one-call figures as JSON, or with ``--sites`` the per-site table in markdown."""
+    """Print the one-call figures as JSON, with ``--sites`` the per-site table in markdown, or with
+    ``--block-entry`` the cost of entering a block of per-row adapter names as JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", action="store_true",
                         help="per adapter site inside a model: base, hand-written eager adapter, ours per placement, "
@@ -253,11 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "on the plain PyTorch path and on the GPU launch path")
     parser.add_argument("--repeats", type=int, default=40, help="--sites: repetitions (the median is kept)")
     parser.add_argument("--layers", type=int, default=None,
-                        help="--sites: layers of both models (default: GPT-2 24, BERT 12)")
+                        help="--sites, --block-entry: layers of the models (default: GPT-2 24, BERT 12)")
     parser.add_argument("--workloads", default=None, help="--sites: comma-separated subset of gpt2-decode,bert-forward")
     parser.add_argument("--paths", default="plain,gpu", help="--sites: comma-separated subset of plain,gpu")
     parser.add_argument("--json", default=None, help="--sites: also write the figures to this file")
+    parser.add_argument("--block-entry", action="store_true",
+                        help="entering per_sample_adapters for 8 adapters on a 24-layer GPT-2: the first block, the "
+                             "same names again and new mixes of names (JSON)")
     args = parser.parse_args(argv)
+    if args.block_entry:
+        print(json.dumps(in_fresh_process(f"benchmarks.sites.block_entry(layers={args.layers or 24})"), indent=1))
+        return 0
     if not args.sites:
         print(json.dumps(measure(), indent=1))
         return 0

@@ -371,6 +371,35 @@ def header(command: str, repeats: int) -> str:
             f"thread, CPU thread time, variants interleaved, median of {repeats} repetitions; `{command}`")
 
 
+def block_entry(adapters: int = 8, layers: int = LAYERS["gpt2-decode"], repeats: int = 200) -> dict[str, Any]:
+    """CPU thread time of entering and leaving ``per_sample_adapters`` on the ``gpt2-decode`` model with
+    ``adapters`` Houlsby adapters on each of its ``layers`` layers, a batch of ``adapters`` rows, no_grad,
+    one torch thread (run in a fresh process): the first block (which stacks every adapter's weights), the
+    same names again, and new mixes of names (each row one of the adapters or None, drawn at random); µs,
+    medians of ``repeats`` entries (the first: one)."""
+    from adapter_fused import add_adapter, per_sample_adapters
+
+    torch.set_num_threads(1)
+    model = _build("gpt2-decode", layers)
+    names = [f"task{i}" for i in range(adapters)]
+    for name in names:
+        add_adapter(model, name, "houlsby")
+
+    def enter(rows: list[str | None]) -> float:
+        start = time.thread_time_ns()
+        with per_sample_adapters(model, rows):
+            pass
+        return (time.thread_time_ns() - start) / 1e3
+
+    draw = random.Random(0)
+    with torch.no_grad():
+        first = enter(list(names))
+        same = statistics.median(enter(list(names)) for _ in range(repeats))
+        mixes = statistics.median(enter([draw.choice([*names, None]) for _ in names]) for _ in range(repeats))
+    return {"adapters": adapters, "layers": layers, "sites": 2 * layers, "repeats": repeats, "first_us": first,
+            "same_names_us": same, "new_mix_us": mixes}
+
+
 def main(args: argparse.Namespace, command: str) -> int:
     """Measure the chosen workloads on the chosen paths, each in a fresh process; print markdown."""
     from .host_cost import in_fresh_process

@@ -53,3 +53,11 @@ def test_site_table_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert rows["houlsby"]["vs_eager"] == pytest.approx(rows["houlsby"]["per_site_us"] / rows["eager"]["per_site_us"])
     assert printed.startswith("Host cost per adapter site") and "one torch thread" in printed
     assert printed.count("| variant | batch | sites |") == 4
+
+
+def test_block_entry(capsys: pytest.CaptureFixture[str]) -> None:
+    """Entering a block of per-row names is measured for the first block, the same names and new mixes."""
+    assert host_cost.main(["--block-entry", "--layers", "2"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["adapters"] == 8 and figures["layers"] == 2 and figures["sites"] == 4
+    assert all(figures[key] > 0 for key in ("first_us", "same_names_us", "new_mix_us"))
