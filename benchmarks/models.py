@@ -293,7 +293,8 @@ def bench_decode(spec: ModelSpec, device: torch.device, settings: TimingSettings
                 prompt, token = ids[:, :-1].to(device), ids[:, -1:].to(device)
                 position = torch.tensor([spec.seq], device=device)
 
-                def step(model: nn.Module = model, token: torch.Tensor = token, cache: Any = cache) -> Any:
+                def step(model: nn.Module = model, token: torch.Tensor = token, cache: Any = cache,
+                         position: torch.Tensor = position) -> Any:
                     # the step writes the same position every time: transformers >= 5.25 keeps a per-layer
                     # write counter that ignores cache_position, so it is wound back first
                     for layer in getattr(cache, "layers", ()):

@@ -100,5 +100,5 @@ def test_api_reference_lists_every_public_name() -> None:
     import adapter_fused
 
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
-    documented = set(re.findall(r"^\.\. auto(?:class|function|data):: adapter_fused\.(\w+)", text, re.M))
+    documented = set(re.findall(r"^\.\. auto(?:class|function|data):: adapter_fused\.(\w+)", text, re.MULTILINE))
     assert documented == set(adapter_fused.__all__)
