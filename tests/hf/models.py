@@ -8,6 +8,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from adapter_fused import set_active_adapters  # noqa: E402
+from adapter_fused.hf.model import adapter_modules  # noqa: E402
+
 HIDDEN = 32
 LAYERS = 2
 VOCAB = 97
@@ -60,3 +63,23 @@ def randomize(parameters: object, seed: int = 3, std: float = 0.2) -> None:
     with torch.no_grad():
         for p in parameters:  # type: ignore[attr-defined]
             p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) * std)
+
+
+def assert_row_gradients_match(model: nn.Module, inputs: dict[str, torch.Tensor], names: list[str | None],
+                               probe: torch.Tensor, got: dict[str, list[torch.Tensor]]) -> None:
+    """``got`` (adapter name -> its parameters' gradients) came from one batch whose row i ran
+    ``names[i]``, loss ``(hidden_states * probe).sum()``: they equal the gradients of the same loss
+    run one row at a time with that row's adapter active (rows named None skipped), within 1e-4 of
+    the largest, and each is a gradient, not rounding noise."""
+    model.zero_grad()
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        set_active_adapters(model, name)
+        (hidden_states(model, {k: v[i : i + 1] for k, v in inputs.items()}) * probe[i : i + 1]).sum().backward()
+    for name, grads in got.items():
+        for g, p in zip(grads, adapter_modules(model, name).parameters()):
+            assert p.grad is not None
+            scale = p.grad.abs().max().item()
+            assert scale > 1e-3, name  # a gradient, not rounding noise
+            assert (g - p.grad).abs().max().item() <= 1e-4 * scale, name
