@@ -110,9 +110,10 @@ class CheckedParameters:
     ``resize_`` among them; ``.data`` assignment, as ``Module.to`` does, changes the data pointer).
     ``plans`` keeps a bound kernel launch per activation, determinism setting, class of row count and
     (fp32) TF32 setting (see ``module_forward``): never more than ``MAX_PLANS``, holding parameters and
-    constants only."""
+    constants only; ``last`` is the plan the latest bound call took, with the row count and settings
+    it was taken for (a call like it skips the table)."""
 
-    __slots__ = ("d", "device", "device_type", "dtype", "kernels", "params", "plans", "stamp", "usable")
+    __slots__ = ("d", "device", "device_type", "dtype", "kernels", "last", "params", "plans", "stamp", "usable")
     dtype: torch.dtype | None
     device: torch.device | None
 
@@ -133,12 +134,28 @@ class CheckedParameters:
         else:
             self.dtype, self.device, self.device_type, self.d = None, None, "", -1
         self.plans: dict[tuple[object, ...], object] = {}
+        self.last: tuple[object, ...] = ()
 
     def current(self, params: Params) -> bool:
-        """Whether ``params`` are the checked tensors, unchanged but for their values."""
+        """Whether ``params`` are the checked tensors, unchanged but for their values.
+
+        Where the reference runs them (``kernels`` None), only whether they are the same tensors,
+        unchanged in place, in the down weight's storage: its operators take the tensors as they are at
+        each call and check them as ``nn.Linear`` would, and moving or casting the module (``Module.to``
+        assigns ``.data``) gives the down weight new storage. The kernels' launches also need every
+        parameter's storage unchanged (a bound launch was specialized on its dtype and alignment)."""
+        w1, b1, w2, b2 = params
         mine = self.params
-        return (params[0] is mine[0] and params[1] is mine[1] and params[2] is mine[2] and params[3] is mine[3]
-                and parameter_stamp(params) == self.stamp)
+        if w1 is not mine[0] or b1 is not mine[1] or w2 is not mine[2] or b2 is not mine[3]:
+            return False
+        if b1 is None or b2 is None or w1 is None or w2 is None:  # type: ignore[redundant-expr]
+            return parameter_stamp(params) == self.stamp
+        stamp = self.stamp  # compared one by one: no tuple built on the hot path
+        if (w1._version != stamp[0] or w1.data_ptr() != stamp[1] or b1._version != stamp[2]
+                or w2._version != stamp[4] or b2._version != stamp[6]):
+            return False
+        return self.kernels is None or (b1.data_ptr() == stamp[3] and w2.data_ptr() == stamp[5]
+                                        and b2.data_ptr() == stamp[7])
 
 
 def parameter_stamp(params: Params) -> tuple[int, ...]:
@@ -175,6 +192,26 @@ def check_module_parameters(params: Params, shapes: tuple[tuple[int, ...], ...])
     return CheckedParameters(params, usable=True, kernels=kernels)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+"""Whether autocast is on for any device (one C call; the per-device question costs twice as much)."""
+_tf32_allowed = getattr(torch._C, "_get_cublas_allow_tf32", None)
+"""``torch.backends.cuda.matmul.allow_tf32`` read directly (the attribute goes through a Python
+``__getattr__``, 0.5 µs a call)."""
+
+
+def autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, answered by one cheaper call when no autocast is on
+    (eager only: torch.compile does not know the cheaper call)."""
+    if _any_autocast is not None and not _any_autocast():
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
+def tf32_allowed() -> bool:
+    """Whether fp32 matrix products may use TF32 on CUDA (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return _tf32_allowed() if _tf32_allowed is not None else torch.backends.cuda.matmul.allow_tf32
+
+
 def module_forward(state: CheckedParameters, x: object, params: Params, activation: str, scale: float,
                    residual: object = None) -> torch.Tensor | None:
     """A module's call with usable parameters ``state`` (``state.current(params)`` holds): x (..., d),
@@ -186,7 +223,9 @@ def module_forward(state: CheckedParameters, x: object, params: Params, activati
     Where the kernels do not run the parameters, the reference's math runs directly. Without
     autograd recording, the first call of a class of row counts (``kernels.rows_class``) launches
     through Triton's launcher and binds the compiled kernel (``kernels.bind_forward``); later calls
-    of that class launch it directly, filling in only x, the residual, y, the row count and the scale."""
+    of that class launch it directly, filling in only x, the residual, y, the row count and the scale.
+    A call with the row count, activation and settings of the module's previous bound call takes that
+    plan without building its key (the steady state of decoding and of a fixed-shape forward)."""
     if type(x) is not torch.Tensor or x.dtype is not state.dtype or x.device != state.device:
         return None
     shape = x.shape
@@ -196,7 +235,7 @@ def module_forward(state: CheckedParameters, x: object, params: Params, activati
     if residual is not None and (type(residual) is not torch.Tensor or residual.dtype is not state.dtype
                                  or residual.device != state.device or residual.shape != shape):
         return None
-    if torch.is_autocast_enabled(state.device_type):
+    if autocast_on(state.device_type):
         return None
     kernels = state.kernels
     if kernels is None:
@@ -207,22 +246,30 @@ def module_forward(state: CheckedParameters, x: object, params: Params, activati
             or residual is not None and residual.requires_grad):  # type: ignore[union-attr]
         return run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
     rows = x.numel() // d
+    fixed = torch.are_deterministic_algorithms_enabled()
+    tf32 = state.dtype is torch.float32 and tf32_allowed()
+    last = state.last
+    if last and last[0] == rows and last[1] is activation and last[2] is fixed and last[3] is tf32:
+        y = last[4](x, rows, scale, residual)  # type: ignore[operator]
+        if y is not None:
+            return y
     if rows == 0:
         return run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
-    fixed = torch.are_deterministic_algorithms_enabled()
     key: tuple[object, ...] = (activation, fixed, kernels.rows_class(rows))
     if state.dtype is torch.float32:  # the dots' precision was bound too: TF32 only where allowed
-        key += (torch.backends.cuda.matmul.allow_tf32,)
+        key += (tf32,)
     plans = state.plans
     plan = plans.get(key)
     if plan:
         y = plan(x, rows, scale, residual)  # type: ignore[operator]
         if y is not None:
+            state.last = (rows, activation, fixed, tf32, plan)
             return y
     y = run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
     if plan is None and kernels.bindable(x):
         if len(plans) >= state.MAX_PLANS:
             plans.clear()
+            state.last = ()
         plans[key] = kernels.bind_forward(x, *params, kernels.ACTIVATION_CODES[activation], fixed) or False
     return y
 

@@ -175,7 +175,8 @@ def test_the_plain_path_runs_the_reference_math_once_checked(monkeypatch: pytest
                                                              ) -> None:
     """Where the kernels do not run the parameters (no Triton, or float64), a module call checks nothing
     per call and gives the reference's numbers exactly, with or without a residual and under autocast;
-    bad input raises what fused_adapter raises."""
+    bad input raises what fused_adapter raises. New storage for a parameter other than the down weight
+    is used as it is; the down weight's (as moving or casting the module gives it) is checked again."""
     from adapter_fused import ops
 
     if dtype == torch.float32:
@@ -203,6 +204,15 @@ def test_the_plain_path_runs_the_reference_math_once_checked(monkeypatch: pytest
         y.backward(torch.ones_like(y))
         assert torch.equal(y.detach(), want) and torch.equal(leaf.grad, want_grad)  # type: ignore[arg-type]
     assert (module_checks, checks, asked) == ([], [], [])
+    with torch.no_grad():  # new storage for a bias: the reference's operators take it as it is, unchecked
+        layer.up.bias.data = torch.randn(24, device=DEVICE, dtype=dtype)
+        got = layer(x)
+        assert len(module_checks) == 0
+        layer.down.weight.data = layer.down.weight.data.clone()  # the down weight's storage: checked again
+        layer(x)
+    assert (len(module_checks), checks) == (1, [])
+    assert torch.equal(got, reference_adapter(x, *params, "gelu", 0.5))
+    module_checks.clear()
     if dtype == torch.float32:
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             got = layer(x, residual=residual)
@@ -274,6 +284,8 @@ def test_checked_parameters_follow_every_change(grad: bool) -> None:
     check("back to float")
     layer.down.weight.data = torch.randn(8, 32, device=DEVICE) * 0.2
     check("new .data")
+    layer.up.bias.data = torch.randn(32, device=DEVICE)
+    check("new .data of the up bias")
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
     layer(x).pow(2).mean().backward()
     optimizer.step()

@@ -20,6 +20,10 @@ launcher behind ``CompiledKernel.run``).
   included (the generated launcher skips the constexpr positions), ``device =
   driver.active.get_current_device()`` and ``stream = driver.active.get_current_stream(device)``.
   ``CompiledKernel.run`` is a property that loads the binary first, which sets ``function``.
+- The two launch hooks are ``knobs.HookChain`` objects in both versions, never None; the launcher calls
+  a hook that is not None (with ``launch_metadata``'s result, which is None when the enter hook is).
+  A chain with no hooks added (``calls`` empty) does nothing when called, so a bound launch passes
+  None in its place and skips ``launch_metadata``.
 - ``JITFunction.run`` also calls the function's ``pre_run_hooks``: a kernel with any is not bound.
 - Its JIT specializes an integer argument equal to 1 as a constant, one divisible by 16 with a hint,
   one of 2**31 or more as i64, and a pointer on 16-byte alignment (``rows_class`` follows this, and a
@@ -45,6 +49,10 @@ CHECKED_TRITON_VERSIONS = ("3.6", "3.9")
 BIND_LAUNCHES = True
 """Whether ``bind_forward`` binds compiled kernels (False: every launch goes through Triton's
 ``JITFunction.run``; the acceptance run times both ways)."""
+
+_HOOK_CHAIN = getattr(getattr(triton, "knobs", None), "HookChain", None)
+"""The type of Triton's default launch hooks: a chain of added hooks, empty unless a profiler or user
+added one, so never None (see the module docstring)."""
 
 _COMPILED_NAMES = ("run", "function", "packed_metadata", "launch_metadata")  # in this order: run loads function
 
@@ -167,10 +175,13 @@ class BoundForward:
         programs = (rows + self.block_m - 1) // self.block_m
         stream = self.current_stream(self.device)
         hooks = self.hooks
-        enter = hooks.launch_enter_hook
+        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        if type(enter) is _HOOK_CHAIN and not enter.calls:  # nothing to call: the launcher skips None
+            enter = None
+        if type(leave) is _HOOK_CHAIN and not leave.calls:
+            leave = None
         metadata = None if enter is None else self.kernel.launch_metadata((programs, 1, 1), stream, *args)
-        self.launcher(programs, 1, 1, stream, self.function, self.packed, metadata, enter, hooks.launch_exit_hook,
-                      *args)
+        self.launcher(programs, 1, 1, stream, self.function, self.packed, metadata, enter, leave, *args)
         return y
 
 

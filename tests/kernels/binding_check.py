@@ -34,6 +34,7 @@ class Recorder:
     def __init__(self) -> None:
         self.normal = 0
         self.bound: list[tuple[tuple[int, int, int], tuple[Any, ...]]] = []
+        self.hooks: list[tuple[object, object]] = []  # (enter, exit) hook of each bound launch
 
 
 def _stand_in(recorder: Recorder, missing: str | None = None) -> Any:
@@ -47,6 +48,7 @@ def _stand_in(recorder: Recorder, missing: str | None = None) -> Any:
                 enter: object, leave: object, *args: Any) -> None:
             assert (stream, function, packed, metadata) == (5, "function", "packed", None)
             recorder.bound.append(((g0, g1, g2), args))
+            recorder.hooks.append((enter, leave))
 
         def launch_metadata(self, *args: Any) -> None:
             return None
@@ -95,6 +97,30 @@ def _module() -> Any:
     return FusedAdapter(64, 16, "gelu", scale=0.5).bfloat16()
 
 
+def _hook_facts(layer: Any, x: torch.Tensor, recorder: Recorder) -> dict[str, Any]:
+    """The launch hooks a bound launch passes: None for Triton's empty default chains, the chain itself
+    once a hook is added to it (and the hook is called by the real launcher)."""
+    from triton import knobs
+
+    runtime = knobs.runtime
+    facts: dict[str, Any] = {"default_chains": [type(runtime.launch_enter_hook).__name__,
+                                                type(runtime.launch_exit_hook).__name__]}
+    layer(x)
+    facts["empty"] = [hook is None for hook in recorder.hooks[-1]]
+    for name in ("launch_enter_hook", "launch_exit_hook"):
+        chain = getattr(runtime, name)
+        hook = lambda metadata: None  # noqa: E731
+        chain.add(hook)
+        try:
+            layer(x)
+        finally:
+            chain.remove(hook)
+        facts[name] = [hook is chain for hook in recorder.hooks[-1]]
+    layer(x)
+    facts["removed"] = [hook is None for hook in recorder.hooks[-1]]
+    return facts
+
+
 def bound_facts() -> dict[str, Any]:
     """What a bound launch passes and keeps."""
     from adapter_fused.kernels import binding, fused
@@ -133,6 +159,7 @@ def bound_facts() -> dict[str, Any]:
         named = dict(zip(names, recorder.bound[-1][1]))
         facts["residual_call"] = {"res_is_residual": named["res_ptr"] is residual, "src_is_x": named["src_ptr"] is x,
                                   "out_is_result": named["out_ptr"] is z, "plans": len(layer._checked.plans)}
+        facts["hooks"] = _hook_facts(layer, x, recorder)
         refs = [weakref.ref(t) for t in (x, y, residual, z)]
         del x, y, residual, z, args, named, grid
         recorder.bound.clear()

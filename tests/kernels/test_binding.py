@@ -92,6 +92,16 @@ def test_a_bound_launch_keeps_no_tensor_of_a_call(facts: dict[str, Any]) -> None
     assert facts["bound"]["held_are_parameters"]
 
 
+def test_a_bound_launch_passes_launch_hooks_only_when_one_is_added(facts: dict[str, Any]) -> None:
+    """Triton's default launch hooks are empty chains: the bound launch passes None for them (the
+    launcher then calls nothing and no launch metadata is built); a chain with a hook added is passed."""
+    hooks = facts["bound"]["hooks"]
+    assert hooks["default_chains"] == ["HookChain", "HookChain"]
+    assert hooks["empty"] == [True, True] and hooks["removed"] == [True, True]
+    assert hooks["launch_enter_hook"] == [True, False]
+    assert hooks["launch_exit_hook"] == [False, True]
+
+
 @pytest.mark.parametrize("case", ["checked_3.6", "checked_3.9"])
 def test_checked_versions_bind(facts: dict[str, Any], case: str) -> None:
     assert facts["fallback"][case] == {"normal_launches": 1, "bound_launches": 1, "plans": ["BoundForward"]}
