@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation
-from .ops import CheckedParameters, check_module_parameters, fused_adapter, module_forward
+from .ops import CheckedParameters, fused_adapter, module_forward
 
 INITS = ("bert", "houlsby", "mam")
 
@@ -100,18 +100,11 @@ class FusedAdapter(nn.Module):
         # without nn.Module.__getattr__'s fallback chain: this is the hot path of batch-1 decoding).
         down, up = self._modules["down"]._parameters, self._modules["up"]._parameters  # type: ignore[union-attr]
         params = (down.get("weight"), down.get("bias"), up.get("weight"), up.get("bias"))
-        if not torch.compiler.is_compiling():
-            # Eager: the parameters are checked once and again only when one is replaced, moved or
-            # changed in place other than in value (a failed check is kept too); activation and scale
-            # were checked when set.
-            state = self.__dict__.get("_checked")
-            if state is None or not state.current(params):
-                state = check_module_parameters(params, self._shapes)
-                self.__dict__["_checked"] = state
-            if state is not None and state.usable:
-                y = module_forward(state, x, params, self._activation, self._scale, residual)  # type: ignore[arg-type]
-                if y is not None:
-                    return y
+        if not torch.compiler.is_compiling():  # eager: the parameters checked once, kept in _checked
+            y = module_forward(self.__dict__, "_checked", params, self._shapes, x, self._activation, self._scale,
+                               residual)
+            if y is not None:
+                return y
         if any(p is None for p in params):  # reparametrized (e.g. torch.nn.utils.parametrize): plain attributes
             params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
         return fused_adapter(x, *params, self._activation, self._scale, residual=residual)  # type: ignore[arg-type]

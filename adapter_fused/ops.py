@@ -14,9 +14,9 @@ both load on first use.
 """
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -212,13 +212,22 @@ def tf32_allowed() -> bool:
     return _tf32_allowed() if _tf32_allowed is not None else torch.backends.cuda.matmul.allow_tf32
 
 
-def module_forward(state: CheckedParameters, x: object, params: Params, activation: str, scale: float,
-                   residual: object = None) -> torch.Tensor | None:
-    """A module's call with usable parameters ``state`` (``state.current(params)`` holds): x (..., d),
-    residual (x's shape) or None -> y, or None when the call needs the validating path (x or the
-    residual not a plain tensor on the parameters' device in their dtype, shapes that do not fit,
-    autocast on, or being traced by torch.compile, which the caller checks first). No per-call check
-    of the parameters, no dispatcher.
+CheckedTable = MutableMapping[Any, "CheckedParameters | None"]
+"""Where a module's checked parameters are kept between calls: the module's own ``__dict__``, or a weak
+table beside modules that are not ours (keyed by the module)."""
+
+
+def module_forward(table: CheckedTable, key: object, params: Params, shapes: tuple[tuple[int, ...], ...] | None,
+                   x: object, activation: str, scale: float, residual: object = None) -> torch.Tensor | None:
+    """A module's eager call: x (..., d), residual (x's shape) or None -> y, or None when the call needs
+    the validating path (``fused_adapter``): parameters that fail the once-checks, x or the residual not
+    a plain tensor on the parameters' device in their dtype, shapes that do not fit, autocast on. The
+    caller checks first that torch.compile is not tracing.
+
+    The parameters (down_weight (r, d), down_bias (r,), up_weight (d, r), up_bias (d,), as ``shapes``
+    says; None: their own shapes) are checked once, kept in ``table[key]``, and checked again only when
+    one is replaced, moved or changed other than in value (``CheckedParameters.current``; a failed check
+    is kept too). No per-call check of the parameters, no dispatcher.
 
     Where the kernels do not run the parameters, the reference's math runs directly. Without
     autograd recording, the first call of a class of row counts (``kernels.rows_class``) launches
@@ -226,6 +235,13 @@ def module_forward(state: CheckedParameters, x: object, params: Params, activati
     of that class launch it directly, filling in only x, the residual, y, the row count and the scale.
     A call with the row count, activation and settings of the module's previous bound call takes that
     plan without building its key (the steady state of decoding and of a fixed-shape forward)."""
+    state = table.get(key)
+    if state is None or not state.current(params):
+        if shapes is None:
+            shapes = tuple(() if p is None else tuple(p.shape) for p in params)
+        state = table[key] = check_module_parameters(params, shapes)
+    if state is None or not state.usable:
+        return None
     if type(x) is not torch.Tensor or x.dtype is not state.dtype or x.device != state.device:
         return None
     shape = x.shape

@@ -133,11 +133,10 @@ def test_module_calls_skip_validation_and_the_dispatcher(monkeypatch: pytest.Mon
 
 def _count_checks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int], list[int]]:
     """(module parameter checks, argument checks, kernels-availability questions), appended to per call."""
-    from adapter_fused import layer as layer_module
     from adapter_fused import ops, reference
 
     counts: tuple[list[int], list[int], list[int]] = ([], [], [])
-    for target, name, into in ((layer_module, "check_module_parameters", counts[0]),
+    for target, name, into in ((ops, "check_module_parameters", counts[0]),
                                (ops, "check_adapter_args", counts[1]), (reference, "check_adapter_args", counts[1]),
                                (ops, "kernels_available", counts[2])):
         real = getattr(target, name)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...activations import ACTIVATIONS, canonical_activation
-from ...ops import CheckedParameters, Params, check_module_parameters, fused_adapter, module_forward
+from ...ops import CheckedParameters, Params, fused_adapter, module_forward
 
 
 @dataclass(frozen=True)
@@ -231,14 +231,9 @@ def _checked_once(adapter: nn.Module, z: torch.Tensor, parameters: Params, scale
     (a learned scale, folded into new tensors on every call, is checked on every call)."""
     activation = adapter.__dict__[_ACTIVATION]
     if not torch.compiler.is_compiling():
-        state = _CHECKED.get(adapter)
-        if state is None or not state.current(parameters):
-            state = check_module_parameters(parameters, tuple(tuple(p.shape) for p in parameters))  # type: ignore[union-attr]
-            _CHECKED[adapter] = state
-        if state is not None and state.usable:
-            out = module_forward(state, z, parameters, activation, scale, residual)
-            if out is not None:
-                return out
+        out = module_forward(_CHECKED, adapter, parameters, None, z, activation, scale, residual)
+        if out is not None:
+            return out
     return fused_adapter(z, *parameters, activation, scale, residual=residual)
 
 
