@@ -101,8 +101,8 @@ class FusedAdapter(nn.Module):
         down, up = self._modules["down"]._parameters, self._modules["up"]._parameters  # type: ignore[union-attr]
         params = (down.get("weight"), down.get("bias"), up.get("weight"), up.get("bias"))
         if not torch.compiler.is_compiling():  # eager: the parameters checked once, kept in _checked
-            y = module_forward(self.__dict__, "_checked", params, self._shapes, x, self._activation, self._scale,
-                               residual)
+            y = module_forward(self.__dict__, "_checked", params, self._shapes, x,  # type: ignore[arg-type]
+                               self._activation, self._scale, residual)
             if y is not None:
                 return y
         if any(p is None for p in params):  # reparametrized (e.g. torch.nn.utils.parametrize): plain attributes

@@ -271,11 +271,11 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
             return y
     if rows == 0:
         return run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
-    key: tuple[object, ...] = (activation, fixed, kernels.rows_class(rows))
+    plan_key: tuple[object, ...] = (activation, fixed, kernels.rows_class(rows))
     if state.dtype is torch.float32:  # the dots' precision was bound too: TF32 only where allowed
-        key += (tf32,)
+        plan_key += (tf32,)
     plans = state.plans
-    plan = plans.get(key)
+    plan = plans.get(plan_key)
     if plan:
         y = plan(x, rows, scale, residual)  # type: ignore[operator]
         if y is not None:
@@ -286,7 +286,7 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
         if len(plans) >= state.MAX_PLANS:
             plans.clear()
             state.last = ()
-        plans[key] = kernels.bind_forward(x, *params, kernels.ACTIVATION_CODES[activation], fixed) or False
+        plans[plan_key] = kernels.bind_forward(x, *params, kernels.ACTIVATION_CODES[activation], fixed) or False
     return y
 
 

@@ -109,7 +109,7 @@ def _hook_facts(layer: Any, x: torch.Tensor, recorder: Recorder) -> dict[str, An
     facts["empty"] = [hook is None for hook in recorder.hooks[-1]]
     for name in ("launch_enter_hook", "launch_exit_hook"):
         chain = getattr(runtime, name)
-        hook = lambda metadata: None  # noqa: E731
+        hook = lambda metadata: None
         chain.add(hook)
         try:
             layer(x)
