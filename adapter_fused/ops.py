@@ -139,11 +139,12 @@ class CheckedParameters:
     def current(self, params: Params) -> bool:
         """Whether ``params`` are the checked tensors, unchanged but for their values.
 
-        Where the reference runs them (``kernels`` None), only whether they are the same tensors,
-        unchanged in place, in the down weight's storage: its operators take the tensors as they are at
-        each call and check them as ``nn.Linear`` would, and moving or casting the module (``Module.to``
-        assigns ``.data``) gives the down weight new storage. The kernels' launches also need every
-        parameter's storage unchanged (a bound launch was specialized on its dtype and alignment)."""
+        Where the reference runs them (``kernels`` None): whether they are the same tensors, with the
+        down weight in the same storage (moving or casting the module, as ``Module.to`` does, gives it
+        new storage). The reference's operators take the tensors as they are at each call and check
+        them as they would for ``nn.Linear`` (see ``module_forward``). Where the kernels run them, also
+        every parameter's storage and in-place version: a bound launch was specialized on their dtype,
+        shape and alignment."""
         w1, b1, w2, b2 = params
         mine = self.params
         if w1 is not mine[0] or b1 is not mine[1] or w2 is not mine[2] or b2 is not mine[3]:
@@ -151,11 +152,12 @@ class CheckedParameters:
         if b1 is None or b2 is None or w1 is None or w2 is None:  # type: ignore[redundant-expr]
             return parameter_stamp(params) == self.stamp
         stamp = self.stamp  # compared one by one: no tuple built on the hot path
-        if (w1._version != stamp[0] or w1.data_ptr() != stamp[1] or b1._version != stamp[2]
-                or w2._version != stamp[4] or b2._version != stamp[6]):
+        if w1.data_ptr() != stamp[1]:
             return False
-        return self.kernels is None or (b1.data_ptr() == stamp[3] and w2.data_ptr() == stamp[5]
-                                        and b2.data_ptr() == stamp[7])
+        return self.kernels is None or (
+            w1._version == stamp[0] and b1._version == stamp[2] and b1.data_ptr() == stamp[3]
+            and w2._version == stamp[4] and w2.data_ptr() == stamp[5] and b2._version == stamp[6]
+            and b2.data_ptr() == stamp[7])
 
 
 def parameter_stamp(params: Params) -> tuple[int, ...]:
@@ -229,8 +231,9 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
     one is replaced, moved or changed other than in value (``CheckedParameters.current``; a failed check
     is kept too). No per-call check of the parameters, no dispatcher.
 
-    Where the kernels do not run the parameters, the reference's math runs directly. Without
-    autograd recording, the first call of a class of row counts (``kernels.rows_class``) launches
+    Where the kernels do not run the parameters, the reference's math runs directly; without a residual
+    it runs before any check of x, whose operators check it as they do for ``nn.Linear`` (a call they
+    refuse takes the validating path for the library's error). Without autograd recording, the first call of a class of row counts (``kernels.rows_class``) launches
     through Triton's launcher and binds the compiled kernel (``kernels.bind_forward``); later calls
     of that class launch it directly, filling in only x, the residual, y, the row count and the scale.
     A call with the row count, activation and settings of the module's previous bound call takes that
@@ -242,6 +245,13 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
         state = table[key] = check_module_parameters(params, shapes)
     if state is None or not state.usable:
         return None
+    if state.kernels is None and residual is None and not autocast_on(state.device_type):
+        # The reference runs it: its operators check x as they would for nn.Linear, and a call they
+        # refuse goes to the validating path, which raises the error that names what is wrong.
+        try:
+            return adapter_math(x, *params, activation, scale, None)  # type: ignore[arg-type]
+        except (RuntimeError, TypeError):
+            return None
     if type(x) is not torch.Tensor or x.dtype is not state.dtype or x.device != state.device:
         return None
     shape = x.shape

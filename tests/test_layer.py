@@ -227,6 +227,11 @@ def test_the_plain_path_runs_the_reference_math_once_checked(monkeypatch: pytest
         layer(x, residual=residual[:1])
     with pytest.raises(TypeError, match="residual has dtype torch.float16"):
         layer(x, residual=residual.half())
+    layer.up.bias.requires_grad_(False)
+    with torch.no_grad():
+        layer.up.bias.resize_(23)  # in place, refused by the reference's operators: the library's error
+    with pytest.raises(ValueError, match="up_bias must have shape"):
+        layer(x)
 
 
 def test_module_attributes_are_checked_when_set() -> None:
