@@ -397,8 +397,11 @@ def enter_rows(state: ModelState, names: Sequence[str | None]) -> tuple[int, Any
     with state.lock:
         state.per_sample_blocks += 1
         state.batches[token] = batch
-    if not batch.hook_keys <= state.installed.keys():
-        state.sync_hooks()
+    checked = state.__dict__.get("rows_hooks_checked")  # (batch, plan_version) whose hooks were installed
+    if checked is None or checked[0] is not batch or checked[1] != state.plan_version:
+        if not batch.hook_keys <= state.installed.keys():
+            state.sync_hooks()
+        state.__dict__["rows_hooks_checked"] = (batch, state.plan_version)  # hooks change: plan_version moves
     call.batch = batch
     return token, previous
 

@@ -499,6 +499,7 @@ class ModelState:
         state["batches"] = {}
         state.pop("per_sample_cache", None)
         state.pop("per_sample_bank", None)
+        state.pop("rows_hooks_checked", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -133,3 +133,23 @@ def test_mixed_batch_on_albert_swapped_attention_site(placement: str) -> None:
     assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item()
     assert (want[0] - base[0]).abs().max() > 1e-2  # "a" matters; sample 1 has no adapter
     torch.testing.assert_close(got[1], base[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("names", [["a", "a"], ["a", "b"]])
+def test_a_block_entered_again_after_its_hooks_were_removed_installs_them_again(names: list[str]) -> None:
+    """Entering a block checks its hooks once per change of the model's hooks: deactivating every
+    adapter between two entries of the same (cached) block removes them, and the second entry puts
+    them back."""
+    model = build("bert", "houlsby")
+    inputs = make_inputs(batch=2, length=6)
+    want = one_by_one(model, inputs, names)
+    with torch.no_grad():
+        with per_sample_adapters(model, names):
+            first = hidden_states(model, inputs)
+        set_active_adapters(model, None)  # the block's hooks outlive it until the setup changes
+        base = hidden_states(model, inputs)
+        with per_sample_adapters(model, names):
+            again = hidden_states(model, inputs)
+    assert torch.equal(first, again)
+    assert (again - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    assert not torch.allclose(base, want)
