@@ -418,6 +418,7 @@ class ModelState:
         self.generation += 1
         self.__dict__.pop("per_sample_cache", None)
         self.__dict__.pop("per_sample_bank", None)
+        self.__dict__.pop("rows_hooks_checked", None)  # its batch holds the old adapters
         self.refresh()
 
     def refresh(self) -> None:

@@ -153,3 +153,21 @@ def test_a_block_entered_again_after_its_hooks_were_removed_installs_them_again(
     assert torch.equal(first, again)
     assert (again - want).abs().max().item() <= 2e-5 * want.abs().max().item()
     assert not torch.allclose(base, want)
+
+
+def test_a_deleted_adapter_is_not_kept_by_a_block_entered_before() -> None:
+    """What blocks cache (their plans, the stacked bank, the block whose hooks were checked last) is
+    dropped when the adapters change: a deleted adapter's modules are freed."""
+    import gc
+    import weakref
+
+    from adapter_fused import delete_adapter
+
+    model = build("bert", "houlsby")
+    inputs = make_inputs(batch=2, length=6)
+    with torch.no_grad(), per_sample_adapters(model, ["a", "b"]):
+        hidden_states(model, inputs)
+    held = [weakref.ref(m) for m in adapter_modules(model, "b").modules()]
+    delete_adapter(model, "b")
+    gc.collect()
+    assert [ref() for ref in held] == [None] * len(held)
