@@ -105,9 +105,10 @@ class CheckedParameters:
     floating point, one dtype and device, the module's shapes); ``kernels``: the kernels module when
     the Triton kernels run them (a kernel dtype on a device they run on), None when the reference runs
     them. An unusable set is kept too (a negative answer): calls take the validating path without
-    checking the module's parameters again. The stamp says whether the parameters are still the same
-    tensors in the same storage and unchanged in place (``_version`` counts in-place changes,
-    ``resize_`` among them; ``.data`` assignment, as ``Module.to`` does, changes the data pointer).
+    checking the module's parameters again. The stamp (version counter and data pointer of each) says
+    whether the parameters are unchanged in place and in the same storage (``_version`` counts in-place
+    changes, ``resize_`` among them; ``.data`` assignment, as ``Module.to`` does, changes the data
+    pointer); ``current`` reads as much of it as the path that runs them needs.
     ``plans`` keeps a bound kernel launch per activation, determinism setting, class of row count and
     (fp32) TF32 setting (see ``module_forward``): never more than ``MAX_PLANS``, holding parameters and
     constants only; ``last`` is the plan the latest bound call took, with the row count and settings
@@ -196,9 +197,6 @@ def check_module_parameters(params: Params, shapes: tuple[tuple[int, ...], ...])
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 """Whether autocast is on for any device (one C call; the per-device question costs twice as much)."""
-_tf32_allowed = getattr(torch._C, "_get_cublas_allow_tf32", None)
-"""``torch.backends.cuda.matmul.allow_tf32`` read directly (the attribute goes through a Python
-``__getattr__``, 0.5 µs a call)."""
 
 
 def autocast_on(device_type: str) -> bool:
@@ -207,11 +205,6 @@ def autocast_on(device_type: str) -> bool:
     if _any_autocast is not None and not _any_autocast():
         return False
     return torch.is_autocast_enabled(device_type)
-
-
-def tf32_allowed() -> bool:
-    """Whether fp32 matrix products may use TF32 on CUDA (``torch.backends.cuda.matmul.allow_tf32``)."""
-    return _tf32_allowed() if _tf32_allowed is not None else torch.backends.cuda.matmul.allow_tf32
 
 
 CheckedTable = MutableMapping[Any, "CheckedParameters | None"]
@@ -233,8 +226,8 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
 
     Where the kernels do not run the parameters, the reference's math runs directly; without a residual
     it runs before any check of x, whose operators check it as they do for ``nn.Linear`` (a call they
-    refuse takes the validating path for the library's error). Without autograd recording, the first call of a class of row counts (``kernels.rows_class``) launches
-    through Triton's launcher and binds the compiled kernel (``kernels.bind_forward``); later calls
+    refuse takes the validating path for the library's error). Without autograd recording, the first
+    call of a class of row counts (``kernels.rows_class``) launches through Triton's launcher and binds the compiled kernel (``kernels.bind_forward``); later calls
     of that class launch it directly, filling in only x, the residual, y, the row count and the scale.
     A call with the row count, activation and settings of the module's previous bound call takes that
     plan without building its key (the steady state of decoding and of a fixed-shape forward)."""
@@ -245,7 +238,8 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
         state = table[key] = check_module_parameters(params, shapes)
     if state is None or not state.usable:
         return None
-    if state.kernels is None and residual is None and not autocast_on(state.device_type):
+    autocast = autocast_on(state.device_type)
+    if state.kernels is None and residual is None and not autocast:
         # The reference runs it: its operators check x as they would for nn.Linear, and a call they
         # refuse goes to the validating path, which raises the error that names what is wrong.
         try:
@@ -261,7 +255,7 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
     if residual is not None and (type(residual) is not torch.Tensor or residual.dtype is not state.dtype
                                  or residual.device != state.device or residual.shape != shape):
         return None
-    if autocast_on(state.device_type):
+    if autocast:
         return None
     kernels = state.kernels
     if kernels is None:
@@ -273,7 +267,7 @@ def module_forward(table: CheckedTable, key: object, params: Params, shapes: tup
         return run_kernels(x, params, activation, scale, residual=residual)  # type: ignore[arg-type]
     rows = x.numel() // d
     fixed = torch.are_deterministic_algorithms_enabled()
-    tf32 = state.dtype is torch.float32 and tf32_allowed()
+    tf32 = state.dtype is torch.float32 and kernels.tf32_allowed()
     last = state.last
     if last and last[0] == rows and last[1] is activation and last[2] is fixed and last[3] is tf32:
         y = last[4](x, rows, scale, residual)  # type: ignore[operator]

@@ -7,11 +7,18 @@ No autograd, no nn; validation of user input happens on the torch side before an
 
 from .activations import ACTIVATION_CODES
 from .binding import BoundForward, bind_forward, bindable, rows_class
-from .launch import adapter_backward, adapter_backward_packed, adapter_forward, unpack_weight_grads, weight_grad_layout
+from .launch import (
+    adapter_backward,
+    adapter_backward_packed,
+    adapter_forward,
+    tf32_allowed,
+    unpack_weight_grads,
+    weight_grad_layout,
+)
 from .tuning import INTERPRET, MAX_FUSED_R, padded_rank
 
 __all__ = [
     "ACTIVATION_CODES", "INTERPRET", "MAX_FUSED_R", "BoundForward", "adapter_backward", "adapter_backward_packed",
-    "adapter_forward", "bind_forward", "bindable", "padded_rank", "rows_class", "unpack_weight_grads",
+    "adapter_forward", "bind_forward", "bindable", "padded_rank", "rows_class", "tf32_allowed", "unpack_weight_grads",
     "weight_grad_layout",
 ]
